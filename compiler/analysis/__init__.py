@@ -1,0 +1,1 @@
+"""Read-only analyses over a GraphModule: tracing, shapes, FLOPs, cut points."""

@@ -1,0 +1,104 @@
+"""Find and score cut points: nodes whose output alone carries all the state forward.
+
+A node at position p is a cut point when it is the only non-constant value produced at or
+before p that anything after p reads. The model can then be split there and resumed from
+that one tensor. Parameters (get_attr) are constants and never block a cut; the graph input
+does, so a skip connection spanning the whole network leaves no cut at all.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import List
+
+import torch.fx as fx
+
+from .trace import info
+
+# Cutting right before one of these wastes the head on a half-finished layer.
+_PRE_OPS = ("norm", "relu", "gelu", "silu", "hardswish", "sigmoid", "activation", "act")
+
+
+@dataclass
+class CutPoint:
+    """One place the model can be split, with its costs and benefit score."""
+
+    name: str                # fx node name
+    position: int            # index in graph order
+    flops_before: int
+    fraction: float          # flops_before / total
+    shape: tuple
+    bytes: int               # activation bytes at the example batch size
+    score: float = 0.0
+    preferred: bool = True   # False: right before a norm/activation (listed, not chosen by default)
+    head_params: int = 0
+    head_flops: int = 0
+
+    def to_dict(self):
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__.lower()
+    if node.op in ("call_function", "call_method"):
+        return str(getattr(node.target, "__name__", node.target)).lower()
+    return ""
+
+
+def find_cut_points(gm: fx.GraphModule, batch: int) -> List[CutPoint]:
+    """All cut points of an annotated ``gm`` with a tensor of leading dim ``batch`` (graph order)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((pos[u] for u in n.users), default=-1) for n in nodes}
+    total = sum(info(n).flops for n in nodes if n.op != "output") or 1
+    output_pos = pos[next(n for n in nodes if n.op == "output")]
+    live, done, cuts = set(), 0, []
+    for i, n in enumerate(nodes):
+        if n.op == "output":
+            break
+        done += info(n).flops
+        for arg in n.all_input_nodes:
+            if last_use[arg] == i:
+                live.discard(arg)
+        if n.op != "get_attr" and last_use[n] > i:
+            live.add(n)
+        if live != {n} or n.op == "placeholder":
+            continue
+        ni = info(n)
+        # The node feeding the output directly saves nothing; neither does a cut after all FLOPs.
+        if not ni.is_tensor or not ni.shape or ni.shape[0] != batch or done >= total:
+            continue
+        if last_use[n] == output_pos and len(n.users) == 1:
+            continue
+        users = list(n.users)
+        preferred = not (len(users) == 1 and any(k in _target_name(users[0], gm) for k in _PRE_OPS))
+        cuts.append(CutPoint(n.name, i, done, done / total, ni.shape, ni.bytes, preferred=preferred))
+    return cuts
+
+
+def score(cut: CutPoint, total_flops: int) -> float:
+    """Expected benefit of an exit, as a fraction of the model's FLOPs (a heuristic prior).
+
+    A row exiting here saves (1 - f) of the model; the chance that an exit is confident grows
+    with depth, modelled as sqrt(f). Every row that reaches the cut pays for the head.
+    """
+    f = cut.fraction
+    return (1.0 - f) * math.sqrt(f) - cut.head_flops / max(total_flops, 1)
+
+
+def choose_exits(cuts: List[CutPoint], count: int, lo: float, hi: float) -> List[CutPoint]:
+    """Spread ``count`` exits over the FLOPs range [lo, hi]: the best-scoring preferred cut per bin."""
+    pool = [c for c in cuts if lo <= c.fraction <= hi and c.preferred] or \
+        [c for c in cuts if lo <= c.fraction <= hi] or list(cuts)
+    if count <= 0 or not pool:
+        return []
+    edges = [lo + (hi - lo) * k / count for k in range(count + 1)]
+    chosen = []
+    for a, b in zip(edges, edges[1:]):
+        in_bin = [c for c in pool if a <= c.fraction <= b and c not in chosen]
+        if in_bin:
+            chosen.append(max(in_bin, key=lambda c: c.score))
+    rest = sorted((c for c in pool if c not in chosen), key=lambda c: -c.score)
+    chosen += rest[:count - len(chosen)]
+    return sorted(chosen, key=lambda c: c.position)

@@ -1,0 +1,114 @@
+"""Turn a model into a clean torch.fx GraphModule and annotate every node with shape, bytes and FLOPs.
+
+The annotation lives under ``node.meta[META]`` as a :class:`NodeInfo`; read it with :func:`info`.
+"""
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..errors import ShapeError, TraceFailure
+from .flops import FlopCounter
+
+META = "layer_cache"
+
+# Modules torch.fx cannot trace through (data-dependent Python control flow inside); they stay
+# as opaque calls in the graph. Extend per model with RewriteConfig.leaf_modules / --leaf-module.
+DEFAULT_LEAF_MODULES = (torch.nn.MultiheadAttention,)
+
+
+@dataclass
+class NodeInfo:
+    """What the example input made of one node."""
+
+    is_tensor: bool
+    shape: Optional[tuple] = None
+    dtype: Optional[str] = None
+    bytes: int = 0
+    flops: int = 0
+    unsupported: Counter = field(default_factory=Counter)
+
+
+def info(node: fx.Node) -> NodeInfo:
+    """The analysis result of ``node``; annotate() must have run."""
+    return node.meta[META]
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple, leaf_names: Sequence[str]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = set(leaf_names)
+
+    def is_leaf_module(self, m, qualname):
+        return (isinstance(m, self.leaf_types) or qualname in self.leaf_names
+                or type(m).__name__ in self.leaf_names or super().is_leaf_module(m, qualname))
+
+
+def trace_module(model: torch.nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; ``leaf_modules`` names (qualified names or class names) are not traced into."""
+    tracer = _LeafTracer(DEFAULT_LEAF_MODULES, leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        where = ""
+        stack = getattr(tracer, "module_stack", None)
+        if stack:
+            where = f" inside module '{list(stack.keys())[-1]}'"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TraceFailure(
+            f"torch.fx cannot trace the model{where}: {msg}. Mark the untraceable submodule as a "
+            f"leaf with --leaf-module NAME (class or qualified name), or export it with "
+            f"torch.export and pass the .pt2 file") from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def clean_exported(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make ``ExportedProgram.module()`` a plain GraphModule: no guards, asserts or pytree codegen.
+
+    The guards pin the batch size the program was exported with; cut stages must accept any.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        drop = (node.op == "call_module" and str(node.target).startswith("_guards"))
+        drop |= node.op == "call_function" and "_assert" in str(node.target)
+        if drop and not node.users:
+            graph.erase_node(node)
+    out = next(n for n in graph.nodes if n.op == "output")
+    if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:
+        out.args = (out.args[0][0],)
+    graph._codegen = fx.graph.CodeGen()
+    graph.eliminate_dead_code()
+    new = fx.GraphModule(gm, graph, "ExportedModel")
+    for p in new.parameters():
+        p.requires_grad_(False)
+    return new
+
+
+class Annotator(fx.Interpreter):
+    """Runs the graph on a real example input and records NodeInfo per node (never edits the graph)."""
+
+    def run_node(self, n):
+        counter = FlopCounter()
+        try:
+            with counter:
+                out = super().run_node(n)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ShapeError(f"node '{n.name}' ({n.op} {getattr(n.target, '__name__', n.target)}) "
+                             f"failed on the example input: {msg}. Check --input-shape") from None
+        if isinstance(out, torch.Tensor):
+            n.meta[META] = NodeInfo(True, tuple(out.shape), str(out.dtype).replace("torch.", ""),
+                                    out.numel() * out.element_size(), counter.flops,
+                                    counter.unsupported)
+        else:
+            n.meta[META] = NodeInfo(False, flops=counter.flops, unsupported=counter.unsupported)
+        return out
+
+
+def annotate(gm: fx.GraphModule, example: torch.Tensor):
+    """Annotate ``gm`` with NodeInfo using ``example``; returns the model's output on it."""
+    with torch.no_grad():
+        return Annotator(gm).run(example)

@@ -1,0 +1,27 @@
+"""Automated online layer caching: compiler pass, runtime, tools."""
+from setuptools import find_packages, setup
+
+setup(
+    name="layer-cache",
+    version="0.1.0",
+    description="Early-exit caches for pre-trained PyTorch models, learned online from live traffic",
+    packages=find_packages(include=["compiler*", "runtime*", "tools*"]),
+    package_data={"tools": ["assets/*"]},
+    python_requires=">=3.10",
+    # Pinned to what works together here: torchvision's wheels are CUDA builds that run on CPU;
+    # the CPU-only torch build cannot import torchvision.
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "numpy",
+        "onnx==1.23.2",
+        "onnxscript==0.7.2",
+        "onnxruntime==1.31.1",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "gpu": ["onnxruntime-gpu==1.31.1"],
+    },
+)

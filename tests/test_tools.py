@@ -1,0 +1,78 @@
+"""Tests for tools/: backbones build and trace, dataset loading, and export round-trip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx
+
+from tools import data
+from tools.backbones import ARCHS, build
+from tools.train import export
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_arch_builds_traces_and_runs(arch: str) -> None:
+    spec = ARCHS[arch]
+    torch.manual_seed(0)
+    model = build(arch, num_classes=10, in_channels=spec.channels).eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(spec.input_shape(2))
+    with torch.no_grad():
+        out = gm(x)
+        ref = model(x)
+    assert out.shape == (2, 10)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_build_unknown_arch() -> None:
+    with pytest.raises(KeyError):
+        build("no_such_arch")
+
+
+def _dataset_dir() -> Path:
+    return Path(os.environ.get("FASHION_MNIST_DIR", str(data.FASHION_MNIST_DIR)))
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_load_fashion_mnist(size: int, channels: int) -> None:
+    if not (_dataset_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    x, y = data.load_fashion_mnist("test", size=size, channels=channels)
+    assert x.shape == (10000, channels, size, size)
+    assert x.dtype == torch.float32
+    assert y.shape == (10000,)
+    assert y.dtype == torch.int64
+    assert int(y.min()) == 0 and int(y.max()) == len(data.CLASSES) - 1
+    # The 28x28 centre is the original image: roughly zero mean, unit std.
+    centre = x[:, 0, (size - 28) // 2 :, (size - 28) // 2 :][:, :28, :28]
+    assert abs(centre.mean().item()) < 0.05
+    assert abs(centre.std().item() - 1.0) < 0.05
+    if size == 32:
+        # Padding is black (raw 0) pixels.
+        assert torch.allclose(x[:, :, 0, :], torch.tensor(-data.MEAN / data.STD))
+    if channels == 3:
+        assert torch.equal(x[:, 0], x[:, 2])
+
+
+def test_load_fashion_mnist_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("test")
+
+
+def test_export_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build("demo_resnet").eval()
+    path = tmp_path / "demo.pt2"
+    export(model, torch.randn(2, 1, 28, 28), path)  # verifies batch 1 and 5 itself
+    loaded = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        for n in (1, 5):
+            x = torch.randn(n, 1, 28, 28)
+            out = loaded(x)
+            assert out.shape == (n, 10)
+            assert torch.allclose(out, model(x), atol=1e-4)

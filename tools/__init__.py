@@ -1,0 +1,1 @@
+"""Developer tools: dataset loading, CIFAR-style backbones, training and export."""
