@@ -99,6 +99,11 @@ def choose_exits(cuts: List[CutPoint], count: int, lo: float, hi: float) -> List
         in_bin = [c for c in pool if a <= c.fraction <= b and c not in chosen]
         if in_bin:
             chosen.append(max(in_bin, key=lambda c: c.score))
-    rest = sorted((c for c in pool if c not in chosen), key=lambda c: -c.score)
-    chosen += rest[:count - len(chosen)]
+    # Fill empty bins with the best remaining cuts that are not crowded next to a chosen one.
+    gap = (hi - lo) / (3 * count)
+    for c in sorted((c for c in pool if c not in chosen), key=lambda c: -c.score):
+        if len(chosen) >= count:
+            break
+        if all(abs(c.fraction - o.fraction) >= gap for o in chosen):
+            chosen.append(c)
     return sorted(chosen, key=lambda c: c.position)

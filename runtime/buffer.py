@@ -1,0 +1,63 @@
+"""A bounded ring buffer of pooled exit features and the backbone's logits for the same rows."""
+import threading
+from typing import List
+
+import torch
+
+# Row roles: TRAIN rows teach the heads; CALIB rows (unbiased, held out) choose thresholds.
+TRAIN, CALIB = 0, 1
+
+
+class FeatureBuffer:
+    """Holds the most recent rows within a memory cap; features are stored as float16."""
+
+    def __init__(self, feature_dims: List[int], num_classes: int, memory_mb: float):
+        row_bytes = 2 * sum(feature_dims) + 4 * num_classes + 2
+        self.capacity = max(int(memory_mb * 2 ** 20 // row_bytes), 64)
+        self.features = [torch.zeros(self.capacity, d, dtype=torch.float16) for d in feature_dims]
+        self.teacher = torch.zeros(self.capacity, num_classes)
+        self.role = torch.zeros(self.capacity, dtype=torch.uint8)
+        self.stamp = torch.zeros(self.capacity, dtype=torch.long)  # arrival order
+        self.size = 0
+        self.next = 0
+        self.added = 0
+        self.lock = threading.Lock()
+
+    def add(self, feats: List[torch.Tensor], teacher: torch.Tensor, role: torch.Tensor):
+        """Append rows (features per exit [n, d_i], teacher logits [n, K], role [n])."""
+        n = teacher.shape[0]
+        if n == 0:
+            return
+        with self.lock:
+            for start in range(0, n, self.capacity):
+                self._add(feats, teacher, role, start, min(n, start + self.capacity))
+
+    def _add(self, feats, teacher, role, a, b):
+        m = b - a
+        idx = (torch.arange(m) + self.next) % self.capacity
+        for store, f in zip(self.features, feats):
+            store[idx] = f[a:b].to(torch.float16).cpu()
+        self.teacher[idx] = teacher[a:b].float().cpu()
+        self.role[idx] = role[a:b].to(torch.uint8).cpu()
+        self.stamp[idx] = torch.arange(self.added, self.added + m)
+        self.next = (self.next + m) % self.capacity
+        self.size = min(self.size + m, self.capacity)
+        self.added += m
+
+    def clear(self):
+        with self.lock:
+            self.size = 0
+            self.next = 0
+
+    def snapshot(self, role: int, limit: int = 0):
+        """Copies of (features per exit, teacher) of rows with ``role``, most recent ``limit``."""
+        with self.lock:
+            sel = torch.nonzero(self.role[:self.size] == role).flatten()
+            if limit and sel.numel() > limit:
+                order = torch.argsort(self.stamp[sel], descending=True)[:limit]
+                sel = sel[order]
+            return [f[sel].float() for f in self.features], self.teacher[sel].clone()
+
+    def count(self, role: int) -> int:
+        with self.lock:
+            return int((self.role[:self.size] == role).sum())

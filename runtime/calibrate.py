@@ -1,0 +1,111 @@
+"""Choose per-exit thresholds jointly: most saving while agreement keeps a statistical bound.
+
+A row leaves at the first enabled exit whose confidence reaches its threshold. Its cost is the
+stages it ran plus every enabled head it passed. Agreement counts rows that left at a head
+which agrees with the backbone, and rows that ran to the end. The constraint is on the Wilson
+lower bound of agreement over held-out rows, not on the point estimate.
+"""
+import math
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+INF = float("inf")
+
+
+def wilson_lower(successes: float, n: int, z: float) -> float:
+    """One-sided Wilson score lower bound of a proportion."""
+    if n <= 0:
+        return 0.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    margin = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
+    return (centre - margin) / denom
+
+
+def wilson_upper(successes: float, n: int, z: float) -> float:
+    if n <= 0:
+        return 1.0
+    return 1.0 - wilson_lower(n - successes, n, z)
+
+
+def z_of(confidence: float) -> float:
+    """Standard normal quantile for a one-sided ``confidence``."""
+    return math.sqrt(2) * torch.special.erfinv(torch.tensor(2 * confidence - 1.0)).item()
+
+
+@dataclass
+class Plan:
+    thresholds: List[float]   # INF: exit off
+    saving: float             # expected cost saved (fraction of the backbone), heads counted
+    agreement: float          # point estimate on the calibration rows
+    lower_bound: float
+    n: int
+
+    @property
+    def enabled(self) -> List[bool]:
+        return [t != INF for t in self.thresholds]
+
+
+def evaluate(conf, agree, stage_cost, head_cost, t):
+    """(saving, agreeing rows) of thresholds ``t`` on conf/agree [E, n]."""
+    E, n = conf.shape
+    t = torch.as_tensor(t, dtype=conf.dtype)
+    enabled = torch.isfinite(t)
+    hit = conf >= t[:, None]
+    first = torch.where(hit.any(0), hit.float().argmax(0), torch.full((n,), E))
+    cum_stage = torch.cumsum(stage_cost, 0)                      # [E+1]
+    cum_head = torch.cumsum(head_cost * enabled, 0)              # [E]
+    cum_head = torch.cat([cum_head, cum_head[-1:]])              # reaching the end: all heads
+    cost = cum_stage[first] + cum_head[first]
+    ok = torch.ones(n, dtype=torch.bool)
+    left = first < E
+    ok[left] = agree[first[left], torch.nonzero(left).flatten()]
+    return 1.0 - cost.mean().item(), int(ok.sum())
+
+
+def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
+                      head_cost: torch.Tensor, budget: float, confidence: float,
+                      grid: int = 48) -> Plan:
+    """Greedy joint search: repeatedly take the threshold move with the best saving per new
+    disagreement among those that keep the bound; then switch off exits that do not pay."""
+    E, n = conf.shape
+    z = z_of(confidence)
+    qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
+    cands = [torch.unique(torch.quantile(conf[e], qs)).flip(0).tolist() for e in range(E)]
+    pos = [-1] * E                      # index into cands[e]; -1 = off
+    t = [INF] * E
+    saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, t)
+
+    def feasible(a):
+        return wilson_lower(a, n, z) >= budget
+
+    while True:
+        best = None
+        for e in range(E):
+            for step in range(1, 4):    # look a few grid steps ahead: a new head must pay first
+                k = pos[e] + step
+                if k >= len(cands[e]):
+                    break
+                trial = list(t)
+                trial[e] = cands[e][k]
+                s, a = evaluate(conf, agree, stage_cost, head_cost, trial)
+                if s <= saving or not feasible(a):
+                    continue
+                ratio = (s - saving) / (agreeing - a + 1.0)
+                if best is None or ratio > best[0]:
+                    best = (ratio, e, k, s, a)
+        if best is None:
+            break
+        _, e, k, saving, agreeing = best
+        pos[e], t[e] = k, cands[e][k]
+    for e in range(E):                  # prune exits whose saving does not pay for their head
+        if t[e] != INF:
+            trial = list(t)
+            trial[e] = INF
+            s, a = evaluate(conf, agree, stage_cost, head_cost, trial)
+            if s >= saving and feasible(a):
+                t, saving, agreeing = trial, s, a
+    return Plan(t, saving, agreeing / max(n, 1), wilson_lower(agreeing, n, z), n)

@@ -1,0 +1,43 @@
+"""Settings of the online cache runtime, in one documented dataclass."""
+from dataclasses import dataclass
+
+
+@dataclass
+class RuntimeConfig:
+    """How the runtime learns, calibrates and watches its exits.
+
+    agreement_budget: overall agreement with the backbone the exits must keep (lower confidence
+                      bound, not point estimate), e.g. 0.99.
+    confidence:       one-sided confidence of that bound (Wilson score interval).
+    buffer_mb:        memory cap of the feature buffer (pooled exit features + backbone logits).
+    shadow_rate:      share of rows that always run the full backbone once exits are on, so live
+                      agreement is known; they also feed calibration.
+    calib_fraction:   share of unbiased rows held out for threshold calibration (never trained on).
+    train_every:      new buffered rows between learning rounds.
+    min_train, min_calib: rows needed before exits may be switched on.
+    epochs, batch_size, lr, weight_decay: distillation of each head per round (warm-started).
+    max_train_rows:   a round trains on at most this many of the most recent rows.
+    latency_weight:   the cost model mixes FLOPs share and measured latency share of each stage.
+    drift_window, drift_min: shadow decisions per exit kept, and needed, to judge drift.
+    background:       learn in a background thread (production) or inline and deterministically.
+    seed:             seeds shadow sampling, the calibration split and training.
+    """
+
+    agreement_budget: float = 0.99
+    confidence: float = 0.95
+    buffer_mb: float = 256.0
+    shadow_rate: float = 0.05
+    calib_fraction: float = 0.3
+    train_every: int = 1000
+    min_train: int = 1000
+    min_calib: int = 400
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    max_train_rows: int = 20000
+    latency_weight: float = 0.5
+    drift_window: int = 400
+    drift_min: int = 100
+    background: bool = True
+    seed: int = 0

@@ -1,0 +1,99 @@
+"""Self-distillation of exit heads from the backbone's own outputs (no labels).
+
+Each head's classifier is trained on standardised pooled features; on publish the
+standardisation is folded into the first Linear so the head reads raw features again.
+"""
+import copy
+from typing import List
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def classifier_flops(clf: nn.Sequential) -> int:
+    """Forward FLOPs of one row through a classifier (multiply-add = 2)."""
+    return sum(2 * m.in_features * m.out_features for m in clf if isinstance(m, nn.Linear))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL to the backbone's softmax plus cross-entropy to its argmax (what agreement counts)."""
+    kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
+                  reduction="batchmean")
+    return kl + F.cross_entropy(student, teacher.argmax(1))
+
+
+class HeadLearner:
+    """Trains copies of the heads' classifiers; the serving ones are swapped in on publish."""
+
+    def __init__(self, classifiers: List[nn.Sequential], seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.models = []
+        for clf in classifiers:
+            m = copy.deepcopy(clf).float().cpu()
+            for layer in m:
+                if isinstance(layer, nn.Linear):  # fresh, seeded init in standardised space
+                    bound = 1.0 / layer.in_features ** 0.5
+                    with torch.no_grad():
+                        layer.weight.uniform_(-bound, bound, generator=self.gen)
+                        layer.bias.zero_()
+            self.models.append(m)
+        self.mean = [None] * len(classifiers)
+        self.std = [None] * len(classifiers)
+        self.flops = 0          # training FLOPs spent so far (forward + backward ~ 3x forward)
+        self.rows = 0
+
+    def adopt(self, classifiers: List[nn.Sequential]):
+        """Continue from already-learned classifiers that read raw features."""
+        self.models = [copy.deepcopy(c).float().cpu() for c in classifiers]
+        self.mean = [torch.zeros(c[0].in_features) for c in classifiers]
+        self.std = [torch.ones(c[0].in_features) for c in classifiers]
+
+    def reset_normalisation(self):
+        self.mean = [None] * len(self.models)
+        self.std = [None] * len(self.models)
+
+    @torch.enable_grad()
+    def train(self, feats: List[torch.Tensor], teacher: torch.Tensor, epochs: int,
+              batch_size: int, lr: float, weight_decay: float):
+        """One round of distillation for every head on (feats, teacher)."""
+        n = teacher.shape[0]
+        if n == 0:
+            return
+        for i, (m, f) in enumerate(zip(self.models, feats)):
+            if self.mean[i] is None:
+                self.mean[i] = f.mean(0)
+                self.std[i] = f.std(0).clamp_min(1e-3)
+            z = (f - self.mean[i]) / self.std[i]
+            opt = torch.optim.Adam(m.parameters(), lr=lr, weight_decay=weight_decay)
+            m.train()
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=self.gen)
+                for s in range(0, n, batch_size):
+                    b = perm[s:s + batch_size]
+                    loss = distill_loss(m(z[b]), teacher[b])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            m.eval()
+            self.flops += 3 * classifier_flops(m) * n * epochs
+        self.rows += n * epochs
+
+    @torch.no_grad()
+    def predict(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        """Logits of head ``i`` on raw features (standardised here)."""
+        return self.models[i]((f - self.mean[i]) / self.std[i])
+
+    def trained(self, i: int) -> bool:
+        return self.mean[i] is not None
+
+    @torch.no_grad()
+    def folded(self, i: int) -> nn.Sequential:
+        """Head ``i``'s classifier with the standardisation folded in: reads raw features."""
+        m = copy.deepcopy(self.models[i])
+        if self.mean[i] is not None:
+            first = m[0]
+            w = first.weight / self.std[i]
+            first.bias.sub_(w @ self.mean[i])
+            first.weight.copy_(w)
+        return m.eval()
