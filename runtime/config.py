@@ -31,8 +31,8 @@ class RuntimeConfig:
     train_every: int = 1000
     min_train: int = 1000
     min_calib: int = 400
-    epochs: int = 4
-    batch_size: int = 128
+    epochs: int = 3
+    batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
     max_train_rows: int = 20000

@@ -110,10 +110,14 @@ class CachedRuntime:
         self.stage_latency_ms, self.head_latency_ms = lat_stage.tolist(), lat_head.tolist()
 
     @torch.no_grad()
-    def _profile(self, batch: int = 8, reps: int = 5):
-        """Median latency of each stage and each head (with its decision) on this device."""
+    def _profile(self, batch: int = 8, reps: int = 7):
+        """Latency of each stage and each head (with its decision) on this device.
+
+        The minimum over repetitions, after a warm-up: the least disturbed by other load.
+        """
         def timed(fn, arg):
             times = []
+            fn(arg)
             for _ in range(reps):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -122,7 +126,7 @@ class CachedRuntime:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)
-            return out, sorted(times)[reps // 2] * 1e3
+            return out, min(times) * 1e3
 
         h = torch.randn((batch,) + self.input_shape, device=self.device)
         stage_ms, head_ms = [], []

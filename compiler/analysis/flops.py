@@ -26,7 +26,7 @@ _FREE = {
     aten.masked_fill, aten.where, aten.fill_, aten.gather, aten.scatter, aten.index_put,
     aten.new_full, aten.repeat, aten.unflatten, aten.movedim, aten.narrow, aten.eq, aten.ne,
     aten.lt, aten.le, aten.gt, aten.ge, aten.logical_not, aten.logical_and, aten.argmax,
-    aten._assert_async, aten.item, aten._local_scalar_dense,
+    aten._assert_async, aten.item, aten._local_scalar_dense, aten.as_strided_,
 }
 # One FLOP per output element.
 _ELEMENTWISE = {
@@ -64,9 +64,18 @@ def _first_tensor(seq):
     return None
 
 
+def _mha_flops(query, key) -> int:
+    """nn.MultiheadAttention's fused kernel: q/k/v and output projections plus two attention matmuls."""
+    b, t, d = query.shape
+    s = key.shape[1]
+    return 2 * b * t * d * d * 2 + 2 * b * s * d * d * 2 + 2 * 2 * b * t * s * d
+
+
 def op_flops(func, args, kwargs, out):
     """FLOPs of one aten call, or None when no rule covers the op."""
     packet = func._overloadpacket
+    if packet is aten._native_multi_head_attention:
+        return _mha_flops(args[0], args[1])
     if packet in flop_registry:
         return int(flop_registry[packet](*args, **kwargs, out_val=out))
     if packet in _FREE:
