@@ -14,6 +14,16 @@ from tools.backbones import ARCHS, build
 from tools.train import export
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # These inputs are tiny, so intra-op threads buy nothing; on a shared 2-core
+    # machine OpenMP spin-waiting makes oversubscribed runs ~4x slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_arch_builds_traces_and_runs(arch: str) -> None:
     spec = ARCHS[arch]

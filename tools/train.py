@@ -46,8 +46,12 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tenso
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device: str = "cpu"
 ) -> float:
-    """Top-1 accuracy of ``model`` on (x, y)."""
-    model.eval()
+    """Top-1 accuracy of ``model`` (an nn.Module or a loaded ExportedProgram module) on (x, y)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        # torch.export.load(...).module() refuses eval(); it was exported in eval mode anyway.
+        pass
     correct = 0
     for i in range(0, len(x), batch_size):
         logits = model(x[i : i + batch_size].to(device))
