@@ -85,10 +85,10 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
     while True:
         best = None
         for e in range(E):
-            for step in range(1, 4):    # look a few grid steps ahead: a new head must pay first
-                k = pos[e] + step
-                if k >= len(cands[e]):
-                    break
+            # An exit that is off must pay for its head first: try every threshold for it.
+            # One that is on moves a few grid steps at a time.
+            ahead = len(cands[e]) if pos[e] < 0 else 3
+            for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e]))):
                 trial = list(t)
                 trial[e] = cands[e][k]
                 s, a = evaluate(conf, agree, stage_cost, head_cost, trial)

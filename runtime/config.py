@@ -13,7 +13,7 @@ class RuntimeConfig:
     shadow_rate:      share of rows that always run the full backbone once exits are on, so live
                       agreement is known; they also feed calibration.
     calib_fraction:   share of unbiased rows held out for threshold calibration (never trained on).
-    train_every:      new buffered rows between learning rounds.
+    train_every:      rows served between learning rounds.
     min_train, min_calib: rows needed before exits may be switched on.
     epochs, batch_size, lr, weight_decay: distillation of each head per round (warm-started).
     max_train_rows:   a round trains on at most this many of the most recent rows.
@@ -31,8 +31,8 @@ class RuntimeConfig:
     train_every: int = 1000
     min_train: int = 1000
     min_calib: int = 400
-    epochs: int = 3
-    batch_size: int = 256
+    epochs: int = 4
+    batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
     max_train_rows: int = 20000

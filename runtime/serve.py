@@ -215,6 +215,7 @@ class CachedRuntime:
         if y is not None and len(feats) == E:
             self._collect(feats, y, shadow[idx], state)
         self._account(n, exit_of, shadow, would, would_pred, out, state, latency)
+        self._maybe_learn(n)
         return (out, exit_of) if return_exits else out
 
     def __call__(self, x):
@@ -233,6 +234,9 @@ class CachedRuntime:
             calib = u < self.config.calib_fraction
         role = torch.where(calib, CALIB, TRAIN)
         self.buffer.add(feats, teacher, role)
+
+    def _maybe_learn(self, n):
+        """Count served rows; every ``train_every`` of them, run (or wake) a learning round."""
         with self._stats_lock:
             self._pending += n
             due = self._pending >= self.config.train_every

@@ -1,0 +1,638 @@
+"""``python -m compiler.export ARTIFACT -o model.onnx``: an artifact with its exits as one ONNX model.
+
+The ONNX model takes ``input`` [batch, ...] (dynamic batch) and returns ``logits`` [batch, K] and
+``exit_index`` [batch] (int64), the same as the artifact's ``forward_with_exits``: a row leaves at
+the first enabled exit whose softmax max-probability is >= that exit's threshold and takes that
+head's logits; ``exit_index`` = the exit's number, or the number of exits for rows that ran the
+whole backbone. Rows come back in input order. Disabled exits are left out of the graph.
+
+How: every stage and every enabled head is exported on its own (the TorchScript stages with the
+TorchScript-based exporter, heads from equivalent eager modules; ``--exporter dynamo`` uses the
+torch.export-based exporter instead), then one graph is composed around them. After an enabled
+exit's stage::
+
+    logits = head(h); take = ReduceMax(Softmax(logits)) >= threshold
+    out[idx[take]] = logits[take]; exit_index[idx[take]] = i          (ScatterND)
+    h, idx = h[~take], idx[~take]                                     (Compress)
+    If rows left > 0: the next stages, exits and the final stage; else: out, exit_index as they are
+
+so no stage ever runs on rows that have left, and an empty remainder never reaches a stage.
+"""
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from . import artifact
+from .errors import ArtifactError, CompilerError, ExportError
+from .heads import ExitHead, HeadSpec
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 15                  # Shape(start, end), GreaterOrEqual, ScatterND, Compress
+INPUT, LOGITS, EXIT_INDEX = "input", "logits", "exit_index"
+BATCH = "batch"
+EXAMPLE_BATCH = 2               # > 1: keeps the exporters from specialising the batch dimension
+EXPORTERS = ("auto", "torchscript", "dynamo")
+PRODUCER = "layer-cache compiler.export"
+
+
+def _import_onnx():
+    """``onnx`` or an ExportError that says what to install."""
+    try:
+        import onnx
+        from onnx import helper, numpy_helper  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the 'onnx' package ({e}); install it with "
+                          f"pip install onnx onnxscript onnxruntime") from None
+    return onnx
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ExportError(f"checking an ONNX model needs the 'onnxruntime' package ({e}); install "
+                          f"it with pip install onnxruntime") from None
+    return onnxruntime
+
+
+# ----- eager stand-ins ------------------------------------------------------------------------
+class ExportHead(nn.Module):
+    """An exit head as an export-friendly eager module; computes what ``ExitHead`` computes.
+
+    ``avgmax2x2`` is written as four explicit windows (adaptive pooling's bins) because the
+    TorchScript exporter refuses adaptive pooling whose output size does not divide the input.
+    """
+
+    def __init__(self, spec: HeadSpec, shape, classifier_state: dict):
+        super().__init__()
+        self.mode = spec.pool
+        self.classifier = ExitHead(spec).classifier
+        self.classifier.load_state_dict(classifier_state)
+        self.windows = []
+        if self.mode == "avgmax2x2":
+            hgt, wid = int(shape[-2]), int(shape[-1])
+            rows = [(i * hgt // 2, -(-(i + 1) * hgt // 2)) for i in range(2)]
+            cols = [(j * wid // 2, -(-(j + 1) * wid // 2)) for j in range(2)]
+            self.windows = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        if self.mode == "avgmax2x2":
+            parts = [h[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in self.windows]
+            avg = torch.stack([p.mean(dim=(2, 3)) for p in parts], 2).flatten(1)
+            mx = torch.stack([p.amax(dim=(2, 3)) for p in parts], 2).flatten(1)
+            return torch.cat([avg, mx], 1)
+        if self.mode == "avgmax":
+            return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
+        if self.mode == "tokens":
+            return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1)
+        return h.flatten(1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(h).float())
+
+
+# ----- exporting one module -------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _operator_of(e: BaseException) -> Optional[str]:
+    """The operator an exporter error is about, e.g. 'aten::cummax', if it names one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    for pat in (r"operator '(\w+::\w+)'", r"op='(\w+)\.(\w+)'", r"ONNX export of operator (\w+)",
+                r"\b(\w+::\w+)", r"torch\.ops\.(\w+)\.(\w+)"):
+        m = re.search(pat, text)
+        if m:
+            op = "::".join(m.groups())
+            return op if "::" in op else "aten::" + op
+    return None
+
+
+@contextlib.contextmanager
+def _fds_silenced(fds=(1, 2)):
+    """Point file descriptors 1 and 2 at a scratch file: the TorchScript exporter's C++ log.
+
+    (torch 2.14's ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` rather
+    than its result, so its log is always on, and it prints the whole graph on a failed export.)
+    """
+    saved = {}
+    try:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        for fd in fds:
+            saved[fd] = os.dup(fd)
+    except (OSError, ValueError, AttributeError):
+        for fd in saved.values():
+            os.close(fd)
+        saved = {}
+    if not saved:
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            for fd in saved:
+                os.dup2(scratch.fileno(), fd)
+            try:
+                yield
+            finally:
+                for fd, dup in saved.items():
+                    os.dup2(dup, fd)
+    finally:
+        for dup in saved.values():
+            os.close(dup)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' warnings, progress prints, log lines and C++ log."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export",
+                                              "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    get_log = getattr(torch._C, "_jit_is_onnx_log_enabled", None)
+    set_log = getattr(torch._C, "_jit_set_onnx_log_enabled", None)
+    log_was = get_log() if get_log else None
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()), _fds_silenced():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if set_log and log_was is not None:
+            set_log(log_was)  # the TorchScript exporter leaves its log switched on
+
+
+def _legacy_max_opset() -> int:
+    """The highest opset the TorchScript-based exporter handles; 0 where this torch lacks it."""
+    try:
+        import torch.onnx.utils  # noqa: F401  (the TorchScript-based exporter)
+        from torch.onnx import _constants
+        return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 0
+
+
+def _max_opset(onnx) -> int:
+    """The highest opset both torch's exporters and the installed onnx know."""
+    try:
+        from torch.onnx import _constants
+        return min(int(_constants.ONNX_MAX_OPSET), onnx.defs.onnx_opset_version())
+    except (ImportError, AttributeError):
+        return min(DEFAULT_OPSET, onnx.defs.onnx_opset_version())
+
+
+def _export_torchscript(module, example, opset):
+    onnx = _import_onnx()
+    f = io.BytesIO()
+    with _quiet():
+        torch.onnx.export(module, (example,), f, input_names=["x"], output_names=["y"],
+                          opset_version=opset, dynamo=False, do_constant_folding=True,
+                          dynamic_axes={"x": {0: BATCH}, "y": {0: BATCH}})
+    return onnx.load_from_string(f.getvalue())
+
+
+def _export_dynamo(module, example, opset):
+    """The torch.export-based exporter; a ScriptModule is converted to an ExportedProgram first."""
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based exporter is built on it)
+    except ImportError as e:
+        raise ExportError(f"the dynamo exporter needs the 'onnxscript' package ({e}); install it "
+                          f"with pip install onnxscript, or use --exporter torchscript") from None
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            from torch._export.converter import TS2EPConverter
+        except ImportError:
+            raise ExportError("this torch has no TorchScript-to-ExportedProgram converter; use "
+                              "--exporter torchscript") from None
+        with _quiet():
+            module = TS2EPConverter(module, (example,)).convert().module()
+    with _quiet():
+        prog = torch.onnx.export(module, (example,), input_names=["x"], output_names=["y"],
+                                 opset_version=opset, dynamo=True, external_data=False,
+                                 dynamic_shapes=({0: torch.export.Dim(BATCH)},), verbose=False)
+    return prog.model_proto
+
+
+def export_module(module, example: torch.Tensor, what: str, opset: int, exporter: str = "auto"):
+    """One tensor -> tensor module as an ONNX model (input 'x', output 'y', dynamic batch).
+
+    Returns (model, exporter used). Failures become one-line ExportErrors naming ``what`` and,
+    where the exporter says, the operator.
+    """
+    tries = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"],
+             "dynamo": ["dynamo"]}[exporter]
+    if exporter == "auto" and opset > _legacy_max_opset():
+        tries = ["dynamo"]
+    first = None
+    for name in tries:
+        try:
+            fn = _export_torchscript if name == "torchscript" else _export_dynamo
+            return fn(module, example, opset), name
+        except Exception as e:  # the exporters raise many types; all are reported the same way
+            first = first or e
+    if isinstance(first, ExportError):
+        raise first
+    op, line = _operator_of(first), _first_line(first)
+    if len(line) > 240:
+        line = line[:237] + "..."
+    unsupported = ("is not supported", "No ONNX function found", "No decompositions registered")
+    if op and any(u in str(first) for u in unsupported):
+        raise ExportError(f"cannot export {what} to ONNX opset {opset}: operator {op} is not "
+                          f"supported by the ONNX exporter (the artifact itself still runs in "
+                          f"TorchScript)")
+    if op:
+        raise ExportError(f"cannot export {what} to ONNX opset {opset}: operator {op}: {line}")
+    raise ExportError(f"cannot export {what} to ONNX opset {opset}: {line}")
+
+
+# ----- composing the graph --------------------------------------------------------------------
+class _Composer:
+    """Builds the exits graph; names are unique across the main graph and all If branches."""
+
+    def __init__(self, opset: int):
+        self.onnx = _import_onnx()
+        self.opset = opset
+        self.initializers = []
+        self.functions = []
+        self.opsets = {"": opset}
+        self.ir_version = 8
+        self.n = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def node(self, nodes: list, op: str, inputs, hint=None, n_out=1, **attrs):
+        outs = [self.name(hint or op.lower()) for _ in range(n_out)]
+        nodes.append(self.onnx.helper.make_node(op, list(inputs), outs, name=self.name(op),
+                                                **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype, hint="const") -> str:
+        import numpy as np
+        name = self.name(hint)
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.array(value, dtype=dtype),
+                                                                   name))
+        return name
+
+    def inline(self, nodes: list, model, prefix: str, src: str, hint: str) -> str:
+        """Add ``model``'s nodes to ``nodes`` reading ``src``; returns the output's name.
+
+        Initializers and functions go to the main graph (If branches read outer-scope names).
+        """
+        helper = self.onnx.helper
+        model = self.onnx.compose.add_prefix(model, prefix)
+        g = model.graph
+        inits = {i.name for i in g.initializer}
+        inputs = [i.name for i in g.input if i.name not in inits]
+        if len(inputs) != 1 or len(g.output) != 1:
+            raise ExportError(f"{hint}: expected an exported module with one input and one "
+                              f"output, got {len(inputs)} and {len(g.output)}")
+        self.initializers.extend(g.initializer)
+        for f in model.functions:
+            self.functions.append(f)
+        for op in model.opset_import:
+            if op.domain in ("", "ai.onnx"):
+                if op.version != self.opset:
+                    raise ExportError(f"{hint} was exported at opset {op.version}, not "
+                                      f"{self.opset}")
+                continue
+            self.opsets[op.domain] = max(self.opsets.get(op.domain, 0), op.version)
+        self.ir_version = max(self.ir_version, model.ir_version)
+        nodes.append(helper.make_node("Identity", [src], [inputs[0]], name=self.name("Identity")))
+        nodes.extend(g.node)
+        out = self.name(hint)
+        nodes.append(helper.make_node("Identity", [g.output[0].name], [out],
+                                      name=self.name("Identity")))
+        return out
+
+    def reduce_max(self, nodes, x, axis, hint):
+        if self.opset >= 18:
+            return self.node(nodes, "ReduceMax", [x, self.const([axis], "int64", "axes")], hint,
+                             keepdims=0)
+        return self.node(nodes, "ReduceMax", [x], hint, axes=[axis], keepdims=0)
+
+
+def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, manifest: dict,
+             opset: int, out_elem_type: int):
+    """The full ONNX model from exported stages (n exits + final) and enabled heads {i: model}."""
+    c = _Composer(opset)
+    onnx, helper = c.onnx, c.onnx.helper
+    TP = onnx.TensorProto
+    n_exits = len(stages) - 1
+    enabled = sorted(heads)
+    main = []
+
+    def run_stages(nodes, h, start, stop):
+        for s in range(start, stop + 1):
+            h = c.inline(nodes, stages[s], f"stage{s}/", h, f"stage{s}_out")
+        return h
+
+    def to_float(nodes, y):
+        return y if out_elem_type == TP.FLOAT else c.node(nodes, "Cast", [y], "final_logits",
+                                                          to=TP.FLOAT)
+
+    shape1 = c.node(main, "Shape", [INPUT], "batch_size", start=0, end=1)        # [N]
+    if not enabled:
+        y = run_stages(main, INPUT, 0, n_exits)
+        main.append(helper.make_node("Identity", [y], [LOGITS], name=c.name("Identity")))
+        main.append(helper.make_node("ConstantOfShape", [shape1], [EXIT_INDEX],
+                                     name=c.name("ConstantOfShape"),
+                                     value=helper.make_tensor("v", TP.INT64, [1], [n_exits])))
+        logits_type = out_elem_type
+    else:
+        n_scalar = c.node(main, "Squeeze", [shape1, c.const([0], "int64", "axes")], "n")
+        idx = c.node(main, "Range", [c.const(0, "int64", "zero"), n_scalar,
+                                     c.const(1, "int64", "one")], "row_index")
+        out_shape = c.node(main, "Concat", [shape1, c.const([num_classes], "int64", "k")],
+                           "out_shape", axis=0)
+        out = c.node(main, "ConstantOfShape", [out_shape], "out",
+                     value=helper.make_tensor("v", TP.FLOAT, [1], [0.0]))
+        ex = c.node(main, "ConstantOfShape", [shape1], "exit_of",
+                    value=helper.make_tensor("v", TP.INT64, [1], [n_exits]))
+
+        def segment(nodes, h, idx, out, ex, start):
+            """Stages from ``start`` on, with the exits among them; returns (out, exit_index)."""
+            nxt = next((e for e in enabled if e >= start), None)
+            if nxt is None:
+                y = to_float(nodes, run_stages(nodes, h, start, n_exits))
+                rows = c.node(nodes, "Unsqueeze", [idx, c.const([1], "int64", "axes")], "rows")
+                # a branch's outputs must be made inside it: ex comes from the outer scope
+                return (c.node(nodes, "ScatterND", [out, rows, y], "out"),
+                        c.node(nodes, "Identity", [ex], "exit_of"))
+            h = run_stages(nodes, h, start, nxt)
+            logits = c.inline(nodes, heads[nxt], f"head{nxt}/", h, f"head{nxt}_logits")
+            prob = c.node(nodes, "Softmax", [logits], f"head{nxt}_prob", axis=1)
+            conf = c.reduce_max(nodes, prob, 1, f"head{nxt}_conf")
+            take = c.node(nodes, "GreaterOrEqual",
+                          [conf, c.const(thresholds[nxt], "float32", f"threshold{nxt}")],
+                          f"exit{nxt}_take")
+            taken = c.node(nodes, "Compress", [idx, take], f"exit{nxt}_rows", axis=0)
+            rows = c.node(nodes, "Unsqueeze", [taken, c.const([1], "int64", "axes")], "rows")
+            out = c.node(nodes, "ScatterND",
+                         [out, rows, c.node(nodes, "Compress", [logits, take], "taken", axis=0)],
+                         "out")
+            fill = c.node(nodes, "Expand", [c.const(nxt, "int64", f"exit{nxt}"),
+                                            c.node(nodes, "Shape", [taken], "n_taken")], "fill")
+            ex = c.node(nodes, "ScatterND", [ex, rows, fill], "exit_of")
+            keep = c.node(nodes, "Not", [take], f"exit{nxt}_keep")
+            h = c.node(nodes, "Compress", [h, keep], f"exit{nxt}_h", axis=0)
+            idx = c.node(nodes, "Compress", [idx, keep], "row_index", axis=0)
+            left = c.node(nodes, "Greater", [c.node(nodes, "Size", [idx], "rows_left"),
+                                             c.const(0, "int64", "zero")], "any_left")
+            then_nodes = []
+            t_out, t_ex = segment(then_nodes, h, idx, out, ex, nxt + 1)
+            else_nodes = [helper.make_node("Identity", [out], [c.name("out")], name=c.name("Id")),
+                          helper.make_node("Identity", [ex], [c.name("exit_of")],
+                                           name=c.name("Id"))]
+            e_out, e_ex = else_nodes[0].output[0], else_nodes[1].output[0]
+
+            def branch(body, o, x, tag):
+                return helper.make_graph(
+                    body, c.name(f"after_exit{nxt}_{tag}"), [],
+                    [helper.make_tensor_value_info(o, TP.FLOAT, None),
+                     helper.make_tensor_value_info(x, TP.INT64, None)])
+
+            return c.node(nodes, "If", [left], "rest", n_out=2,
+                          then_branch=branch(then_nodes, t_out, t_ex, "rows_left"),
+                          else_branch=branch(else_nodes, e_out, e_ex, "none_left"))
+
+        f_out, f_ex = segment(main, INPUT, idx, out, ex, 0)
+        main.append(helper.make_node("Identity", [f_out], [LOGITS], name=c.name("Identity")))
+        main.append(helper.make_node("Identity", [f_ex], [EXIT_INDEX], name=c.name("Identity")))
+        logits_type = TP.FLOAT
+
+    graph = helper.make_graph(
+        main, "layer_cache_exits",
+        [helper.make_tensor_value_info(INPUT, TP.FLOAT, [BATCH] + list(manifest["input_shape"][1:]))],
+        [helper.make_tensor_value_info(LOGITS, logits_type, [BATCH, num_classes]),
+         helper.make_tensor_value_info(EXIT_INDEX, TP.INT64, [BATCH])],
+        initializer=c.initializers)
+    model = helper.make_model(graph, producer_name=PRODUCER, ir_version=c.ir_version,
+                              opset_imports=[helper.make_opsetid(d, v)
+                                             for d, v in sorted(c.opsets.items())],
+                              functions=c.functions)
+    return model
+
+
+# ----- the library entry ----------------------------------------------------------------------
+def _check_manifest(manifest: dict, path) -> None:
+    """The manifest fields the export reads, or an ArtifactError."""
+    try:
+        ok = (isinstance(manifest["input_shape"], list) and len(manifest["input_shape"]) >= 2
+              and all(isinstance(d, int) and d > 0 for d in manifest["input_shape"][1:])
+              and isinstance(manifest["exits"], list)
+              and all({"pool", "feature_dim", "hidden", "num_classes"} <= set(e["head"])
+                      for e in manifest["exits"]))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"artifact '{path}' has an incomplete manifest (input_shape, exits); "
+                            f"re-create it with python -m compiler.rewrite MODEL")
+
+
+def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
+                exporter: str = "auto") -> dict:
+    """Export an artifact with its enabled exits to ``onnx_path``; returns a summary dict.
+
+    Raises ArtifactError for a missing/corrupt artifact and ExportError when a part cannot be
+    exported (the message names the part and, where known, the operator).
+    """
+    onnx = _import_onnx()
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter '{exporter}'; use one of {', '.join(EXPORTERS)}")
+    top = _max_opset(onnx)
+    if not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset {opset} is not supported; use {MIN_OPSET} to {top} "
+                          f"(default {DEFAULT_OPSET})")
+    module, manifest = artifact.load(artifact_path, map_location="cpu")
+    _check_manifest(manifest, artifact_path)
+    if manifest.get("input_dtype", "float32") != "float32":
+        raise ExportError(f"the artifact takes {manifest['input_dtype']} input; ONNX export "
+                          f"handles float32 models only")
+    exits = manifest["exits"]
+    n = len(exits)
+    try:
+        blocks = [getattr(module.blocks, str(i)) for i in range(n)]
+        final = module.final
+    except AttributeError as e:
+        raise ExportError(f"artifact '{artifact_path}' does not hold the staged model its manifest "
+                          f"describes ({e})") from None
+    names = [e.get("name", f"exit{i}") for i, e in enumerate(exits)]
+    where = [f"stage {i} (up to exit {i} '{names[i]}')" for i in range(n)] + \
+            [f"the final stage (after exit {n - 1} '{names[-1]}')" if n else "the model"]
+    enabled = [i for i, b in enumerate(blocks) if bool(b.enabled)]
+    thresholds = {i: float(blocks[i].threshold) for i in enabled}
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((EXAMPLE_BATCH,) + tuple(manifest["input_shape"][1:]), generator=gen)
+    stage_models, heads, used = [], {}, set()
+    with torch.no_grad():
+        h = x
+        for i, st in enumerate([b.stage for b in blocks] + [final]):
+            m, how = export_module(st, h, where[i], opset, exporter)
+            stage_models.append(m)
+            used.add(how)
+            h = st(h)
+            if i in thresholds:
+                spec = HeadSpec(**{k: exits[i]["head"][k] for k in
+                                   ("pool", "feature_dim", "hidden", "num_classes")})
+                state = {k: v.detach().cpu() for k, v in
+                         blocks[i].head.classifier.state_dict().items()}
+                eager = ExportHead(spec, tuple(h.shape), state).eval()
+                want, got = blocks[i].head(h), eager(h)
+                if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+                    diff = (got - want).abs().max().item() if got.shape == want.shape else "shape"
+                    raise ExportError(f"exit {i} '{names[i]}': the head's eager stand-in differs "
+                                      f"from the artifact's ({diff}); report this artifact")
+                heads[i], how = export_module(eager, h, f"the head of exit {i} '{names[i]}'",
+                                              opset, exporter)
+                used.add(how)
+    num_classes = int(manifest.get("num_classes", h.shape[1]))
+    final_type = stage_models[-1].graph.output[0].type.tensor_type.elem_type
+    model = _compose(stage_models, heads, thresholds, num_classes, manifest, opset, final_type)
+    model.doc_string = ("layer-cache artifact with early exits; outputs: logits [batch, classes], "
+                        "exit_index [batch] (int64, the exit a row left at; "
+                        f"{n} = ran the whole model)")
+    meta = {
+        "opset": str(opset),
+        "layer_cache.num_exits": str(n),
+        "layer_cache.enabled_exits": json.dumps(enabled),
+        "layer_cache.exit_names": json.dumps(names),
+        "layer_cache.thresholds": json.dumps({str(i): t for i, t in thresholds.items()}),
+        "layer_cache.exit_index_meaning": f"0..{n - 1}: exit; {n}: whole model",
+        "layer_cache.source_sha256": str(manifest.get("source_sha256")),
+        "layer_cache.exporter": ",".join(sorted(used)),
+        "torch_version": torch.__version__,
+    }
+    onnx.helper.set_model_props(model, meta)
+
+    onnx_path = os.fspath(onnx_path)
+    folder = os.path.dirname(os.path.abspath(onnx_path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"output folder '{folder}' does not exist")
+    # Write beside the target, check the written file (the checker takes a path past 2 GiB), then
+    # move it into place: a failed export leaves no file and an older one whole.
+    external = model.ByteSize() > 1_800_000_000  # protobuf's 2 GiB limit
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(onnx_path)}")
+    try:
+        if external:
+            onnx.save(model, tmp, save_as_external_data=True,
+                      location=os.path.basename(onnx_path) + ".data")
+        else:
+            onnx.save(model, tmp)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except Exception as e:
+            raise ExportError(f"the composed ONNX model fails the ONNX checker: "
+                              f"{_first_line(e)}; report this artifact") from None
+        os.replace(tmp, onnx_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"path": onnx_path, "opset": opset, "bytes": os.path.getsize(onnx_path),
+            "num_exits": n, "enabled_exits": enabled, "exit_names": names,
+            "thresholds": [thresholds[i] for i in enabled], "num_classes": num_classes,
+            "input_shape": [BATCH] + list(manifest["input_shape"][1:]),
+            "exporter": sorted(used), "external_data": external,
+            "nodes": len(model.graph.node), "inputs": [INPUT], "outputs": [LOGITS, EXIT_INDEX],
+            "notice": None if enabled else
+            f"no exit of '{artifact_path}' is enabled; exported the plain backbone (exit_index is "
+            f"{n} for every row); learn exits with the runtime first to get early exits"}
+
+
+def check_onnx(artifact_path: str, onnx_path: str, rows: int = 64, seed: int = 0,
+               batch: Optional[int] = None) -> dict:
+    """Run ``rows`` random rows through onnxruntime and the artifact; compare logits and exits."""
+    ort = _import_ort()
+    module, manifest = artifact.load(artifact_path, map_location="cpu")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((rows,) + tuple(manifest["input_shape"][1:]), generator=g)
+    sess = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want, want_exit = module.forward_with_exits(x)
+    got, got_exit = sess.run([LOGITS, EXIT_INDEX], {INPUT: x.numpy()})
+    got, got_exit = torch.from_numpy(got), torch.from_numpy(got_exit)
+    same = got_exit == want_exit
+    diff = (got[same] - want[same]).abs().max().item() if bool(same.any()) else 0.0
+    return {"rows": rows, "exit_agreement": same.float().mean().item() if rows else 1.0,
+            "argmax_agreement": (got.argmax(1) == want.argmax(1)).float().mean().item()
+            if rows else 1.0, "max_logit_diff": diff,
+            "exits_onnx": torch.bincount(got_exit, minlength=len(manifest["exits"]) + 1).tolist(),
+            "exits_torch": torch.bincount(want_exit,
+                                          minlength=len(manifest["exits"]) + 1).tolist()}
+
+
+# ----- CLI ------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m compiler.export",
+                                description="Export an artifact with its enabled exits as one ONNX "
+                                            "model: dynamic batch, outputs logits and exit_index "
+                                            "(int64). See docs/onnx.md.")
+    p.add_argument("artifact", help="artifact from python -m compiler.rewrite (or a runtime save)")
+    p.add_argument("-o", "--output", help="ONNX path (default: <artifact stem>.onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX (ai.onnx) opset to target (default {DEFAULT_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="torch exporter for stages and heads: torchscript (the TorchScript-based "
+                        "one), dynamo (torch.export-based) or auto (torchscript, dynamo if it fails)")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="compare onnxruntime with the artifact on N random rows")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = args.output or os.path.splitext(args.artifact)[0] + ".onnx"
+    try:
+        summary = export_onnx(args.artifact, out, args.opset, args.exporter)
+        n = summary["num_exits"]
+        if not summary["enabled_exits"]:
+            print(f"notice: {summary['notice']}", file=sys.stderr)
+            exits = "no exits (plain backbone)"
+        else:
+            exits = ", ".join(f"{i} '{summary['exit_names'][i]}' >= {t:.4g}"
+                              for i, t in zip(summary["enabled_exits"], summary["thresholds"]))
+            exits = f"{len(summary['enabled_exits'])} of {n} exits enabled: {exits}"
+        print(f"wrote {out}: ONNX opset {summary['opset']}, {summary['bytes'] / 1024:.1f} KiB, "
+              f"{exits}; inputs {INPUT} {summary['input_shape']}, outputs {LOGITS} "
+              f"[{BATCH}, {summary['num_classes']}], {EXIT_INDEX} [{BATCH}] int64 "
+              f"({n} = whole model); exporter {'+'.join(summary['exporter'])}")
+        if args.check > 0:
+            r = check_onnx(args.artifact, out, args.check)
+            ok = r["exit_agreement"] == 1.0 and r["max_logit_diff"] <= 1e-3
+            print(f"check on {r['rows']} random rows: max logit diff {r['max_logit_diff']:.3g}, "
+                  f"exit agreement {r['exit_agreement']:.2%}, argmax agreement "
+                  f"{r['argmax_agreement']:.2%}, rows per exit onnx {r['exits_onnx']} torch "
+                  f"{r['exits_torch']}{'' if ok else '  MISMATCH'}")
+            if not ok:
+                print("error: the ONNX model does not match the artifact; report this artifact",
+                      file=sys.stderr)
+                return 1
+    except CompilerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
