@@ -19,6 +19,7 @@ class RuntimeConfig:
     max_train_rows:   a round trains on at most this many of the most recent rows.
     latency_weight:   the cost model mixes FLOPs share and measured latency share of each stage.
     drift_window, drift_min: shadow decisions per exit kept, and needed, to judge drift.
+    cuda_graphs:      on CUDA, run each stage as a CUDA graph per bucketed batch size.
     background:       learn in a background thread (production) or inline and deterministically.
     seed:             seeds shadow sampling, the calibration split and training.
     """
@@ -30,7 +31,7 @@ class RuntimeConfig:
     calib_fraction: float = 0.3
     train_every: int = 1000
     min_train: int = 1000
-    min_calib: int = 400
+    min_calib: int = 600
     epochs: int = 4
     batch_size: int = 64
     lr: float = 3e-3
@@ -38,6 +39,7 @@ class RuntimeConfig:
     max_train_rows: int = 20000
     latency_weight: float = 0.5
     drift_window: int = 400
-    drift_min: int = 100
+    drift_min: int = 150
+    cuda_graphs: bool = True
     background: bool = True
     seed: int = 0

@@ -18,6 +18,7 @@ from compiler.errors import ArtifactError
 from .buffer import CALIB, TRAIN, FeatureBuffer
 from .calibrate import INF, choose_thresholds, wilson_upper, z_of
 from .config import RuntimeConfig
+from .cuda_graphs import GraphedStage
 from .learner import HeadLearner
 
 log = logging.getLogger("layer_cache.runtime")
@@ -67,6 +68,8 @@ class CachedRuntime:
         self.module, self.manifest = artifact.load(self.path, map_location=self.device)
         blocks = [getattr(self.module.blocks, str(i)) for i in range(len(self.manifest["exits"]))]
         self.stages = [b.stage for b in blocks] + [self.module.final]
+        if self.device.type == "cuda" and self.config.cuda_graphs:
+            self.stages = [GraphedStage(s) for s in self.stages]
         self.heads = [b.head for b in blocks]
         self.exits = self.manifest["exits"]
         self.num_exits = len(self.exits)
