@@ -72,14 +72,14 @@ class ExitHead(nn.Module):
         return self.classifier(f)
 
 
-MIN_HIDDEN, MAX_HIDDEN = 32, 256
+MIN_HIDDEN, MAX_HIDDEN = 16, 256
 
 
 def plan_heads(shapes: List[tuple], num_classes: int, budget_params: int) -> List[HeadSpec]:
     """Size one head per cut so that all heads together hold at most ``budget_params``.
 
-    Each head gets an equal share. It takes the richest pooling whose MLP still has a hidden
-    layer of at least MIN_HIDDEN units, else falls back to a global pooling with a single Linear.
+    Each head gets an equal share: the richest pooling whose MLP keeps at least MIN_HIDDEN
+    hidden units or, failing that, whose single Linear fits; else global pooling and a Linear.
     """
     share = max(budget_params // max(len(shapes), 1), 1)
     specs = []
@@ -101,10 +101,14 @@ def _pool_options(shape):
 
 
 def _plan_one(shape, num_classes, share) -> HeadSpec:
+    # Spatial detail matters more than depth for a small head: try each pooling, richest first,
+    # with an MLP, then as a single Linear; the last pooling's Linear is the fallback.
     options = _pool_options(shape)
     for pool, dim in options:
         hidden = (share - num_classes) // (dim + 1 + num_classes)
         if hidden >= MIN_HIDDEN:
             return HeadSpec(pool, dim, min(hidden, MAX_HIDDEN), num_classes)
+        if (dim + 1) * num_classes <= share:
+            return HeadSpec(pool, dim, 0, num_classes)
     pool, dim = options[-1]
     return HeadSpec(pool, dim, 0, num_classes)
