@@ -1,0 +1,397 @@
+"""Runtime: serving an artifact, learning its exits online, stats, persistence, bad input, drift.
+
+Everything runs in synchronous mode (``background=False``) so each test is reproducible. The
+teacher is the small Fashion-MNIST CNN of conftest.py, compiled with exits inactive.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+
+import pytest
+import torch
+
+import runtime
+from compiler import artifact
+from compiler.errors import ArtifactError, ArtifactVersionError
+from runtime.calibrate import INF
+
+STREAM_ROWS = 4000  # rows streamed before exits are expected to be on
+BATCH = 100
+
+# The default cost model mixes measured stage latency into the thresholds' choice, which makes
+# them depend on machine load (see test_synchronous_mode_does_not_depend_on_the_clock); tests that
+# need exits on pin the FLOPs-only cost model so that they are reproducible.
+STABLE = {"latency_weight": 0.0}
+
+# Stats that depend on wall-clock time; everything else must be reproducible.
+TIMING_KEYS = {"latency_ms", "latency_while_learning_ms", "stage_latency_ms", "head_latency_ms"}
+
+
+def jit_load(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path)).eval()
+
+
+def stream(rt, x, batch=BATCH):
+    """Serve ``x`` in batches; returns (outputs, exits) concatenated in input order."""
+    outs, exits = [], []
+    for i in range(0, len(x), batch):
+        o, e = rt.predict(x[i:i + batch], return_exits=True)
+        outs.append(o)
+        exits.append(e)
+    return torch.cat(outs), torch.cat(exits)
+
+
+def untimed(stats: dict) -> dict:
+    s = {k: v for k, v in stats.items() if k not in TIMING_KEYS}
+    s["learning"] = {k: v for k, v in s["learning"].items() if k != "train_seconds"}
+    return s
+
+
+def head_weights(rt):
+    return [{k: v.clone() for k, v in c.state_dict().items()} for c in rt._state.classifiers] + \
+        [{k: v.clone() for k, v in m.state_dict().items()} for m in rt.learner.models]
+
+
+@pytest.fixture(scope="module")
+def traffic(fashion_small):
+    """Training rows the teacher never saw (the stream) and test rows (held out)."""
+    xtr, _, xte, _ = fashion_small
+    return xtr[5000:5000 + STREAM_ROWS], xte[:2000]
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_artifact):
+    """The compiled artifact as plain TorchScript, exits off: the backbone's own answer."""
+    return jit_load(teacher_artifact)
+
+
+@pytest.fixture(scope="module")
+def learned(teacher_artifact, traffic, tmp_path_factory):
+    """A runtime that has streamed the traffic (shadow_rate=0) and an artifact it saved."""
+    rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.0, **STABLE)
+    stream(rt, traffic[0])
+    assert any(rt.stats()["enabled"]), "exits never switched on; the other tests need them"
+    path = tmp_path_factory.mktemp("learned") / "learned.cached.pt"
+    rt.save(path)
+    return rt, path
+
+
+def test_teacher_is_a_real_classifier(teacher, fashion_small):
+    """Precondition of everything below: the backbone has learned something."""
+    _, _, xte, yte = fashion_small
+    with torch.no_grad():
+        acc = (teacher(xte[:2000]).argmax(1) == yte[:2000]).float().mean().item()
+    assert acc >= 0.75
+
+
+# ----- serving before learning ----------------------------------------------------------------
+
+def test_predict_matches_artifact_before_learning(teacher_artifact, reference, traffic):
+    rt = runtime.load(teacher_artifact, background=False)
+    x = traffic[1][:257]
+    out, exits = rt.predict(x, return_exits=True)
+    with torch.no_grad():
+        want, want_exits = reference.forward_with_exits(x)
+    assert out.shape == want.shape == (257, 10)
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)  # rows in input order
+    assert (exits == rt.num_exits).all() and (want_exits == rt.num_exits).all()
+    # A permuted batch comes back permuted the same way.
+    perm = torch.randperm(257, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rt.predict(x[perm]), want[perm], atol=1e-5, rtol=1e-5)
+    # Single rows and float64 input are served too.
+    torch.testing.assert_close(rt.predict(x[:1]), want[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rt.predict(x[:3].double()), want[:3], atol=1e-5, rtol=1e-5)
+
+
+def test_no_row_exits_before_learning(teacher_artifact, traffic):
+    rt = runtime.load(teacher_artifact, background=False)
+    _, exits = stream(rt, traffic[0][:900])  # fewer than min_train rows: no round yet
+    s = rt.stats()
+    assert (exits == rt.num_exits).all()
+    assert s["enabled"] == [False] * rt.num_exits
+    assert s["rows_per_exit"] == [0] * rt.num_exits + [900]
+    assert s["learning"]["rounds"] == 0
+    assert s["flops_saved"] == 0.0
+    assert s["exit_rate"] == 0.0
+
+
+# ----- learning -------------------------------------------------------------------------------
+
+class FakeClock:
+    """A stand-in for time.perf_counter: every reading advances by a seeded random step."""
+
+    def __init__(self, seed):
+        self.t = 0.0
+        self.gen = random.Random(seed)
+
+    def __call__(self):
+        self.t += self.gen.uniform(1e-4, 1e-2)
+        return self.t
+
+
+def _two_runs(teacher_artifact, traffic, monkeypatch, clocks=(None, None), **overrides):
+    runs = []
+    for clock in clocks:
+        if clock is not None:
+            monkeypatch.setattr(time, "perf_counter", clock)
+        rt = runtime.load(teacher_artifact, background=False, seed=3, **overrides)
+        out, exits = stream(rt, traffic[0])
+        monkeypatch.undo()
+        runs.append((out, exits, untimed(rt.stats())))
+    return runs
+
+
+def test_synchronous_mode_is_deterministic(teacher_artifact, traffic, monkeypatch):
+    """Same seed, same traffic: same exits, outputs and stats (the cost model on FLOPs only)."""
+    (o1, e1, s1), (o2, e2, s2) = _two_runs(teacher_artifact, traffic, monkeypatch,
+                                           latency_weight=0.0)
+    assert torch.equal(e1, e2)
+    assert torch.equal(o1, o2)
+    assert s1 == s2
+    assert s1["learning"]["rounds"] >= 1 and any(s1["enabled"])
+
+
+def test_synchronous_mode_is_deterministic_given_the_same_timings(teacher_artifact, traffic,
+                                                                   monkeypatch):
+    """Default config: with identical latency readings everything else repeats exactly."""
+    (o1, e1, s1), (o2, e2, s2) = _two_runs(teacher_artifact, traffic, monkeypatch,
+                                           clocks=(FakeClock(1), FakeClock(1)))
+    assert torch.equal(e1, e2)
+    assert torch.equal(o1, o2)
+    assert s1 == s2
+
+
+@pytest.mark.xfail(strict=True, reason="BUG runtime/serve.py _init_costs/_profile: with the "
+                   "default latency_weight=0.5 the thresholds depend on measured stage latency, so "
+                   "synchronous mode with the same seed serves different exits from run to run "
+                   "(seen with the real clock: ~2 of 3 runs differ)")
+def test_synchronous_mode_does_not_depend_on_the_clock(teacher_artifact, traffic, monkeypatch):
+    (o1, e1, s1), (o2, e2, s2) = _two_runs(teacher_artifact, traffic, monkeypatch,
+                                           clocks=(FakeClock(1), FakeClock(2)))
+    assert torch.equal(e1, e2)
+    assert s1["thresholds"] == s2["thresholds"]
+
+
+def test_exits_switch_on_and_agree_with_backbone(teacher_artifact, reference, traffic):
+    rt = runtime.load(teacher_artifact, background=False, **STABLE)
+    _, exits = stream(rt, traffic[0])
+    s = rt.stats()
+    assert any(s["enabled"]), s
+    assert (exits < rt.num_exits).any()
+    # Agreement measured independently on held-out rows, against the artifact's full forward.
+    held = traffic[1]
+    out, held_exits = stream(rt, held)
+    with torch.no_grad():
+        want = reference(held)
+    exited = held_exits < rt.num_exits
+    assert exited.float().mean() > 0.1, "hardly any held-out row exits"
+    agreement = (out.argmax(1) == want.argmax(1)).float().mean().item()
+    assert agreement >= 0.97
+    # Rows that ran the backbone return its output exactly.
+    torch.testing.assert_close(out[~exited], want[~exited], atol=1e-5, rtol=1e-5)
+
+
+def test_stats_are_consistent_with_traffic(teacher_artifact, traffic):
+    rt = runtime.load(teacher_artifact, background=False, **STABLE)  # shadow_rate 0.05
+    sizes = [BATCH] * (STREAM_ROWS // BATCH) + [1, 7, 33]
+    x = torch.cat([traffic[0], traffic[1][:41]])
+    exits, start = [], 0
+    for n in sizes:
+        exits.append(rt.predict(x[start:start + n], return_exits=True)[1])
+        start += n
+    exits = torch.cat(exits)
+    s = rt.stats()
+    E = rt.num_exits
+    assert set(s) >= {"requests", "rows", "rows_per_exit", "exit_rate", "live_agreement",
+                      "shadow_rows", "flops_saved", "latency_ms", "learning", "thresholds",
+                      "enabled", "drift_events", "exit_names"}
+    assert s["requests"] == len(sizes)
+    assert s["rows"] == sum(sizes) == start
+    assert s["rows_per_exit"] == torch.bincount(exits, minlength=E + 1).tolist()
+    assert sum(s["rows_per_exit"]) == s["rows"]
+    assert s["exit_rate"] == pytest.approx(1 - s["rows_per_exit"][E] / s["rows"])
+    assert len(s["exit_names"]) == E + 1 and s["exit_names"][-1] == "backbone"
+    assert s["exit_rate"] > 0
+    assert 0 < s["flops_saved"] < 1
+    assert s["enabled"] == [t is not None for t in s["thresholds"]]
+    assert s["shadow_rows"] > 0  # exits are on, so 5% of the rows are shadowed
+    assert 0.0 <= s["live_agreement"] <= 1.0
+    lat = s["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"]
+    learning = s["learning"]
+    assert learning["rounds"] >= 1 and learning["rows_trained"] > 0 and learning["train_flops"] > 0
+    if s["drift_events"] == 0:  # the buffer holds exactly the rows that ran the whole backbone
+        assert learning["buffer_rows"] == s["rows_per_exit"][E]
+    assert learning["buffer_rows"] <= learning["buffer_capacity"]
+
+
+def test_flops_saved_matches_the_exits_taken(learned, traffic):
+    """With thresholds frozen (no learning, no shadow rows) flops_saved is exactly recomputable."""
+    _, path = learned
+    rt = runtime.load(path, background=False, shadow_rate=0.0, train_every=10 ** 9)
+    _, exits = stream(rt, traffic[1])
+    s = rt.stats()
+    m = rt.manifest
+    E = rt.num_exits
+    on = torch.tensor(s["enabled"], dtype=torch.float64)
+    head = torch.tensor([e["head"]["flops"] for e in m["exits"]], dtype=torch.float64) * on
+    cum_stage = torch.cumsum(torch.tensor(m["stage_flops"], dtype=torch.float64), 0)
+    cum_head = torch.cat([torch.cumsum(head, 0), head.sum()[None]])
+    spent = (cum_stage[exits] + cum_head[exits]).sum().item()
+    assert s["flops_saved"] == pytest.approx(1 - spent / (len(exits) * m["total_flops"]), rel=1e-9)
+    assert s["learning"]["rounds"] == 0
+    assert (exits < E).any()
+
+
+# ----- persistence ----------------------------------------------------------------------------
+
+def test_saved_artifact_applies_learned_exits(learned, traffic):
+    rt, path = learned
+    state = rt._state
+    module = jit_load(path)
+    x = traffic[1][:1000]
+    with torch.no_grad():
+        got, got_exits = module.forward_with_exits(x)
+    # One call reads one serving state, the saved one (a learning round this call may trigger
+    # runs after the rows are answered).
+    out, exits = rt.predict(x, return_exits=True)
+    assert (got_exits < rt.num_exits).any(), "the saved artifact takes no exit"
+    assert torch.equal(got_exits, exits)
+    assert torch.equal(got.argmax(1), out.argmax(1))
+    torch.testing.assert_close(got, out, atol=1e-4, rtol=1e-4)
+    # The flags and thresholds are state inside the file.
+    for e in range(rt.num_exits):
+        blk = getattr(module.blocks, str(e))
+        on = state.thresholds[e] != INF
+        assert bool(blk.enabled) == on
+        if on:
+            assert float(blk.threshold) == pytest.approx(state.thresholds[e], rel=1e-6)
+    manifest = artifact.read_manifest(path)
+    assert manifest["runtime"]["learned"] is True
+    # The runtime reopens it with the learned exits on.
+    again = runtime.load(path, background=False, shadow_rate=0.0, train_every=10 ** 9)
+    assert again.stats()["enabled"] == [t != INF for t in state.thresholds]
+    out2, exits2 = again.predict(x, return_exits=True)
+    assert torch.equal(exits2, got_exits)
+    torch.testing.assert_close(out2, got, atol=1e-4, rtol=1e-4)
+
+
+def test_save_is_atomic(learned, tmp_path, monkeypatch):
+    rt, _ = learned
+    path = tmp_path / "model.cached.pt"
+    path.write_bytes(b"the old artifact")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        rt.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"the old artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.cached.pt"]
+    rt.save(path)  # and without the failure it is replaced
+    assert artifact.read_manifest(path)["runtime"]["learned"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.cached.pt"]
+
+
+# ----- bad input ------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "wrong_shape": (lambda x: x[:, :, :13, :13], "shape"),
+    "no_batch_dim": (lambda x: x[0], "shape"),
+    "int_dtype": (lambda x: (x * 10).long(), "floating"),
+    "empty_batch": (lambda x: x[:0], "empty"),
+    "nan": (lambda x: x.clone().index_fill_(0, torch.tensor([2]), float("nan")), "NaN"),
+    "inf": (lambda x: torch.cat([x[:1], x[1:2] * float("inf")]), "Inf"),
+    "neg_inf_one_pixel": (lambda x: x.clone().index_put_((torch.tensor([1]), torch.tensor([0]),
+                                                          torch.tensor([3]), torch.tensor([3])),
+                                                         torch.tensor(float("-inf"))), "Inf"),
+    "list": (lambda x: x.tolist(), "Tensor"),
+    "numpy": (lambda x: x.numpy(), "Tensor"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_without_poisoning(learned, traffic, kind):
+    _, path = learned
+    rt = runtime.load(path, background=False, train_every=1)  # would learn on any buffered row
+    make, words = BAD_INPUTS[kind]
+    before = (rt.buffer.size, rt.buffer.added, rt._state.thresholds, head_weights(rt),
+              untimed(rt.stats()))
+    with pytest.raises(runtime.InputError) as info:
+        rt.predict(make(traffic[1][:5].clone()))
+    msg = str(info.value)
+    assert words in msg and "\n" not in msg
+    after = (rt.buffer.size, rt.buffer.added, rt._state.thresholds, head_weights(rt),
+             untimed(rt.stats()))
+    assert before[:3] == after[:3]
+    for a, b in zip(before[3], after[3]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert before[4] == after[4]
+    # Still serves good input afterwards.
+    assert rt.predict(traffic[1][:4]).shape == (4, 10)
+
+
+# ----- drift ----------------------------------------------------------------------------------
+
+def test_drift_switches_exits_off(teacher_artifact, traffic):
+    rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.5, **STABLE)
+    normal = traffic[0]
+    for i in range(0, len(normal), BATCH):  # in-distribution traffic until the exits are on
+        rt.predict(normal[i:i + BATCH])
+        if any(rt.stats()["enabled"]):
+            break
+    s = rt.stats()
+    assert any(s["enabled"]), "exits must be on before the traffic changes"
+    events = s["drift_events"]
+    drifted = -traffic[1]  # inverted images: the heads are confidently wrong about them
+    for i in range(0, len(drifted), BATCH):
+        rt.predict(drifted[i:i + BATCH])
+        s = rt.stats()
+        if s["drift_events"] > events:
+            break
+    else:
+        pytest.fail(f"no drift detected; live agreement {s['live_agreement']}")
+    assert s["enabled"] == [False] * rt.num_exits  # switched off right then
+    assert s["thresholds"] == [None] * rt.num_exits
+    assert s["learning"]["buffer_rows"] == 0  # old traffic forgotten
+    _, exits = rt.predict(drifted[:BATCH], return_exits=True)
+    assert (exits == rt.num_exits).all()
+
+
+# ----- loading errors -------------------------------------------------------------------------
+
+def test_other_format_version_is_refused(teacher_artifact, tmp_path):
+    module, manifest = artifact.load(teacher_artifact)
+    manifest["format_version"] = 999
+    path = tmp_path / "future.cached.pt"
+    artifact.save(module, manifest, path)
+    with pytest.raises(ArtifactVersionError) as info:
+        runtime.load(path, background=False)
+    msg = str(info.value)
+    assert "999" in msg and str(artifact.FORMAT_VERSION) in msg and "compiler.rewrite" in msg
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        runtime.load(tmp_path / "nope.cached.pt", background=False)
+
+
+def test_not_an_artifact(tmp_path):
+    path = tmp_path / "junk.cached.pt"
+    path.write_bytes(b"\x00junk" * 100)
+    with pytest.raises(ArtifactError, match="corrupt|not a layer-cache artifact"):
+        runtime.load(path, background=False)
+    plain = tmp_path / "plain.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
+    with pytest.raises(ArtifactError, match="not a layer-cache artifact"):
+        runtime.load(plain, background=False)

