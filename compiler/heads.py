@@ -73,6 +73,7 @@ class ExitHead(nn.Module):
 
 
 MIN_HIDDEN, MAX_HIDDEN = 16, 256
+MIN_BOTTLENECK = 4
 
 
 def plan_heads(shapes: List[tuple], num_classes: int, budget_params: int) -> List[HeadSpec]:
@@ -110,5 +111,11 @@ def _plan_one(shape, num_classes, share) -> HeadSpec:
             return HeadSpec(pool, dim, min(hidden, MAX_HIDDEN), num_classes)
         if (dim + 1) * num_classes <= share:
             return HeadSpec(pool, dim, 0, num_classes)
+    # Last resort: the cheapest pooling and a narrow bottleneck (many classes, small budget).
     pool, dim = options[-1]
-    return HeadSpec(pool, dim, 0, num_classes)
+    hidden = (share - num_classes) // (dim + 1 + num_classes)
+    if hidden >= MIN_BOTTLENECK:
+        return HeadSpec(pool, dim, hidden, num_classes)
+    # Nothing fits (a tiny model): the smallest head; the caller reports the overrun.
+    return min(HeadSpec(pool, dim, 0, num_classes), HeadSpec(pool, dim, MIN_BOTTLENECK, num_classes),
+               key=HeadSpec.params)

@@ -3,7 +3,9 @@
 Accepted: a torch.export program (``.pt2``), a state dict plus ``arch`` (a torchvision
 classification model), or, only with ``allow_pickle``, a whole pickled ``nn.Module``.
 """
+import contextlib
 import hashlib
+import logging
 import os
 import pickle
 import warnings
@@ -50,6 +52,20 @@ def _zip_names(path):
         return None
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs a whole traceback for a broken archive; our one-line error says it all."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._export", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 def _first_line(e: Exception) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
@@ -70,7 +86,7 @@ def load_model(path: str, arch: Optional[str] = None, num_classes: Optional[int]
     if names is not None and (path.endswith(".pt2") or
                               any("serialized_exported_program" in n for n in names)):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_torch_logs():
                 warnings.simplefilter("ignore")
                 ep = torch.export.load(path)
         except Exception as e:
@@ -92,7 +108,7 @@ def load_model(path: str, arch: Optional[str] = None, num_classes: Optional[int]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+        if "Unsupported global" not in str(e):  # refused a class: a pickled object, not garbage
             raise ModelLoadError(f"'{path}' is not a model file torch can read "
                                  f"({_first_line(e)}); pass {SUPPORTED}") from None
         if not allow_pickle:

@@ -23,6 +23,8 @@ from .loading import LoadedModel, load_model
 from .split import split_stages
 
 ANALYSIS_BATCH = 2  # > 1 so the batch dimension can be told from other dimensions of size 1
+DYNAMIC_BATCH_HINT = ("If the program was exported with a static batch size, export it with a "
+                      "dynamic batch dimension (dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
 
 
 @dataclass
@@ -48,7 +50,9 @@ def analyse(model: torch.nn.Module, input_shape, config: RewriteConfig,
     gm.eval()
     g = torch.Generator().manual_seed(config.seed)
     example = torch.randn((ANALYSIS_BATCH,) + tuple(input_shape[1:]), generator=g)
-    out = annotate(gm, example)
+    # The example has ANALYSIS_BATCH rows; an exported program that fails on it was most likely
+    # exported with its batch size baked in.
+    out = annotate(gm, example, DYNAMIC_BATCH_HINT if exported else None)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != ANALYSIS_BATCH:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ShapeError(f"the model returns {got}; the compiler handles models that return one "
@@ -139,15 +143,13 @@ def check_equal(module, an: Analysis, config: RewriteConfig):
     with torch.no_grad():
         for batch in (ANALYSIS_BATCH, 3, 1):
             x = torch.randn((batch,) + tuple(an.example.shape[1:]), generator=g)
-            want = an.gm(x)
             try:
+                want = an.gm(x)
                 got = module(x)
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise CompilerError(
-                    f"the staged model fails at batch size {batch} ({msg}); if the model came from "
-                    f"torch.export, export it with a dynamic batch dimension "
-                    f"(dynamic_shapes={{'x': {{0: torch.export.Dim('batch')}}}})") from None
+                raise CompilerError(f"the staged model fails at batch size {batch} ({msg}). "
+                                    f"{DYNAMIC_BATCH_HINT}") from None
             if got.shape != want.shape or got.dtype != want.dtype or \
                     not torch.allclose(got, want, atol=config.atol, rtol=config.rtol):
                 diff = (got - want).abs().max().item() if got.shape == want.shape else "shape"
@@ -178,6 +180,8 @@ def make_manifest(an: Analysis, cuts, specs, stage_flops, loaded: Optional[Loade
         "unsupported_ops": dict(an.unsupported),
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "head_params": sum(s.params() for s in specs),
+        "head_budget_exceeded": sum(s.params() for s in specs) > config.head_budget * an.params,
         "config": {"num_exits": config.num_exits, "head_budget": config.head_budget,
                    "leaf_modules": list(config.leaf_modules)},
     }
@@ -269,6 +273,9 @@ def main(argv=None) -> int:
                   f"{', '.join(f'{c.name} ({c.fraction:.0%})' for c in cuts)}; heads "
                   f"{heads} params ({heads / max(an.params, 1):.1%} of the backbone); "
                   f"exits start inactive")
+            if manifest["head_budget_exceeded"]:
+                print(f"notice: the model is too small for heads within --head-budget "
+                      f"{config.head_budget:g}; the smallest heads were used", file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"total_flops": an.total_flops, "params": an.params,

@@ -109,3 +109,26 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
             if s >= saving and feasible(a):
                 t, saving, agreeing = trial, s, a
     return Plan(t, saving, agreeing / max(n, 1), wilson_lower(agreeing, n, z), n)
+
+
+def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
+                                head_cost: torch.Tensor, budget: float, confidence: float,
+                                seed: int = 0) -> Plan:
+    """choose_thresholds with its search optimism measured and paid for.
+
+    Searching many thresholds on the same rows the bound is computed on makes the chosen plan
+    look better than it is. Two-fold cross-fitting measures that optimism (agreement where the
+    thresholds were chosen minus agreement on the other half); the final search on all rows then
+    targets the budget raised by it.
+    """
+    n = conf.shape[1]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    halves = (perm[: n // 2], perm[n // 2:])
+    optimism = 0.0
+    for fit, held in (halves, halves[::-1]):
+        p = choose_thresholds(conf[:, fit], agree[:, fit], stage_cost, head_cost, budget, confidence)
+        _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
+        _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost, p.thresholds)
+        optimism += max(0.0, a_fit / len(fit) - a_held / len(held)) / 2
+    return choose_thresholds(conf, agree, stage_cost, head_cost, min(budget + optimism, 1.0),
+                             confidence)

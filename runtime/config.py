@@ -1,5 +1,6 @@
 """Settings of the online cache runtime, in one documented dataclass."""
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -17,8 +18,12 @@ class RuntimeConfig:
     min_train, min_calib: rows needed before exits may be switched on.
     epochs, batch_size, lr, weight_decay: distillation of each head per round (warm-started).
     max_train_rows:   a round trains on at most this many of the most recent rows.
-    latency_weight:   the cost model mixes FLOPs share and measured latency share of each stage.
-    drift_window, drift_min: shadow decisions per exit kept, and needed, to judge drift.
+    latency_weight:   the cost model mixes FLOPs share and measured latency share of each stage;
+                      None: 0.5 with background learning, 0 (FLOPs only) in synchronous mode,
+                      which must not depend on the clock to stay deterministic.
+    drift_window:     shadow decisions judged at a time for drift; judged each time drift_min
+                      new ones have arrived, with the one-sided drift_confidence (strict: a false
+                      alarm switches every exit off).
     cuda_graphs:      on CUDA, run each stage as a CUDA graph per bucketed batch size.
     background:       learn in a background thread (production) or inline and deterministically.
     seed:             seeds shadow sampling, the calibration split and training.
@@ -37,9 +42,10 @@ class RuntimeConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     max_train_rows: int = 20000
-    latency_weight: float = 0.5
+    latency_weight: Optional[float] = None
     drift_window: int = 400
     drift_min: int = 150
+    drift_confidence: float = 0.999
     cuda_graphs: bool = True
     background: bool = True
     seed: int = 0

@@ -74,7 +74,7 @@ class CachedRuntime:
         self.exits = self.manifest["exits"]
         self.num_exits = len(self.exits)
         self.input_shape = tuple(self.manifest["input_shape"][1:])
-        self.z = z_of(self.config.confidence)
+        self.z_drift = z_of(self.config.drift_confidence)
         specs = [e["head"] for e in self.exits]
         classifiers = [_classifier_from(s, b.head.classifier).to(self.device)
                        for s, b in zip(specs, blocks)]
@@ -107,6 +107,8 @@ class CachedRuntime:
         self.total_flops = total
         lat_stage, lat_head = self._profile()
         w = self.config.latency_weight
+        if w is None:
+            w = 0.5 if self.config.background else 0.0
         ref = lat_stage.sum()
         self.stage_cost = (1 - w) * self.stage_flops / total + w * lat_stage / ref
         self.head_cost = (1 - w) * self.head_flops / total + w * lat_head / ref
@@ -322,6 +324,7 @@ class CachedRuntime:
         self._shadow_agree = 0
         self._exit_shadow = [collections.deque(maxlen=self.config.drift_window) for _ in range(E)]
         self._window = collections.deque(maxlen=self.config.drift_window)
+        self._unjudged = 0
         self._drift_events = 0
         self._rounds = 0
         self._pending = 0
@@ -350,12 +353,17 @@ class CachedRuntime:
                 self._shadow_rows += int(s.numel())
                 self._shadow_agree += int(ok.sum())
                 self._window.extend(ok.tolist())
+                self._unjudged += len(ok)
                 for e_, a in zip(would[s].tolist(), ok.tolist()):
                     if e_ < E:
                         self._exit_shadow[e_].append(a)
-                w = len(self._window)
-                drift = w >= self.config.drift_min and \
-                    wilson_upper(sum(self._window), w, self.z) < self.config.agreement_budget
+                # Judge only every drift_min new decisions: testing after every batch would
+                # raise false alarms by sheer repetition.
+                if self._unjudged >= self.config.drift_min:
+                    self._unjudged = 0
+                    w = len(self._window)
+                    drift = wilson_upper(sum(self._window), w, self.z_drift) < \
+                        self.config.agreement_budget
         if drift:
             self._on_drift(sum(self._window) / len(self._window))
 
@@ -366,6 +374,7 @@ class CachedRuntime:
             self._state = ServingState(self._state.classifiers, (INF,) * self.num_exits,
                                        self._state.version + 1)
             self._window.clear()
+            self._unjudged = 0
             for d in self._exit_shadow:
                 d.clear()
         self.buffer.clear()

@@ -62,11 +62,13 @@ def test_oracle_bounds_every_policy_that_agrees():
         res = B.score(first, p2, ref, None, stage, head, torch.tensor([v != INF for v in t]))
         assert res["agreement"] == 1.0
         assert B.oracle_saving(p2, ref, stage, head) >= res["flops_saved"] - 1e-12
-    # ...and the calibrated policies on the original rows stay under the oracle too when they
-    # only answer with agreeing heads; the oracle's exits agree by construction.
-    first = B.oracle_exits(pred, ref)
+    # The oracle only answers with agreeing heads, at the earliest one when heads are cheap...
+    first = B.oracle_exits(pred, ref, stage, head)
+    assert torch.equal(first, B.oracle_exits(pred, ref))
     hit = first < 4
     assert bool((pred[first[hit], torch.nonzero(hit).flatten()] == ref[hit]).all())
+    # ...and never pays more than the backbone, however costly the heads.
+    assert B.oracle_saving(pred, ref, stage, torch.full((4,), 2.0, dtype=torch.float64)) == 0.0
 
 
 def test_global_threshold_meets_its_target_on_the_calibration_rows():
@@ -153,6 +155,7 @@ def test_quick_mode_end_to_end_on_a_tiny_model(tmp_path: Path):
     y = torch.randint(0, 10, (400,), generator=g)
     s = BM.Settings(seeds=(0, 1), budgets=(0.9,), sweep=(0.9,), lat_b1=6, lat_b64=1, reps=1,
                     warmup=1, imagenet=False, latency_budget=0.9, baseline_epochs=2,
+                    rewrite_overrides=dict(head_budget=1.0),   # a 6k-parameter model: let heads fit
                     runtime_overrides=dict(train_every=48, min_train=48, min_calib=24))
     out = tmp_path / "bench"
     res = BM.bench_backbone("tiny", path, x, y, s, out)

@@ -167,10 +167,6 @@ def test_synchronous_mode_is_deterministic_given_the_same_timings(teacher_artifa
     assert s1 == s2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG runtime/serve.py _init_costs/_profile: with the "
-                   "default latency_weight=0.5 the thresholds depend on measured stage latency, so "
-                   "synchronous mode with the same seed serves different exits from run to run "
-                   "(seen with the real clock: ~2 of 3 runs differ)")
 def test_synchronous_mode_does_not_depend_on_the_clock(teacher_artifact, traffic, monkeypatch):
     (o1, e1, s1), (o2, e2, s2) = _two_runs(teacher_artifact, traffic, monkeypatch,
                                            clocks=(FakeClock(1), FakeClock(2)))

@@ -76,6 +76,10 @@ def clean_exported(gm: fx.GraphModule) -> fx.GraphModule:
         drop |= node.op == "call_function" and "_assert" in str(node.target)
         if drop and not node.users:
             graph.erase_node(node)
+        elif isinstance(node.target, torch._ops.OpOverload):
+            # TorchScript cannot script `torch.ops.aten.x.default`, only the packet; tracing
+            # instead would bake symbolic sizes (the batch) into reshapes.
+            node.target = node.target.overloadpacket
     out = next(n for n in graph.nodes if n.op == "output")
     if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:
         out.args = (out.args[0][0],)
@@ -90,6 +94,8 @@ def clean_exported(gm: fx.GraphModule) -> fx.GraphModule:
 class Annotator(fx.Interpreter):
     """Runs the graph on a real example input and records NodeInfo per node (never edits the graph)."""
 
+    hint = "Check --input-shape"
+
     def run_node(self, n):
         counter = FlopCounter()
         try:
@@ -98,7 +104,7 @@ class Annotator(fx.Interpreter):
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ShapeError(f"node '{n.name}' ({n.op} {getattr(n.target, '__name__', n.target)}) "
-                             f"failed on the example input: {msg}. Check --input-shape") from None
+                             f"failed on the example input: {msg}. {self.hint}") from None
         if isinstance(out, torch.Tensor):
             n.meta[META] = NodeInfo(True, tuple(out.shape), str(out.dtype).replace("torch.", ""),
                                     out.numel() * out.element_size(), counter.flops,
@@ -108,7 +114,14 @@ class Annotator(fx.Interpreter):
         return out
 
 
-def annotate(gm: fx.GraphModule, example: torch.Tensor):
-    """Annotate ``gm`` with NodeInfo using ``example``; returns the model's output on it."""
+def annotate(gm: fx.GraphModule, example: torch.Tensor, hint: Optional[str] = None):
+    """Annotate ``gm`` with NodeInfo using ``example``; returns the model's output on it.
+
+    ``hint`` replaces the advice given when a node fails on the example.
+    """
+    interp = Annotator(gm)
+    if hint:
+        interp.hint = hint
+    interp.extra_traceback = False  # our ShapeError already names the node, on one line
     with torch.no_grad():
-        return Annotator(gm).run(example)
+        return interp.run(example)
