@@ -119,7 +119,7 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     Searching many thresholds on the same rows the bound is computed on makes the chosen plan
     look better than it is. Two-fold cross-fitting measures that optimism (agreement where the
     thresholds were chosen minus agreement on the other half); the final search on all rows then
-    targets the budget raised by it.
+    targets the budget raised by that optimism, scaled to the full number of rows.
     """
     n = conf.shape[1]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -130,5 +130,7 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
         _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
         _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost, p.thresholds)
         optimism += max(0.0, a_fit / len(fit) - a_held / len(held)) / 2
+    # Optimism shrinks like 1/sqrt(rows): a fit on all rows has about 1/sqrt(2) of a half's.
+    optimism /= math.sqrt(2)
     return choose_thresholds(conf, agree, stage_cost, head_cost, min(budget + optimism, 1.0),
                              confidence)

@@ -16,7 +16,7 @@ from compiler import artifact
 from compiler.errors import ArtifactError
 
 from .buffer import CALIB, TRAIN, FeatureBuffer
-from .calibrate import INF, choose_thresholds, wilson_upper, z_of
+from .calibrate import INF, choose_thresholds_corrected, wilson_upper, z_of
 from .config import RuntimeConfig
 from .cuda_graphs import GraphedStage
 from .learner import HeadLearner
@@ -289,9 +289,9 @@ class CachedRuntime:
                         p = torch.softmax(self.learner.predict(e, cfeats[e]), 1)
                         confs.append(p.amax(1))
                         agrees.append(p.argmax(1) == target)
-                    plan = choose_thresholds(torch.stack(confs).double(), torch.stack(agrees),
-                                             self.stage_cost, self.head_cost,
-                                             cfg.agreement_budget, cfg.confidence)
+                    plan = choose_thresholds_corrected(
+                        torch.stack(confs).double(), torch.stack(agrees), self.stage_cost,
+                        self.head_cost, cfg.agreement_budget, cfg.confidence, cfg.seed + self._rounds)
                 self._publish(plan)
                 return True
             finally:
