@@ -1,0 +1,52 @@
+"""Threshold calibration: the agreement bound holds on the rows it was chosen on, and exits that
+do not pay for their heads stay off."""
+import torch
+
+from runtime.calibrate import (INF, choose_global_threshold, choose_thresholds,
+                               choose_thresholds_corrected, evaluate, wilson_lower, z_of)
+
+
+def _traffic(n=3000, E=4, seed=0):
+    """Confidence rises with depth; a head agrees more often when it is confident."""
+    g = torch.Generator().manual_seed(seed)
+    conf = (torch.rand(E, n, generator=g) * 0.5 + torch.linspace(0.3, 0.5, E)[:, None]).double()
+    agree = torch.rand(E, n, generator=g).double() < 0.85 + 0.15 * conf
+    stage = torch.full((E + 1,), 1.0 / (E + 1), dtype=torch.float64)
+    head = torch.full((E,), 0.005, dtype=torch.float64)
+    return conf, agree, stage, head
+
+
+def test_wilson_lower_bound_exact_values():
+    assert wilson_lower(100, 100, z_of(0.95)) < 1.0
+    assert abs(wilson_lower(0, 10, 1.0) - 0.0) < 1e-12
+    # p=0.5, n=100, z=1: (0.5 + 1/200 - sqrt(0.25/100 + 1/40000)) / (1 + 1/100)
+    want = (0.5 + 0.005 - (0.0025 + 0.000025) ** 0.5) / 1.01
+    assert abs(wilson_lower(50, 100, 1.0) - want) < 1e-12
+
+
+def test_plans_meet_the_bound_on_their_rows():
+    conf, agree, stage, head = _traffic()
+    z = z_of(0.95)
+    for choose in (choose_thresholds, choose_global_threshold, choose_thresholds_corrected):
+        plan = choose(conf, agree, stage, head, 0.99, 0.95)
+        saving, agreeing = evaluate(conf, agree, stage, head, plan.thresholds)
+        assert wilson_lower(agreeing, conf.shape[1], z) >= 0.99, choose.__name__
+        assert abs(saving - plan.saving) < 1e-9
+        assert plan.saving > 0, choose.__name__  # this traffic has easy rows to take
+
+
+def test_exits_too_costly_for_their_heads_stay_off():
+    conf, agree, stage, head = _traffic()
+    costly = torch.full_like(head, 0.9)  # every head costs most of the model
+    for choose in (choose_thresholds, choose_global_threshold):
+        plan = choose(conf, agree, stage, costly, 0.99, 0.95)
+        assert plan.thresholds == [INF] * conf.shape[0], choose.__name__
+        assert plan.saving == 0.0
+
+
+def test_stricter_budget_saves_less():
+    conf, agree, stage, head = _traffic()
+    loose = choose_thresholds_corrected(conf, agree, stage, head, 0.97, 0.95)
+    strict = choose_thresholds_corrected(conf, agree, stage, head, 0.995, 0.95)
+    assert loose.saving >= strict.saving
+    assert strict.lower_bound >= 0.995 or strict.thresholds == [INF] * conf.shape[0]
