@@ -233,8 +233,9 @@ class CachedRuntime:
         u = torch.rand(n, generator=self._gen)
         shadow_rows = shadow_rows.cpu()
         if state.any_enabled:
-            # Only shadow rows are an unbiased sample of traffic once exits take the easy rows.
-            calib = shadow_rows & (u < 0.5)
+            # Only shadow rows are an unbiased sample of traffic once exits take the easy rows,
+            # so all of them calibrate; the rows that reached the end (hard ones) train.
+            calib = shadow_rows
         else:
             calib = u < self.config.calib_fraction
         role = torch.where(calib, CALIB, TRAIN)
