@@ -1,0 +1,102 @@
+"""ONNX parity and onnxruntime CPU latency of a learned artifact against the backbone's own export.
+
+    python -m tools.onnx_bench ARTIFACT [--out out/onnx_bench]
+
+Exports ARTIFACT (its learned exits) and the same artifact with every exit off (the plain
+backbone, in the same staged ONNX form) to ONNX, then on the Fashion-MNIST test set: compares
+onnxruntime with the TorchScript artifact row by row (class, exit, logits), and times both ONNX
+models in onnxruntime (CPUExecutionProvider, warm-up, median and p99 of per-request times).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _times(sess, batches, reps=1):
+    """Per-request wall times (ms) of an onnxruntime session over ``batches``."""
+    for b in batches[:10]:
+        sess.run(None, {"input": b})
+    out = []
+    for _ in range(reps):
+        for b in batches:
+            t0 = time.perf_counter()
+            sess.run(None, {"input": b})
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.onnx_bench", description=__doc__.splitlines()[0])
+    p.add_argument("artifact")
+    p.add_argument("--out", default="out/onnx_bench")
+    p.add_argument("--rows", type=int, default=10000)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import onnxruntime as ort
+
+    from compiler import artifact
+    from compiler.export import export_onnx
+    from tools.data import load_fashion_mnist
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    module, manifest = artifact.load(args.artifact)
+    plain = out / "backbone.cached.pt"
+    off, _ = artifact.load(args.artifact)
+    for i in range(len(manifest["exits"])):
+        getattr(off.blocks, str(i)).enabled.fill_(False)
+    artifact.save(off, manifest, plain)
+    cached_onnx, plain_onnx = out / "cached.onnx", out / "backbone.onnx"
+    export_onnx(args.artifact, str(cached_onnx))
+    export_onnx(str(plain), str(plain_onnx))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    cached = ort.InferenceSession(str(cached_onnx), opts, providers=["CPUExecutionProvider"])
+    backbone = ort.InferenceSession(str(plain_onnx), opts, providers=["CPUExecutionProvider"])
+
+    x, _ = load_fashion_mnist("test")
+    x = x[:args.rows]
+    # Parity, all rows, in requests of 256.
+    same_class = same_exit = 0
+    max_diff = 0.0
+    with torch.no_grad():
+        for s in range(0, len(x), 256):
+            xb = x[s:s + 256]
+            want, want_exit = module.forward_with_exits(xb)
+            got, got_exit = cached.run(None, {"input": xb.numpy()})
+            same_class += int((torch.from_numpy(got).argmax(1) == want.argmax(1)).sum())
+            same_exit += int((torch.from_numpy(got_exit) == want_exit).sum())
+            max_diff = max(max_diff, float((torch.from_numpy(got) - want).abs().max()))
+    result = {"command": "python -m tools.onnx_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU, 1 onnxruntime thread",
+              "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+              "date": time.strftime("%Y-%m-%d"), "rows": len(x),
+              "parity": {"same_class": same_class / len(x), "same_exit": same_exit / len(x),
+                         "max_logit_diff": max_diff},
+              "latency_ms": {}}
+    print(f"parity on {len(x)} rows: class {same_class / len(x):.4%}, exit {same_exit / len(x):.4%}, "
+          f"max logit diff {max_diff:.2e}")
+    for batch in (1, 16, 64):
+        n = min(len(x), {1: 1000, 16: 2000, 64: 4096}[batch])
+        batches = [x[s:s + batch].numpy() for s in range(0, n - batch + 1, batch)]
+        tc, tb = _times(cached, batches), _times(backbone, batches)
+        row = {"cached_p50": float(np.median(tc)), "cached_p99": float(np.percentile(tc, 99)),
+               "backbone_p50": float(np.median(tb)), "backbone_p99": float(np.percentile(tb, 99))}
+        result["latency_ms"][str(batch)] = row
+        print(f"batch {batch:3d}: cached p50 {row['cached_p50']:.3f} ms (p99 {row['cached_p99']:.3f}), "
+              f"backbone p50 {row['backbone_p50']:.3f} ms (p99 {row['backbone_p99']:.3f}): "
+              f"{row['cached_p50'] / row['backbone_p50'] - 1:+.1%}")
+    (out / "onnx_bench.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
