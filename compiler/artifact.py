@@ -61,7 +61,7 @@ class CachedModel(nn.Module):
                     take = conf >= blk.threshold
                     if bool(take.any()):
                         if out is None:
-                            out = torch.empty([n] + logits.shape[1:], dtype=logits.dtype,
+                            out = torch.empty([n] + list(logits.shape[1:]), dtype=logits.dtype,
                                               device=x.device)
                         rows = idx[take]
                         out.index_copy_(0, rows, logits[take])
