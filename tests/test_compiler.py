@@ -762,3 +762,23 @@ def test_pt2_dynamic_batch_with_computed_reshape(tmp_path, capsys):
         x = torch.randn(n, 3, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(m(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cached_model_runs_unscripted_with_exits_taken():
+    """The same routine runs eagerly (benchmarks compare eager with eager)."""
+    from compiler.artifact import CachedModel, ExitBlock
+    from compiler.heads import ExitHead, HeadSpec
+
+    torch.manual_seed(0)
+    stage = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    final = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    block = ExitBlock(stage, ExitHead(HeadSpec("avgmax", 8, 0, 5)))
+    model = CachedModel([block], final).eval()
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        want = final(stage(x))
+        block.enabled.fill_(True)
+        block.threshold.fill_(0.0)
+        out, exits = model.forward_with_exits(x)
+    assert exits.tolist() == [0] * 6
+    assert out.shape == want.shape

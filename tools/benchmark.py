@@ -295,49 +295,9 @@ def _latency_table(times: Dict[str, List[float]], rows_per_request: int) -> dict
     return out
 
 
-def _eager_cached_class():
-    from compiler.artifact import CachedModel
-
-    class EagerCachedModel(CachedModel):
-        """CachedModel.forward_with_exits, runnable eagerly.
-
-        compiler/artifact.py builds its output with ``[n] + logits.shape[1:]``, which TorchScript
-        accepts but eager Python rejects (list + torch.Size), so the unscripted CachedModel fails
-        as soon as a row exits. This is the same routine with that one expression fixed.
-        """
-
-        def forward_with_exits(self, x):
-            n = x.size(0)
-            idx = torch.arange(n, device=x.device)
-            exit_of = torch.full([n], len(self.blocks), dtype=torch.long, device=x.device)
-            out, h = None, x
-            for i, blk in enumerate(self.blocks):
-                if h.size(0) > 0:
-                    h = blk.stage(h)
-                    if bool(blk.enabled):
-                        logits = blk.head(h)
-                        take = torch.softmax(logits, 1).amax(1) >= blk.threshold
-                        if bool(take.any()):
-                            if out is None:
-                                out = torch.empty([n] + list(logits.shape[1:]),
-                                                  dtype=logits.dtype, device=x.device)
-                            rows = idx[take]
-                            out.index_copy_(0, rows, logits[take])
-                            exit_of.index_fill_(0, rows, i)
-                            keep = ~take
-                            h, idx = h[keep], idx[keep]
-            if out is None:
-                return self.final(h), exit_of
-            if h.size(0) > 0:
-                out.index_copy_(0, idx, self.final(h).to(out.dtype))
-            return out, exit_of
-
-    return EagerCachedModel
-
-
 def eager_cached(an, manifest, learned):
     """The learned cached model built from eager fx stages and eager heads (not scripted)."""
-    from compiler.artifact import ExitBlock
+    from compiler.artifact import CachedModel, ExitBlock
     from compiler.heads import ExitHead, HeadSpec
     from compiler.split import split_stages
 
@@ -352,7 +312,7 @@ def eager_cached(an, manifest, learned):
         blk.threshold.copy_(src.threshold)
         blk.enabled.copy_(src.enabled)
         blocks.append(blk)
-    return _eager_cached_class()(blocks, stages[-1]).eval()
+    return CachedModel(blocks, stages[-1]).eval()
 
 
 def measure_latency(an, manifest, exported, cached_path, learned_path, x_req,
