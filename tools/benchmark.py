@@ -992,6 +992,27 @@ def _targets(results: List[dict], run: dict) -> List[str]:
     return L + [""]
 
 
+def _md_onnx(r: dict) -> list:
+    """The ONNX section, from tools.onnx_bench's JSON."""
+    p = r["parity"]
+    L = ["## ONNX (onnxruntime, CPU)", "",
+         f"_Source: `{r['command']}` -> `out/onnx_bench/onnx_bench.json`; {r['machine']}; "
+         f"torch {r['versions']['torch']}, onnxruntime {r['versions']['onnxruntime']}; "
+         f"{r['date']}._", "",
+         "The learned demo artifact exported with `python -m compiler.export` (exits applied per "
+         "row inside the graph) against the same artifact with every exit off, exported the same "
+         "way: the backbone's own ops, staged. Opset 18, CPUExecutionProvider, one thread.", "",
+         f"Parity with the TorchScript artifact on {r['rows']} Fashion-MNIST test rows: same class "
+         f"{p['same_class']:.2%}, same exit {p['same_exit']:.2%}, max logit difference "
+         f"{p['max_logit_diff']:.1e}.", "",
+         "| batch | cached p50 ms | cached p99 ms | backbone p50 ms | backbone p99 ms | p50 change |",
+         "|---|---|---|---|---|---|"]
+    for b, q in r["latency_ms"].items():
+        L.append(f"| {b} | {q['cached_p50']:.3f} | {q['cached_p99']:.3f} | {q['backbone_p50']:.3f} "
+                 f"| {q['backbone_p99']:.3f} | {q['cached_p50'] / q['backbone_p50'] - 1:+.1%} |")
+    return L + [""]
+
+
 def write_md(out_dir: Path, md_path: Path, fig_dir: Path) -> Path:
     """BENCHMARKS.md and docs/bench/*.png from OUT/run.json and the JSON it lists."""
     run = json.loads((out_dir / "run.json").read_text())
@@ -1060,6 +1081,9 @@ def write_md(out_dir: Path, md_path: Path, fig_dir: Path) -> Path:
     im_path = out_dir / "imagenet_mobilenet_v2.json"
     if run.get("imagenet") and im_path.is_file():
         L += _md_imagenet(json.loads(im_path.read_text()), run)
+    onnx_path = Path("out/onnx_bench/onnx_bench.json")
+    if onnx_path.is_file():
+        L += _md_onnx(json.loads(onnx_path.read_text()))
     md_path.write_text("\n".join(L) + "\n")
     return md_path
 
