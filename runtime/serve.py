@@ -178,6 +178,7 @@ class CachedRuntime:
         shadow = torch.zeros(n, dtype=torch.bool)
         if state.any_enabled:
             shadow = torch.rand(n, generator=self._gen) < self.config.shadow_rate
+        any_shadow = bool(shadow.any())  # most requests have none: skip their bookkeeping
         shadow = shadow.to(self.device)
         idx = torch.arange(n, device=self.device)
         exit_of = torch.full((n,), E, dtype=torch.long, device=self.device)
@@ -192,11 +193,13 @@ class CachedRuntime:
                 continue
             logits = state.classifiers[e](f)
             hit = torch.softmax(logits, 1).amax(1) >= state.thresholds[e]
-            sh = shadow[idx]
-            newly = hit & sh & (would[idx] == E)
-            would[idx[newly]] = e
-            would_pred[idx[newly]] = logits.argmax(1)[newly]
-            take = hit & ~sh
+            take = hit
+            if any_shadow:
+                sh = shadow[idx]
+                newly = hit & sh & (would[idx] == E)
+                would[idx[newly]] = e
+                would_pred[idx[newly]] = logits.argmax(1)[newly]
+                take = hit & ~sh
             if bool(take.any()):
                 if out is None:
                     out = torch.empty((n,) + tuple(logits.shape[1:]), device=self.device)
@@ -331,15 +334,23 @@ class CachedRuntime:
         self._pending = 0
         self._train_seconds = 0.0
         self._plan = None
+        self._row_flops_cache = None
+
+    def _row_flops(self, state) -> list:
+        """FLOPs of a row leaving at each exit (last: the backbone), heads it passed included."""
+        cached = self._row_flops_cache
+        if cached is None or cached[0] != state.version:
+            on = torch.tensor([t != INF for t in state.thresholds], dtype=torch.float64)
+            heads = self.head_flops * on
+            cum = torch.cumsum(self.stage_flops, 0) + torch.cat([torch.cumsum(heads, 0), heads.sum()[None]])
+            cached = self._row_flops_cache = (state.version, cum.tolist())
+        return cached[1]
 
     def _account(self, n, exit_of, shadow, would, would_pred, out, state, latency):
         E = self.num_exits
         exit_cpu = exit_of.cpu()
         counts = torch.bincount(exit_cpu, minlength=E + 1).tolist()
-        on = torch.tensor([t != INF for t in state.thresholds], dtype=torch.float64)
-        cum_stage = torch.cumsum(self.stage_flops, 0)
-        cum_head = torch.cat([torch.cumsum(self.head_flops * on, 0), (self.head_flops * on).sum()[None]])
-        flops = float((cum_stage[exit_cpu] + cum_head[exit_cpu]).sum())
+        flops = sum(c * f for c, f in zip(counts, self._row_flops(state)))
         drift = False
         with self._stats_lock:
             self._requests += 1
