@@ -7,7 +7,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn

@@ -17,7 +17,7 @@ from torch import nn
 from compiler import artifact
 from compiler.analysis.flops import FlopCounter
 from compiler.config import RewriteConfig
-from compiler.errors import ArtifactError, CompilerError, ArtifactVersionError, NoCutPointError, TraceFailure
+from compiler.errors import ArtifactError, ArtifactVersionError, NoCutPointError, TraceFailure
 from compiler.heads import plan_heads
 from compiler.rewrite import analyse, main, rewrite_module, select_cuts
 from compiler.split import split_stages

@@ -888,7 +888,6 @@ def _md_backbone(res: dict, run: dict, fig_dir: Path) -> List[str]:
               f"backbone: p50 {_signed(-r['p50_reduction_runtime_vs_scripted'])}.", ""]
     b1 = lat.get("batch1", {})
     if b1:
-        E = len(m["exits"])
         L += ["**Requests that miss every exit** (batch 1: rows no enabled exit took, "
               f"{b1['missed_every_exit']} of {len(b1['exit_of_request'])} requests): median "
               f"slow-down against the backbone on the same requests "
@@ -1138,7 +1137,6 @@ def main(argv=None) -> int:
             s.threads = args.threads
         if s.threads:
             torch.set_num_threads(s.threads)
-        from tools.backbones import ARCHS
         from tools.data import load_fashion_mnist
 
         t0 = time.perf_counter()
