@@ -998,7 +998,8 @@ def _md_onnx(r: dict) -> list:
          f"_Source: `{r['command']}` -> `out/onnx_bench/onnx_bench.json`; {r['machine']}; "
          f"torch {r['versions']['torch']}, onnxruntime {r['versions']['onnxruntime']}; "
          f"{r['date']}._", "",
-         "The learned demo artifact exported with `python -m compiler.export` (exits applied per "
+         "The learned demo artifact (written by `python -m tools.demo`, run first) exported "
+         "with `python -m compiler.export` (exits applied per "
          "row inside the graph) against the same artifact with every exit off, exported the same "
          "way: the backbone's own ops, staged. Opset 18, CPUExecutionProvider, one thread.", "",
          f"Parity with the TorchScript artifact on {r['rows']} Fashion-MNIST test rows: same class "
