@@ -1,6 +1,7 @@
 """ONNX parity and onnxruntime CPU latency of a learned artifact against the backbone's own export.
 
     python -m tools.onnx_bench ARTIFACT [--out out/onnx_bench]
+    python -m tools.onnx_bench --zoo            # ONNX parity of every zoo model
 
 Exports ARTIFACT (its learned exits) and the same artifact with every exit off (the plain
 backbone, in the same staged ONNX form) to ONNX, then on the Fashion-MNIST test set: compares
@@ -33,9 +34,75 @@ def _times(sess, batches, reps=1):
     return out
 
 
+ZOO = ("resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_large",
+       "efficientnet_b0", "densenet121", "regnet_y_400mf", "convnext_tiny", "vit_b_16")
+
+
+def zoo_parity(rows: int, out: Path) -> int:
+    """Every zoo model (random weights, 10 classes): rewrite, enable every exit with thresholds
+    that let ~30% of the remaining Fashion-MNIST rows leave, export, and compare onnxruntime with
+    the artifact row by row on ``rows`` Fashion-MNIST test images (upsampled, 3 channels)."""
+    import onnxruntime as ort
+    import torchvision
+
+    from compiler import artifact
+    from compiler.errors import CompilerError
+    from compiler.export import export_onnx
+    from compiler.rewrite import RewriteConfig, rewrite_module
+    from tools.data import load_fashion_mnist
+
+    x28, _ = load_fashion_mnist("test")
+    results = {}
+    for arch in ZOO:
+        size = 224 if arch.startswith("vit") else 64
+        x = torch.nn.functional.interpolate(x28[:rows], size=size, mode="bilinear").repeat(1, 3, 1, 1)
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
+        module, manifest, _ = rewrite_module(model, (1, 3, size, size), RewriteConfig())
+        h = x[:256]
+        with torch.no_grad():
+            for i in range(len(manifest["exits"])):
+                blk = getattr(module.blocks, str(i))
+                h = blk.stage(h)
+                conf = torch.softmax(blk.head(h), 1).amax(1)
+                thr = float(conf.quantile(0.7)) + 1e-6 if len(conf) else 2.0
+                blk.enabled.fill_(True)
+                blk.threshold.fill_(thr)
+                h = h[conf < thr]
+        path, onnx_path = out / f"{arch}.cached.pt", out / f"{arch}.onnx"
+        artifact.save(module, manifest, path)
+        try:
+            export_onnx(str(path), str(onnx_path))
+        except CompilerError as e:
+            results[arch] = {"exported": False, "why": str(e)}
+            print(f"{arch:20s} not exportable: {e}")
+            continue
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        same_class = same_exit = 0
+        exits = torch.zeros(len(manifest["exits"]) + 1, dtype=torch.long)
+        with torch.no_grad():
+            for s in range(0, rows, 64):
+                want, want_exit = module.forward_with_exits(x[s:s + 64])
+                got, got_exit = sess.run(None, {"input": x[s:s + 64].numpy()})
+                same_class += int((torch.from_numpy(got).argmax(1) == want.argmax(1)).sum())
+                same_exit += int((torch.from_numpy(got_exit) == want_exit).sum())
+                exits += torch.bincount(want_exit, minlength=len(exits))
+        results[arch] = {"exported": True, "same_class": same_class / rows,
+                         "same_exit": same_exit / rows, "rows_per_exit": exits.tolist()}
+        print(f"{arch:20s} class {same_class / rows:.2%}  exit {same_exit / rows:.2%}  "
+              f"rows per exit {exits.tolist()}", flush=True)
+        path.unlink()
+        onnx_path.unlink()
+    (out / "zoo_parity.json").write_text(json.dumps(results, indent=1))
+    return 0 if all(r.get("same_exit", 1) == 1 and r.get("same_class", 1) == 1
+                    for r in results.values()) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.onnx_bench", description=__doc__.splitlines()[0])
-    p.add_argument("artifact")
+    p.add_argument("artifact", nargs="?", help="a learned artifact (not needed with --zoo)")
+    p.add_argument("--zoo", action="store_true",
+                   help="instead: ONNX parity of every zoo model on Fashion-MNIST rows")
     p.add_argument("--out", default="out/onnx_bench")
     p.add_argument("--rows", type=int, default=10000)
     args = p.parse_args(argv)
@@ -48,6 +115,10 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.zoo:
+        return zoo_parity(min(args.rows, 1024), out)
+    if not args.artifact:
+        p.error("give an ARTIFACT, or --zoo")
     module, manifest = artifact.load(args.artifact)
     plain = out / "backbone.cached.pt"
     off, _ = artifact.load(args.artifact)
