@@ -276,6 +276,9 @@ class CachedRuntime:
             with self._stats_lock:
                 self._pending = 0
                 self._learning = True
+                restart, self._drifted = self._drifted, False
+            if restart:  # traffic changed: standardise features on the new traffic
+                self.learner.reset_normalisation()
             try:
                 feats, teacher = self.buffer.snapshot(TRAIN, cfg.max_train_rows)
                 if teacher.shape[0] < cfg.min_train:
@@ -330,6 +333,7 @@ class CachedRuntime:
         self._window = collections.deque(maxlen=self.config.drift_window)
         self._unjudged = 0
         self._drift_events = 0
+        self._drifted = False
         self._rounds = 0
         self._pending = 0
         self._train_seconds = 0.0
@@ -383,6 +387,7 @@ class CachedRuntime:
         """Live agreement fell below the budget: switch every exit off now, forget old traffic, relearn."""
         with self._stats_lock:
             self._drift_events += 1
+            self._drifted = True
             self._state = ServingState(self._state.classifiers, (INF,) * self.num_exits,
                                        self._state.version + 1)
             self._window.clear()

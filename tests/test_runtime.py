@@ -360,6 +360,13 @@ def test_drift_switches_exits_off(teacher_artifact, traffic):
     assert s["learning"]["buffer_rows"] == 0  # old traffic forgotten
     _, exits = rt.predict(drifted[:BATCH], return_exits=True)
     assert (exits == rt.num_exits).all()
+    # Relearning on the new traffic: rounds go on, on features standardised afresh.
+    rounds = s["learning"]["rounds"]
+    for i in range(0, len(drifted), BATCH):
+        rt.predict(drifted[i:i + BATCH])
+    after = rt.stats()["learning"]
+    assert after["rounds"] > rounds
+    assert after["buffer_rows"] > 0
 
 
 # ----- loading errors -------------------------------------------------------------------------
