@@ -24,6 +24,8 @@ class RuntimeConfig:
     drift_window:     shadow decisions judged at a time for drift; judged each time drift_min
                       new ones have arrived, with the one-sided drift_confidence (strict: a false
                       alarm switches every exit off).
+    fast_after:       once a round trained on this many rows, requests without a shadow row run
+                      the scripted model whole (no Python between stages; not buffered).
     cuda_graphs:      on CUDA, run each stage as a CUDA graph per bucketed batch size.
     background:       learn in a background thread (production) or inline and deterministically.
     seed:             seeds shadow sampling, the calibration split and training.
@@ -46,6 +48,7 @@ class RuntimeConfig:
     drift_window: int = 400
     drift_min: int = 150
     drift_confidence: float = 0.999
+    fast_after: int = 4000
     cuda_graphs: bool = True
     background: bool = True
     seed: int = 0

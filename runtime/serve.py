@@ -14,6 +14,7 @@ from torch import nn
 
 from compiler import artifact
 from compiler.errors import ArtifactError
+from compiler.heads import ExitHead, HeadSpec
 
 from .buffer import CALIB, TRAIN, FeatureBuffer
 from .calibrate import INF, choose_thresholds_corrected, wilson_upper, z_of
@@ -35,6 +36,7 @@ class ServingState:
     classifiers: tuple
     thresholds: tuple      # INF: exit off
     version: int = 0
+    fast: Optional[torch.jit.ScriptModule] = None  # the same exits, scripted (CPU)
 
     @property
     def any_enabled(self) -> bool:
@@ -68,6 +70,7 @@ class CachedRuntime:
         self.module, self.manifest = artifact.load(self.path, map_location=self.device)
         blocks = [getattr(self.module.blocks, str(i)) for i in range(len(self.manifest["exits"]))]
         self.stages = [b.stage for b in blocks] + [self.module.final]
+        self._scripted_stages = list(self.stages)
         if self.device.type == "cuda" and self.config.cuda_graphs:
             self.stages = [GraphedStage(s) for s in self.stages]
         self.heads = [b.head for b in blocks]
@@ -79,7 +82,8 @@ class CachedRuntime:
         classifiers = [_classifier_from(s, b.head.classifier).to(self.device)
                        for s, b in zip(specs, blocks)]
         thresholds = tuple(float(b.threshold) if bool(b.enabled) else INF for b in blocks)
-        self._state = ServingState(tuple(classifiers), thresholds)
+        fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" else None
+        self._state = ServingState(tuple(classifiers), thresholds, fast=fast)
         self.learner = HeadLearner(classifiers, self.config.seed)
         if self.manifest.get("runtime", {}).get("learned"):
             self.learner.adopt([c.cpu() for c in classifiers])
@@ -179,6 +183,14 @@ class CachedRuntime:
         if state.any_enabled:
             shadow = torch.rand(n, generator=self._gen) < self.config.shadow_rate
         any_shadow = bool(shadow.any())  # most requests have none: skip their bookkeeping
+        if state.fast is not None and not any_shadow:
+            # Nothing to check or learn from in this request: the scripted model serves it
+            # whole, without Python between the stages.
+            out, exit_of = state.fast.forward_with_exits(x)
+            latency = (time.perf_counter() - t0) * 1e3
+            self._account(n, exit_of, shadow, None, None, out, state, latency)
+            self._maybe_learn(n)
+            return (out, exit_of) if return_exits else out
         shadow = shadow.to(self.device)
         idx = torch.arange(n, device=self.device)
         exit_of = torch.full((n,), E, dtype=torch.long, device=self.device)
@@ -299,19 +311,39 @@ class CachedRuntime:
                     plan = choose_thresholds_corrected(
                         torch.stack(confs).double(), torch.stack(agrees), self.stage_cost,
                         self.head_cost, cfg.agreement_budget, cfg.confidence, cfg.seed + self._rounds)
-                self._publish(plan)
+                self._publish(plan, teacher.shape[0] >= cfg.fast_after)
                 return True
             finally:
                 with self._stats_lock:
                     self._learning = False
 
-    def _publish(self, plan):
+    def _fast_module(self, classifiers, thresholds):
+        """The serving state as one scripted CachedModel (CPU; on CUDA the staged path runs
+        its CUDA graphs), sharing the artifact's scripted stages."""
+        if self.device.type != "cpu" or all(t == INF for t in thresholds):
+            return None
+        blocks = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for e, ex in enumerate(self.exits):
+                head = ExitHead(HeadSpec(*(ex["head"][k] for k in ("pool", "feature_dim", "hidden",
+                                                                    "num_classes"))))
+                head.classifier.load_state_dict(classifiers[e].state_dict())
+                blk = artifact.ExitBlock(self._scripted_stages[e], torch.jit.script(head.eval()))
+                on = thresholds[e] != INF
+                blk.enabled.fill_(on)
+                blk.threshold.fill_(thresholds[e] if on else artifact.DISABLED_THRESHOLD)
+                blocks.append(blk)
+            return torch.jit.script(artifact.CachedModel(blocks, self._scripted_stages[-1]).eval())
+
+    def _publish(self, plan, fast_ok: bool):
         classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(self.num_exits))
         thresholds = tuple(plan.thresholds) if plan else (INF,) * self.num_exits
+        fast = self._fast_module(classifiers, thresholds) if fast_ok else None
         with self._stats_lock:
             self._rounds += 1
             self._plan = plan
-            self._state = ServingState(classifiers, thresholds, self._state.version + 1)
+            self._state = ServingState(classifiers, thresholds, self._state.version + 1, fast)
         if plan:
             log.info("round %d: exits %s, expected saving %.1f%%, agreement %.4f (bound %.4f, %d "
                      "held-out rows)", self._rounds,
