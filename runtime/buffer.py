@@ -57,7 +57,3 @@ class FeatureBuffer:
                 order = torch.argsort(self.stamp[sel], descending=True)[:limit]
                 sel = sel[order]
             return [f[sel].float() for f in self.features], self.teacher[sel].clone()
-
-    def count(self, role: int) -> int:
-        with self.lock:
-            return int((self.role[:self.size] == role).sum())
