@@ -1,4 +1,5 @@
 """Typed errors a user of the compiler can hit; each says what went wrong and what to do."""
+import sys
 
 
 class CompilerError(Exception):
@@ -31,3 +32,10 @@ class ArtifactVersionError(ArtifactError):
 
 class ExportError(CompilerError):
     """The artifact could not be exported (ONNX)."""
+
+
+def report(e: Exception) -> int:
+    """Print a user-facing error on one line of stderr; returns the CLI exit code (2)."""
+    msg = f"{e.strerror or e}: {e.filename or ''}" if isinstance(e, OSError) else str(e)
+    print(f"error: {msg}", file=sys.stderr)
+    return 2

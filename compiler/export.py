@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import artifact
-from .errors import ArtifactError, CompilerError, ExportError
+from .errors import ArtifactError, CompilerError, ExportError, report
 from .heads import ExitHead, HeadSpec
 
 DEFAULT_OPSET = 18
@@ -625,12 +625,8 @@ def main(argv=None) -> int:
                 print("error: the ONNX model does not match the artifact; report this artifact",
                       file=sys.stderr)
                 return 1
-    except CompilerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
-        return 2
+    except (CompilerError, OSError) as e:
+        return report(e)
     return 0
 
 

@@ -17,7 +17,7 @@ from .analysis.cutpoints import CutPoint, choose_exits, find_cut_points, score
 from .analysis.flops import FlopCounter
 from .analysis.trace import annotate, clean_exported, info, trace_module
 from .config import RewriteConfig
-from .errors import CompilerError, NoCutPointError, ShapeError
+from .errors import CompilerError, NoCutPointError, ShapeError, report
 from .heads import ExitHead, HeadSpec, plan_heads
 from .loading import LoadedModel, load_model
 from .split import split_stages
@@ -282,12 +282,8 @@ def main(argv=None) -> int:
                            "unsupported_ops": dict(an.unsupported),
                            "cut_points": [c.to_dict() for c in an.cuts],
                            "chosen": [c.name for c in cuts], "manifest": manifest}, f, indent=1)
-    except CompilerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
-        return 2
+    except (CompilerError, OSError) as e:
+        return report(e)
     return 0
 
 
