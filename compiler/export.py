@@ -35,7 +35,7 @@ from torch import nn
 
 from . import artifact
 from .errors import ArtifactError, CompilerError, ExportError, report
-from .heads import ExitHead, HeadSpec
+from .heads import ExitHead, HeadSpec, pool_grid
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 15                  # Shape(start, end), GreaterOrEqual, ScatterND, Compress
@@ -70,7 +70,7 @@ def _import_ort():
 class ExportHead(nn.Module):
     """An exit head as an export-friendly eager module; computes what ``ExitHead`` computes.
 
-    ``avgmax2x2`` is written as four explicit windows (adaptive pooling's bins) because the
+    ``avgmax<k>x<k>`` is written as k * k explicit windows (adaptive pooling's bins) because the
     TorchScript exporter refuses adaptive pooling whose output size does not divide the input.
     """
 
@@ -80,14 +80,15 @@ class ExportHead(nn.Module):
         self.classifier = ExitHead(spec).classifier
         self.classifier.load_state_dict(classifier_state)
         self.windows = []
-        if self.mode == "avgmax2x2":
+        k = pool_grid(spec.pool)
+        if k:
             hgt, wid = int(shape[-2]), int(shape[-1])
-            rows = [(i * hgt // 2, -(-(i + 1) * hgt // 2)) for i in range(2)]
-            cols = [(j * wid // 2, -(-(j + 1) * wid // 2)) for j in range(2)]
+            rows = [(i * hgt // k, -(-(i + 1) * hgt // k)) for i in range(k)]
+            cols = [(j * wid // k, -(-(j + 1) * wid // k)) for j in range(k)]
             self.windows = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        if self.mode == "avgmax2x2":
+        if self.windows:
             parts = [h[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in self.windows]
             avg = torch.stack([p.mean(dim=(2, 3)) for p in parts], 2).flatten(1)
             mx = torch.stack([p.amax(dim=(2, 3)) for p in parts], 2).flatten(1)

@@ -15,7 +15,7 @@ from torch import nn
 class HeadSpec:
     """Shape of one head; stored in the manifest."""
 
-    pool: str          # "avgmax2x2" | "avgmax" (global) | "tokens" | "flat"
+    pool: str          # "avgmax<k>x<k>" (k = 2, 3, 4) | "avgmax" (global) | "tokens" | "flat"
     feature_dim: int
     hidden: int        # 0: a single Linear
     num_classes: int
@@ -29,17 +29,31 @@ class HeadSpec:
         return asdict(self)
 
 
+POOL_GRIDS = (4, 3, 2)   # avg + max pooling to k x k cells, richest first
+
+
+def pool_grid(mode: str) -> int:
+    """k of an ``avgmax<k>x<k>`` pooling, 0 for the others; an unknown mode is an error."""
+    for k in POOL_GRIDS:
+        if mode == f"avgmax{k}x{k}":
+            return k
+    if mode in ("avgmax", "tokens", "flat"):
+        return 0
+    raise ValueError(f"unknown head pooling {mode!r}")
+
+
 class Pool(nn.Module):
     """Parameter-free reduction of an activation to a [B, feature_dim] vector."""
 
     def __init__(self, mode: str):
         super().__init__()
         self.mode = mode
+        self.grid = pool_grid(mode)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.mode == "avgmax2x2":
-            a = nn.functional.adaptive_avg_pool2d(h, 2)
-            m = nn.functional.adaptive_max_pool2d(h, 2)
+        if self.grid > 0:
+            a = nn.functional.adaptive_avg_pool2d(h, self.grid)
+            m = nn.functional.adaptive_max_pool2d(h, self.grid)
             return torch.cat([a.flatten(1), m.flatten(1)], 1)
         if self.mode == "avgmax":
             return torch.cat([h.mean(dim=[2, 3]), h.amax(dim=[2, 3])], 1)
@@ -90,9 +104,15 @@ def plan_heads(shapes: List[tuple], num_classes: int, budget_params: int) -> Lis
 
 
 def _pool_options(shape):
+    """(pooling, feature dim) candidates for an activation of ``shape``, richest first.
+
+    Early layers have few channels and local features, so a finer grid there buys more
+    agreement per parameter than a hidden layer does; grids only where they still pool.
+    """
     if len(shape) == 4:
-        c = shape[1]
-        return [("avgmax2x2", 8 * c), ("avgmax", 2 * c)]
+        c, hgt, wid = shape[1], shape[2], shape[3]
+        grids = [(f"avgmax{k}x{k}", 2 * k * k * c) for k in POOL_GRIDS if k < min(hgt, wid)]
+        return grids + [("avgmax", 2 * c)]
     if len(shape) == 3:
         return [("tokens", 2 * shape[2])]
     n = 1

@@ -18,7 +18,7 @@ from compiler import artifact
 from compiler.analysis.flops import FlopCounter
 from compiler.config import RewriteConfig
 from compiler.errors import ArtifactError, ArtifactVersionError, NoCutPointError, TraceFailure
-from compiler.heads import plan_heads
+from compiler.heads import ExitHead, HeadSpec, plan_heads
 from compiler.rewrite import analyse, main, rewrite_module, select_cuts
 from compiler.split import split_stages
 
@@ -346,6 +346,23 @@ def test_plan_heads_respects_budget_directly():
     specs = plan_heads([(-1, 512, 7, 7)] * 4, 1000, 80000)  # 20k each: only a bottleneck fits
     assert sum(s.params() for s in specs) <= 80000
     assert all(s.hidden >= 8 for s in specs)
+
+
+def test_plan_heads_prefers_a_finer_grid_where_channels_are_few():
+    share = 5843  # the demo backbone's budget share per exit
+    early, mid, late = plan_heads([(-1, 16, 28, 28), (-1, 32, 14, 14), (-1, 128, 4, 4)], 10,
+                                  3 * share)
+    assert (early.pool, early.hidden) == ("avgmax4x4", 0)       # 512 features, one Linear
+    assert (mid.pool, mid.hidden) == ("avgmax3x3", 0)
+    assert late.pool == "avgmax" and late.hidden >= 16           # deep: global pool + MLP
+    assert all(s.params() <= share for s in (early, mid, late))
+    # A grid is never wider than the map it pools.
+    assert plan_heads([(-1, 4, 2, 2)], 10, 10 ** 6)[0].pool == "avgmax"
+
+
+def test_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="unknown head pooling"):
+        ExitHead(HeadSpec("avgmax5x5", 10, 0, 2))
 
 
 # ----- the artifact ---------------------------------------------------------------------------
@@ -767,7 +784,6 @@ def test_pt2_dynamic_batch_with_computed_reshape(tmp_path, capsys):
 def test_cached_model_runs_unscripted_with_exits_taken():
     """The same routine runs eagerly (benchmarks compare eager with eager)."""
     from compiler.artifact import CachedModel, ExitBlock
-    from compiler.heads import ExitHead, HeadSpec
 
     torch.manual_seed(0)
     stage = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())

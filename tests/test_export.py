@@ -257,9 +257,11 @@ def test_bad_opset_is_refused(exported, tmp_path):
         ex.export_onnx(str(path), str(tmp_path / "x.onnx"), opset=9)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (2, 4, 7, 5), (2, 3, 2, 2), (2, 2, 1, 1)])
-def test_export_head_pools_like_exit_head(shape):
-    spec = HeadSpec("avgmax2x2", 8 * shape[1], 32, 10)
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (2, 4, 7, 5), (2, 3, 2, 2), (2, 2, 1, 1),
+                                   (2, 3, 14, 14)])
+def test_export_head_pools_like_exit_head(shape, k):
+    spec = HeadSpec(f"avgmax{k}x{k}", 2 * k * k * shape[1], 32, 10)
     torch.manual_seed(0)
     head = ExitHead(spec).eval()
     eager = ex.ExportHead(spec, shape, head.classifier.state_dict()).eval()
