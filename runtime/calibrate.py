@@ -113,7 +113,7 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
 
 def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                             head_cost: torch.Tensor, budget: float, confidence: float,
-                            grid: int = 64) -> Plan:
+                            grid: int = 256) -> Plan:
     """One threshold for every exit (SDN-style), then exits that do not pay switched off.
 
     A single free parameter barely overfits the rows it is chosen on, so with few held-out

@@ -7,8 +7,10 @@ from typing import Optional
 class RuntimeConfig:
     """How the runtime learns, calibrates and watches its exits.
 
-    agreement_budget: overall agreement with the backbone the exits must keep (lower confidence
-                      bound, not point estimate), e.g. 0.99.
+    agreement_budget: overall agreement with the backbone of the answers served (lower confidence
+                      bound, not point estimate), e.g. 0.99. Shadow rows are answered by the
+                      backbone, so the exits themselves are held to ``plan_budget``; an artifact
+                      written by ``save`` (served with no shadow rows) is held to this budget.
     confidence:       one-sided confidence of that bound (Wilson score interval).
     buffer_mb:        memory cap of the feature buffer (pooled exit features + backbone logits).
     shadow_rate:      share of rows that always run the full backbone once exits are on, so live
@@ -52,3 +54,12 @@ class RuntimeConfig:
     cuda_graphs: bool = True
     background: bool = True
     seed: int = 0
+
+    @property
+    def plan_budget(self) -> float:
+        """Agreement the exits must keep so that, with the shadow rows (always in agreement)
+        mixed in, the answers served overall meet ``agreement_budget``."""
+        shadow = min(max(self.shadow_rate, 0.0), 1.0)
+        if shadow >= 1.0:
+            return 0.0
+        return max(0.0, (self.agreement_budget - shadow) / (1.0 - shadow))

@@ -302,20 +302,38 @@ class CachedRuntime:
                 self._train_seconds += time.perf_counter() - t0
                 plan = None
                 if cteacher.shape[0] >= cfg.min_calib:
-                    target = cteacher.argmax(1)
-                    confs, agrees = [], []
-                    for e in range(self.num_exits):
-                        p = torch.softmax(self.learner.predict(e, cfeats[e]), 1)
-                        confs.append(p.amax(1))
-                        agrees.append(p.argmax(1) == target)
-                    plan = choose_thresholds_corrected(
-                        torch.stack(confs).double(), torch.stack(agrees), self.stage_cost,
-                        self.head_cost, cfg.agreement_budget, cfg.confidence, cfg.seed + self._rounds)
+                    plan = self._choose(lambda e, f: self.learner.predict(e, f), cfeats, cteacher,
+                                        cfg.plan_budget)
                 self._publish(plan, teacher.shape[0] >= cfg.fast_after)
                 return True
             finally:
                 with self._stats_lock:
                     self._learning = False
+
+    def _choose(self, head_logits, cfeats, cteacher, budget: float):
+        """Thresholds for ``budget`` on the held-out rows (cfeats, cteacher)."""
+        target = cteacher.argmax(1)
+        confs, agrees = [], []
+        with torch.no_grad():
+            for e in range(self.num_exits):
+                p = torch.softmax(head_logits(e, cfeats[e]).float().cpu(), 1)
+                confs.append(p.amax(1))
+                agrees.append(p.argmax(1) == target)
+        return choose_thresholds_corrected(
+            torch.stack(confs).double(), torch.stack(agrees), self.stage_cost, self.head_cost,
+            budget, self.config.confidence, self.config.seed + self._rounds)
+
+    def _standalone_thresholds(self, state) -> tuple:
+        """Thresholds for serving with no shadow rows (a saved artifact, its ONNX export): held to
+        the full agreement budget rather than to ``plan_budget``, on the same held-out rows."""
+        if all(t == INF for t in state.thresholds) or self.config.shadow_rate <= 0:
+            return state.thresholds
+        cfeats, cteacher = self.buffer.snapshot(CALIB)
+        if cteacher.shape[0] < self.config.min_calib:
+            return (INF,) * self.num_exits
+        plan = self._choose(lambda e, f: state.classifiers[e](f.to(self.device)), cfeats,
+                            cteacher, self.config.agreement_budget)
+        return tuple(plan.thresholds)
 
     def _fast_module(self, classifiers, thresholds):
         """The serving state as one scripted CachedModel (CPU; on CUDA the staged path runs
@@ -411,7 +429,7 @@ class CachedRuntime:
                     self._unjudged = 0
                     w = len(self._window)
                     drift = wilson_upper(sum(self._window), w, self.z_drift) < \
-                        self.config.agreement_budget
+                        self.config.plan_budget
         if drift:
             self._on_drift(sum(self._window) / len(self._window))
 
@@ -428,7 +446,7 @@ class CachedRuntime:
                 d.clear()
         self.buffer.clear()
         log.warning("drift: live agreement %.3f below budget %.3f; exits off, relearning from new "
-                    "traffic", live, self.config.agreement_budget)
+                    "traffic", live, self.config.plan_budget)
 
     def stats(self) -> dict:
         """Counters since load: traffic, exits, live agreement, FLOPs saved, latency, learning."""
@@ -464,6 +482,7 @@ class CachedRuntime:
     def save(self, path: str):
         """Write the learned heads, thresholds and on/off flags into an artifact, atomically."""
         state = self._state
+        thresholds = self._standalone_thresholds(state)
         blob = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -474,12 +493,13 @@ class CachedRuntime:
             blk = getattr(module.blocks, str(e))
             blk.head.classifier.load_state_dict({k: v.cpu() for k, v in
                                                  state.classifiers[e].state_dict().items()})
-            on = state.thresholds[e] != INF
+            on = thresholds[e] != INF
             blk.enabled.fill_(on)
-            blk.threshold.fill_(state.thresholds[e] if on else artifact.DISABLED_THRESHOLD)
+            blk.threshold.fill_(thresholds[e] if on else artifact.DISABLED_THRESHOLD)
         manifest = copy.deepcopy(self.manifest)
         manifest["runtime"] = {"learned": True, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "agreement_budget": self.config.agreement_budget,
+                               "thresholds": [None if t == INF else t for t in thresholds],
                                "stats": self.stats()}
         artifact.save(module, manifest, path)
 

@@ -455,7 +455,9 @@ def test_thresholds_and_enabled_are_state(seq_artifact, tmp_path):
         assert m.forward_with_exits(x)[1].tolist() == [len(blocks(m))] * 6
         # The state travels with the file.
         b0.enabled.fill_(True)
-        torch.jit.save(m, str(tmp_path / "state.pt"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.save is deprecated, still the format
+            torch.jit.save(m, str(tmp_path / "state.pt"))
         assert jit_load(tmp_path / "state.pt").forward_with_exits(x)[1].tolist() == [0] * 6
 
 

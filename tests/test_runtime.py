@@ -279,6 +279,45 @@ def test_saved_artifact_applies_learned_exits(learned, traffic):
     torch.testing.assert_close(out2, got, atol=1e-4, rtol=1e-4)
 
 
+def test_shadow_rows_count_towards_the_budget():
+    cfg = runtime.RuntimeConfig(agreement_budget=0.99, shadow_rate=0.05)
+    # 5% of the answers come from the backbone itself: 0.05 + 0.95 * 0.98947 = 0.99.
+    assert cfg.shadow_rate + (1 - cfg.shadow_rate) * cfg.plan_budget == pytest.approx(0.99)
+    assert runtime.RuntimeConfig(agreement_budget=0.99, shadow_rate=0.0).plan_budget == 0.99
+    assert runtime.RuntimeConfig(agreement_budget=0.5, shadow_rate=0.6).plan_budget == 0.0
+
+
+def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifact, traffic,
+                                                                   tmp_path):
+    """Served live, exits may agree a little less than the budget (shadow rows make up the rest);
+    a saved artifact has no shadow rows, so its thresholds are re-chosen for the full budget."""
+    from runtime.buffer import CALIB
+    from runtime.calibrate import evaluate, wilson_lower, z_of
+
+    rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.2, **STABLE)
+    stream(rt, traffic[0])
+    assert any(rt.stats()["enabled"])
+    rt.save(tmp_path / "s.pt")
+    module = jit_load(tmp_path / "s.pt")
+    saved = [float(getattr(module.blocks, str(e)).threshold) if
+             bool(getattr(module.blocks, str(e)).enabled) else INF for e in range(rt.num_exits)]
+    recorded = artifact.read_manifest(tmp_path / "s.pt")["runtime"]["thresholds"]
+    assert [INF if t is None else pytest.approx(t) for t in recorded] == saved
+
+    feats, teacher = rt.buffer.snapshot(CALIB)
+    target = teacher.argmax(1)
+    with torch.no_grad():
+        probs = [torch.softmax(rt._state.classifiers[e](feats[e]), 1) for e in range(rt.num_exits)]
+    conf = torch.stack([p.amax(1) for p in probs]).double()
+    agree = torch.stack([p.argmax(1) == target for p in probs])
+    n, z = teacher.shape[0], z_of(rt.config.confidence)
+    _, ok_saved = evaluate(conf, agree, rt.stage_cost, rt.head_cost, saved)
+    _, ok_live = evaluate(conf, agree, rt.stage_cost, rt.head_cost, rt._state.thresholds)
+    assert wilson_lower(ok_saved, n, z) >= rt.config.agreement_budget
+    assert wilson_lower(ok_live, n, z) >= rt.config.plan_budget
+    assert rt.config.plan_budget < rt.config.agreement_budget
+
+
 def test_save_is_atomic(learned, tmp_path, monkeypatch):
     rt, _ = learned
     path = tmp_path / "model.cached.pt"
