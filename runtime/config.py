@@ -13,8 +13,9 @@ class RuntimeConfig:
                       written by ``save`` (served with no shadow rows) is held to this budget.
     confidence:       one-sided confidence of that bound (Wilson score interval).
     buffer_mb:        memory cap of the feature buffer (pooled exit features + backbone logits).
-    shadow_rate:      share of rows that always run the full backbone once exits are on, so live
-                      agreement is known; they also feed calibration.
+    shadow_rate:      share of requests that run the full backbone once exits are on, so live
+                      agreement is known; their rows also feed calibration. Whole requests, so
+                      the others can run the fast path.
     calib_fraction:   share of unbiased rows held out for threshold calibration (never trained on).
     train_every:      rows served between learning rounds.
     min_train, min_calib: rows needed before exits may be switched on.

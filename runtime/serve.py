@@ -179,10 +179,11 @@ class CachedRuntime:
         t0 = time.perf_counter()
         state = self._state
         n, E = x.shape[0], self.num_exits
-        shadow = torch.zeros(n, dtype=torch.bool)
-        if state.any_enabled:
-            shadow = torch.rand(n, generator=self._gen) < self.config.shadow_rate
-        any_shadow = bool(shadow.any())  # most requests have none: skip their bookkeeping
+        # Shadow whole requests, not rows: the other requests then have nothing to check or
+        # learn from and can run the fast path; the share of rows shadowed is the same.
+        any_shadow = state.any_enabled and \
+            torch.rand(1, generator=self._gen).item() < self.config.shadow_rate
+        shadow = torch.full((n,), any_shadow, dtype=torch.bool)
         if state.fast is not None and not any_shadow:
             # Nothing to check or learn from in this request: the scripted model serves it
             # whole, without Python between the stages.
