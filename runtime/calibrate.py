@@ -68,11 +68,16 @@ def evaluate(conf, agree, stage_cost, head_cost, t):
 
 def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                       head_cost: torch.Tensor, budget: float, confidence: float,
-                      grid: int = 48) -> Plan:
+                      grid: int = 48, bound_rows: int = 0) -> Plan:
     """Greedy joint search: repeatedly take the threshold move with the best saving per new
-    disagreement among those that keep the bound; then switch off exits that do not pay."""
+    disagreement among those that keep the bound; then switch off exits that do not pay.
+
+    ``bound_rows``: compute the bound as if the agreement rate seen held over this many rows
+    (0: the rows given), so a search on a subsample keeps the margin of a search on all rows.
+    """
     E, n = conf.shape
     z = z_of(confidence)
+    scale = bound_rows / n if bound_rows and n else 1.0
     qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
     cands = [torch.unique(torch.quantile(conf[e], qs)).flip(0).tolist() for e in range(E)]
     pos = [-1] * E                      # index into cands[e]; -1 = off
@@ -80,7 +85,7 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
     saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, t)
 
     def feasible(a):
-        return wilson_lower(a, n, z) >= budget
+        return wilson_lower(a * scale, n * scale, z) >= budget
 
     while True:
         best = None
@@ -147,27 +152,34 @@ def _score(conf, agree, stage_cost, head_cost, t, z):
 
 def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                                 head_cost: torch.Tensor, budget: float, confidence: float,
-                                seed: int = 0) -> Plan:
+                                seed: int = 0, splits: int = 3) -> Plan:
     """choose_thresholds with its search optimism measured and paid for.
 
     Returns the better of that and the single global threshold (choose_global_threshold).
 
     Searching many thresholds on the same rows the bound is computed on makes the chosen plan
-    look better than it is. Two-fold cross-fitting measures that optimism (agreement where the
-    thresholds were chosen minus agreement on the other half); the final search on all rows then
-    targets the budget raised by that optimism, scaled to the full number of rows.
+    look better than it is. Two-fold cross-fitting, over ``splits`` random halvings, measures
+    that optimism (agreement where the thresholds were chosen minus agreement on the other half,
+    averaged before it is clipped at zero, so noise does not inflate it); the final search on all
+    rows then targets the budget raised by that optimism, scaled to the full number of rows.
     """
     n = conf.shape[1]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    halves = (perm[: n // 2], perm[n // 2:])
-    optimism = 0.0
-    for fit, held in (halves, halves[::-1]):
-        p = choose_thresholds(conf[:, fit], agree[:, fit], stage_cost, head_cost, budget, confidence)
-        _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
-        _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost, p.thresholds)
-        optimism += max(0.0, a_fit / len(fit) - a_held / len(held)) / 2
+    gen = torch.Generator().manual_seed(seed)
+    gaps = []
+    for _ in range(splits):
+        perm = torch.randperm(n, generator=gen)
+        halves = (perm[: n // 2], perm[n // 2:])
+        for fit, held in (halves, halves[::-1]):
+            # Each half is held to the margin of the full search: with the margin of half the
+            # rows a strict budget is often out of reach there, and the optimism would read 0.
+            p = choose_thresholds(conf[:, fit], agree[:, fit], stage_cost, head_cost, budget,
+                                  confidence, bound_rows=n)
+            _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
+            _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost,
+                                 p.thresholds)
+            gaps.append(a_fit / len(fit) - a_held / len(held))
     # Optimism shrinks like 1/sqrt(rows): a fit on all rows has about 1/sqrt(2) of a half's.
-    optimism /= math.sqrt(2)
+    optimism = max(0.0, sum(gaps) / len(gaps)) / math.sqrt(2)
     per_exit = choose_thresholds(conf, agree, stage_cost, head_cost, min(budget + optimism, 1.0),
                                  confidence)
     single = choose_global_threshold(conf, agree, stage_cost, head_cost, budget, confidence)

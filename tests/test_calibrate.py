@@ -50,3 +50,16 @@ def test_stricter_budget_saves_less():
     strict = choose_thresholds_corrected(conf, agree, stage, head, 0.995, 0.95)
     assert loose.saving >= strict.saving
     assert strict.lower_bound >= 0.995 or strict.thresholds == [INF] * conf.shape[0]
+
+
+def test_a_subsample_can_keep_the_margin_of_all_rows():
+    """Cross-fitting searches half the rows; held to half the rows' margin, a strict budget is
+    out of reach there and the search's optimism would read as zero."""
+    conf, _, stage, head = _traffic(n=2000)
+    agree = torch.ones_like(conf, dtype=torch.bool)  # every row agrees: only the margin binds
+    half = conf[:, :1000], agree[:, :1000]
+    # 1000 rows cannot show 0.998 at 95% (bound 0.9973); 2000 rows can (0.99865).
+    assert choose_thresholds(*half, stage, head, 0.998, 0.95).thresholds == [INF] * 4
+    scaled = choose_thresholds(*half, stage, head, 0.998, 0.95, bound_rows=2000)
+    assert any(t != INF for t in scaled.thresholds) and scaled.saving > 0
+

@@ -1057,7 +1057,8 @@ def write_md(out_dir: Path, md_path: Path, fig_dir: Path) -> Path:
          "the artifact `compiler.rewrite` made with default settings; heads distilled online "
          "from the backbone's outputs (no labels), thresholds chosen by `runtime.calibrate` (a "
          "joint per-exit search, or one global threshold when that is better) under a Wilson "
-         "lower bound (95%) on held-out rows, 5% shadow rows.",
+         "lower bound (95%) on held-out rows; 5% of requests shadowed (answered by the "
+         "backbone, so they count towards the budget and the exits are held to the rest of it).",
          "- **Oracle.** The heads exactly as they were when each row was served; each row exits "
          "at the earliest exit whose head agrees with the backbone, paying the stages before it "
          "and that head only; rows that no head agrees with run the backbone (if a head costs "
