@@ -210,7 +210,7 @@ def main(argv=None) -> int:
           f" (second half)")
     print(f"second half (rows {second['rows']}, answered before any learning from them):")
     print(f"  FLOPs saved, heads counted:   {second['flops_saved']:.1%}")
-    print(f"  agreement with the backbone:  {second['agreement']:.2%}   (budget {args.budget:.0%})")
+    print(f"  agreement with the backbone:  {second['agreement']:.2%}   (budget {args.budget:.1%})")
     print(f"  accuracy (labels, report only): cached {second['accuracy_cached']:.2%}, "
           f"backbone {second['accuracy_backbone']:.2%}")
     print(f"  latency p50 per request:      cached {lat2:.2f} ms, backbone {ref2:.2f} ms "
