@@ -16,7 +16,9 @@ from torch import nn
 
 from .errors import ArtifactError, ArtifactVersionError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added finer head poolings (avgmax3x3, avgmax4x4); version 1 files read the same way.
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "layer_cache/manifest.json"
 DISABLED_THRESHOLD = 2.0  # above any softmax confidence
 
@@ -113,10 +115,11 @@ def read_manifest(path: str) -> dict:
         raise ArtifactError(f"artifact '{path}' is corrupt ({e}); re-create it with "
                             f"python -m compiler.rewrite MODEL") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactVersionError(
             f"artifact '{path}' has format version {version}, this code reads version "
-            f"{FORMAT_VERSION}; re-create it with this version's python -m compiler.rewrite")
+            f"{FORMAT_VERSION} (and {', '.join(map(str, READABLE_VERSIONS[:-1]))}); re-create it "
+            f"with this version's python -m compiler.rewrite")
     return manifest
 
 

@@ -533,6 +533,18 @@ def test_other_format_version_is_refused(seq_artifact, tmp_path):
         assert "compiler.rewrite" in msg  # says how to fix it
 
 
+def test_version_1_artifacts_still_load(seq_artifact, tmp_path):
+    """Version 2 only added poolings; a version-1 file (2x2 or global pooling) reads as before."""
+    model, module, manifest, _ = seq_artifact
+    path = tmp_path / "v1.cached.pt"
+    artifact.save(module, dict(manifest, format_version=1), path)
+    loaded, m = artifact.load(path)
+    assert m["format_version"] == 1
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_artifact_errors(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         artifact.load(tmp_path / "missing.pt")
