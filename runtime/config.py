@@ -29,6 +29,9 @@ class RuntimeConfig:
                       alarm switches every exit off).
     fast_after:       once a round trained on this many rows, requests without a shadow row run
                       the scripted model whole (no Python between stages; not buffered).
+    collect_rate:     once the fast path is on, this share of the other requests still takes
+                      the staged path, so the rows that reach the backbone keep teaching the
+                      heads (0: the training set stops growing until drift resets it).
     cuda_graphs:      on CUDA, run each stage as a CUDA graph per bucketed batch size.
     background:       learn in a background thread (production) or inline and deterministically.
     seed:             seeds shadow sampling, the calibration split and training.
@@ -52,6 +55,7 @@ class RuntimeConfig:
     drift_min: int = 150
     drift_confidence: float = 0.999
     fast_after: int = 4000
+    collect_rate: float = 0.1
     cuda_graphs: bool = True
     background: bool = True
     seed: int = 0

@@ -184,7 +184,8 @@ class CachedRuntime:
         any_shadow = state.any_enabled and \
             torch.rand(1, generator=self._gen).item() < self.config.shadow_rate
         shadow = torch.full((n,), any_shadow, dtype=torch.bool)
-        if state.fast is not None and not any_shadow:
+        if state.fast is not None and not any_shadow and \
+                torch.rand(1, generator=self._gen).item() >= self.config.collect_rate:
             # Nothing to check or learn from in this request: the scripted model serves it
             # whole, without Python between the stages.
             out, exit_of = state.fast.forward_with_exits(x)

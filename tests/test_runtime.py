@@ -443,7 +443,8 @@ def test_not_an_artifact(tmp_path):
 def test_scripted_fast_path_serves_like_the_staged_path(teacher_artifact, traffic):
     import dataclasses
 
-    rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.0, fast_after=0, **STABLE)
+    rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.0, fast_after=0,
+                      collect_rate=0.0, **STABLE)
     stream(rt, traffic[0])
     state = rt._state
     assert any(t != float("inf") for t in state.thresholds), "exits must be on"
@@ -455,3 +456,21 @@ def test_scripted_fast_path_serves_like_the_staged_path(teacher_artifact, traffi
     assert torch.equal(fast_exits, slow_exits)
     assert (fast_exits < rt.num_exits).any()
     torch.testing.assert_close(fast_out, slow_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("collect_rate", [0.0, 1.0])
+def test_heads_keep_learning_once_the_fast_path_is_on(teacher_artifact, traffic, collect_rate):
+    """With collect_rate > 0 rows reaching the backbone keep being buffered for training."""
+    from runtime.buffer import TRAIN
+
+    rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.0, fast_after=0,
+                      collect_rate=collect_rate, train_every=10 ** 9, **STABLE)
+    stream(rt, traffic[0][:2000])
+    rt.learn()
+    assert rt._state.fast is not None, "exits and the fast path must be on"
+    before = rt.buffer.snapshot(TRAIN)[1].shape[0]
+    _, exits = stream(rt, traffic[1][:1000])
+    after = rt.buffer.snapshot(TRAIN)[1].shape[0]
+    reached = int((exits == rt.num_exits).sum())
+    assert reached > 0
+    assert after - before == (reached if collect_rate == 1.0 else 0)
