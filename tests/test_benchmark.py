@@ -190,3 +190,15 @@ def test_quick_mode_end_to_end_on_a_tiny_model(tmp_path: Path):
     text = md.read_text()
     assert "not measured: no GPU lent" in text and "## tiny" in text
     assert len(list((tmp_path / "figs").glob("tiny_*.png"))) == 4
+
+
+def test_code_version_names_uncommitted_files_whole(monkeypatch):
+    import subprocess
+
+    def fake_run(cmd, **kw):
+        out = " M tools/demo.py\n?? runtime/new.py\n" if "status" in cmd else "abc1234\n"
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(BM.subprocess, "run", fake_run)
+    assert BM.code_version() == {"commit": "abc1234",
+                                 "uncommitted": ["tools/demo.py", "runtime/new.py"]}

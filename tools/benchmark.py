@@ -114,11 +114,12 @@ def code_version() -> dict:
     """The git commit the run used and the files under compiler/, runtime/, tools/ that differed."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                              timeout=20).stdout.strip()
+                              timeout=20).stdout
     try:
+        # Porcelain lines are "XY path": the status column may start with a space, so no strip.
         dirty = [line[3:] for line in git("status", "--porcelain", "--", "compiler", "runtime",
-                                          "tools").splitlines()]
-        return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty}
+                                          "tools").splitlines() if line.strip()]
+        return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "uncommitted": []}
 
