@@ -86,3 +86,40 @@ def test_export_round_trip(tmp_path: Path) -> None:
             out = loaded(x)
             assert out.shape == (n, 10)
             assert torch.allclose(out, model(x), atol=1e-4)
+
+
+# ----- the demo (the README's first command) ------------------------------------------------
+
+def _demo(argv):
+    from tools import demo
+    return demo.main(argv + ["--quiet"])
+
+
+def test_demo_runs_end_to_end_on_the_embedded_backbone(tmp_path: Path, capsys) -> None:
+    """A short stream: exits may not switch on yet, but every promised output is written."""
+    import json
+    assert _demo(["--rows", "320", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs saved, heads counted" in out and "agreement with the backbone" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rows"] == 320 and summary["second_half"]["rows"] == 160
+    assert 0.0 <= summary["second_half"]["flops_saved"] < 1.0
+    assert summary["second_half"]["agreement"] == 1.0  # no exit is on after 320 rows
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert (tmp_path / "demo_backbone.learned.pt").is_file()
+
+
+def test_demo_feeds_a_cifar_style_backbone_its_input_shape(tmp_path: Path) -> None:
+    """tools.train's other backbones take 3x32x32 Fashion-MNIST; the demo streams that."""
+    torch.manual_seed(0)
+    path = tmp_path / "mnv2.pt2"
+    export(build("mobilenet_v2", in_channels=3).eval(), torch.randn(2, 3, 32, 32), path)
+    assert _demo(["--backbone", str(path), "--rows", "64", "--out", str(tmp_path / "o")]) == 0
+    import json
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["rows"] == 64
+
+
+def test_demo_bad_backbone_is_one_line(tmp_path: Path, capsys) -> None:
+    assert _demo(["--backbone", str(tmp_path / "missing.pt2"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err

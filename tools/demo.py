@@ -157,14 +157,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        x, y = load_fashion_mnist("test")
         loaded = load_model(args.backbone)
+        shape = tuple(loaded.input_shape or ())
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise ValueError(f"the demo streams square Fashion-MNIST images; this backbone takes "
+                             f"input {list(shape)}")
+        # Fashion-MNIST as the backbone takes it (tools.train: 1x28x28 or CIFAR-style 3x32x32).
+        x, y = load_fashion_mnist("test", size=shape[2], channels=shape[1])
         t0 = time.perf_counter()
         module, manifest, _ = rewrite_module(loaded.module, loaded.input_shape, RewriteConfig(),
                                              exported=True, loaded=loaded)
         cached_path = out / "demo_backbone.cached.pt"
         artifact.save(module, manifest, cached_path)
-    except (CompilerError, FileNotFoundError) as e:
+    except (CompilerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"rewrote {args.backbone} in {time.perf_counter() - t0:.1f} s: "
