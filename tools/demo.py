@@ -41,8 +41,10 @@ def time_pair(a, b, requests, reps=3):
     for xb in requests[:10]:
         a(xb)
         b(xb)
-    ta = [time_backbone(a, xb, reps) for xb in requests]
-    tb = [time_backbone(b, xb, reps) for xb in requests]
+    ta, tb = [], []
+    for xb in requests:
+        ta.append(time_backbone(a, xb, reps))
+        tb.append(time_backbone(b, xb, reps))
     return _median(ta), _median(tb)
 
 
