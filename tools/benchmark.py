@@ -620,11 +620,16 @@ def _plots(res: dict, fig_dir: Path) -> Dict[str, str]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     name, paths = res["backbone"], {}
 
-    def rel(p):
+    def save(fig, kind: str, suffix: str):
+        """Write ``fig`` as <backbone>_<suffix>.png; record its path (repository-relative)."""
+        fig.tight_layout()
+        p = fig_dir / f"{name}_{suffix}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
         try:
-            return str(p.resolve().relative_to(ROOT))
+            paths[kind] = str(p.resolve().relative_to(ROOT))
         except ValueError:
-            return str(p)
+            paths[kind] = str(p)
 
     # 1. FLOPs saved and achieved agreement against the agreement budget
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -655,11 +660,7 @@ def _plots(res: dict, fig_dir: Path) -> Dict[str, str]:
     b.set_ylabel("agreement achieved (2nd half)")
     b.set_title("agreement achieved on unseen rows")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    p = fig_dir / f"{name}_savings_vs_budget.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths["savings"] = rel(p)
+    save(fig, "savings", "savings_vs_budget")
 
     # 2. exit distribution: ours vs oracle per exit; cumulative share answered vs FLOPs spent
     budget = res["latency"]["budget"]
@@ -697,11 +698,7 @@ def _plots(res: dict, fig_dir: Path) -> Dict[str, str]:
     b.set_ylabel("share of rows answered by then")
     b.set_title(f"cumulative exits at budget {budget}")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    p = fig_dir / f"{name}_exits.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths["exits"] = rel(p)
+    save(fig, "exits", "exits")
 
     # 3. latency CDFs
     lat = res["latency"]
@@ -719,11 +716,7 @@ def _plots(res: dict, fig_dir: Path) -> Dict[str, str]:
         ax.set_title(f"{name}: latency, {key.replace('batch', 'batch ')}, {lat['device']} "
                      f"({lat['threads']} thread(s))")
         ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    p = fig_dir / f"{name}_latency_cdf.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths["latency"] = rel(p)
+    save(fig, "latency", "latency_cdf")
 
     # 4. learning along the stream
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -743,11 +736,7 @@ def _plots(res: dict, fig_dir: Path) -> Dict[str, str]:
     ax.set_xlabel("row of the stream (window 500; one line per seed)")
     ax.set_title(f"{name}: online learning along the stream")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    p = fig_dir / f"{name}_learning.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths["learning"] = rel(p)
+    save(fig, "learning", "learning")
     return paths
 
 

@@ -34,20 +34,6 @@ def time_backbone(model, x, reps=3):
     return best * 1e3
 
 
-@torch.no_grad()
-def time_pair(a, b, requests, reps=3):
-    """Median per-request ms of models ``a`` and ``b``, taking turns request by request (each
-    request timed ``reps`` times, best kept) after a warm-up."""
-    for xb in requests[:10]:
-        a(xb)
-        b(xb)
-    ta, tb = [], []
-    for xb in requests:
-        ta.append(time_backbone(a, xb, reps))
-        tb.append(time_backbone(b, xb, reps))
-    return _median(ta), _median(tb)
-
-
 def stream(rt, reference, x, y, batch, seed, progress=True):
     """Serve ``x`` in a seeded order, ``batch`` rows per request; returns per-row records.
 
@@ -154,6 +140,7 @@ def main(argv=None) -> int:
     from compiler.loading import load_model
     from compiler.rewrite import RewriteConfig, rewrite_module
     import runtime
+    from tools.benchmark import time_variants  # not at the top: tools.benchmark imports this module
     from tools.data import load_fashion_mnist
 
     out = Path(args.out)
@@ -187,8 +174,11 @@ def main(argv=None) -> int:
     # the second half's requests, at the demo's batch size and at batch 1.
     learned = artifact.load(learned_path)[0]
     xs = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))][len(x) // 2:]
-    saved_lat = {bs: time_pair(learned, reference, list(xs[:200 * bs].split(bs)))
-                 for bs in sorted({args.batch, 1})}
+    saved_lat = {}
+    for bs in sorted({args.batch, 1}):
+        t = time_variants({"cached": learned, "backbone": reference},
+                          list(xs[:200 * bs].split(bs)), reps=3, warmup=10, device="cpu")
+        saved_lat[bs] = (_median(t["cached"]), _median(t["backbone"]))
     second = summarise(rec, rt)
     st = rt.stats()
     lat, ref_lat = _median(rec["lat"]), _median(rec["ref_lat"])
