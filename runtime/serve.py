@@ -181,10 +181,9 @@ class CachedRuntime:
         n, E = x.shape[0], self.num_exits
         # Shadow whole requests, not rows: the other requests then have nothing to check or
         # learn from and can run the fast path; the share of rows shadowed is the same.
-        any_shadow = state.any_enabled and \
+        shadow = state.any_enabled and \
             torch.rand(1, generator=self._gen).item() < self.config.shadow_rate
-        shadow = torch.full((n,), any_shadow, dtype=torch.bool)
-        if state.fast is not None and not any_shadow and \
+        if state.fast is not None and not shadow and \
                 torch.rand(1, generator=self._gen).item() >= self.config.collect_rate:
             # Nothing to check or learn from in this request: the scripted model serves it
             # whole, without Python between the stages.
@@ -193,7 +192,6 @@ class CachedRuntime:
             self._account(n, exit_of, shadow, None, None, out, state, latency)
             self._maybe_learn(n)
             return (out, exit_of) if return_exits else out
-        shadow = shadow.to(self.device)
         idx = torch.arange(n, device=self.device)
         exit_of = torch.full((n,), E, dtype=torch.long, device=self.device)
         would = torch.full((n,), E, dtype=torch.long, device=self.device)   # shadow rows' exit
@@ -207,13 +205,12 @@ class CachedRuntime:
                 continue
             logits = state.classifiers[e](f)
             hit = torch.softmax(logits, 1).amax(1) >= state.thresholds[e]
+            if shadow:  # record where each row would have left; every row goes on
+                newly = hit & (would == E)
+                would[newly] = e
+                would_pred[newly] = logits.argmax(1)[newly]
+                continue
             take = hit
-            if any_shadow:
-                sh = shadow[idx]
-                newly = hit & sh & (would[idx] == E)
-                would[idx[newly]] = e
-                would_pred[idx[newly]] = logits.argmax(1)[newly]
-                take = hit & ~sh
             if bool(take.any()):
                 if out is None:
                     out = torch.empty((n,) + tuple(logits.shape[1:]), device=self.device)
@@ -235,7 +232,7 @@ class CachedRuntime:
             torch.cuda.synchronize(self.device)
         latency = (time.perf_counter() - t0) * 1e3
         if y is not None and len(feats) == E:
-            self._collect(feats, y, shadow[idx], state)
+            self._collect(feats, y, shadow, state)
         self._account(n, exit_of, shadow, would, would_pred, out, state, latency)
         self._maybe_learn(n)
         return (out, exit_of) if return_exits else out
@@ -244,15 +241,14 @@ class CachedRuntime:
         return self.predict(x)
 
     # ----- learning -----------------------------------------------------------------------------
-    def _collect(self, feats, teacher, shadow_rows, state):
+    def _collect(self, feats, teacher, shadow: bool, state):
         """Buffer rows that ran the whole backbone; choose which are held out for calibration."""
         n = teacher.shape[0]
         u = torch.rand(n, generator=self._gen)
-        shadow_rows = shadow_rows.cpu()
         if state.any_enabled:
             # Only shadow rows are an unbiased sample of traffic once exits take the easy rows,
             # so all of them calibrate; the rows that reached the end (hard ones) train.
-            calib = shadow_rows
+            calib = torch.full((n,), shadow, dtype=torch.bool)
         else:
             calib = u < self.config.calib_fraction
         role = torch.where(calib, CALIB, TRAIN)
@@ -414,15 +410,13 @@ class CachedRuntime:
             self._rows_per_exit = [a + b for a, b in zip(self._rows_per_exit, counts)]
             self._flops_spent += flops
             (self._latency_learning if self._learning else self._latency).append(latency)
-            if bool(shadow.any()):
-                s = torch.nonzero(shadow).flatten()
-                teacher = out[s].argmax(1)
-                ok = (would[s] == E) | (would_pred[s] == teacher)
-                self._shadow_rows += int(s.numel())
+            if shadow:  # every row ran the backbone: judge where it would have left
+                ok = (would == E) | (would_pred == out.argmax(1))
+                self._shadow_rows += n
                 self._shadow_agree += int(ok.sum())
                 self._window.extend(ok.tolist())
                 self._unjudged += len(ok)
-                for e_, a in zip(would[s].tolist(), ok.tolist()):
+                for e_, a in zip(would.tolist(), ok.tolist()):
                     if e_ < E:
                         self._exit_shadow[e_].append(a)
                 # Judge only every drift_min new decisions: testing after every batch would
