@@ -15,6 +15,9 @@ class RewriteConfig:
     exits:        cut point names (see --report) to use instead of the automatic choice.
     min_fraction, max_fraction: the FLOPs range (fraction of the model) exits are spread over.
     head_budget:  all heads together hold at most this fraction of the backbone's parameters.
+                  Parameters, not FLOPs, bind: heads pool first, so even at 15% they cost about
+                  0.5% of the backbone's FLOPs, and 15% lets the early heads have a hidden layer
+                  (on the demo backbone it saved about 3.5 points more than 5% did).
     atol, rtol:   tolerance when checking that the artifact reproduces the model.
     seed:         seeds head initialisation and the example input.
     """
@@ -25,7 +28,7 @@ class RewriteConfig:
     exits: List[str] = field(default_factory=list)
     min_fraction: float = 0.05
     max_fraction: float = 0.9
-    head_budget: float = 0.05
+    head_budget: float = 0.15
     atol: float = 1e-4
     rtol: float = 1e-4
     seed: int = 0
