@@ -119,6 +119,19 @@ def test_demo_feeds_a_cifar_style_backbone_its_input_shape(tmp_path: Path) -> No
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["rows"] == 64
 
 
+def test_demo_head_budget_reaches_the_compiler(tmp_path: Path) -> None:
+    from compiler import artifact
+    sizes = {}
+    for budget in (0.05, 0.15):
+        out = tmp_path / str(budget)
+        assert _demo(["--rows", "32", "--head-budget", str(budget), "--out", str(out)]) == 0
+        manifest = artifact.read_manifest(out / "demo_backbone.cached.pt")
+        assert manifest["config"]["head_budget"] == budget
+        sizes[budget] = sum(e["head"]["feature_dim"] * max(e["head"]["hidden"], 1)
+                            for e in manifest["exits"])
+    assert sizes[0.05] < sizes[0.15]
+
+
 def test_demo_bad_backbone_is_one_line(tmp_path: Path, capsys) -> None:
     assert _demo(["--backbone", str(tmp_path / "missing.pt2"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

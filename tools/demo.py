@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=0, help="stream only this many test rows (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=0.99, help="agreement budget")
+    p.add_argument("--head-budget", type=float, default=None,
+                   help="heads' share of the backbone's parameters (default: the compiler's)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -154,7 +156,9 @@ def main(argv=None) -> int:
         # Fashion-MNIST as the backbone takes it (tools.train: 1x28x28 or CIFAR-style 3x32x32).
         x, y = load_fashion_mnist("test", size=shape[2], channels=shape[1])
         t0 = time.perf_counter()
-        module, manifest, _ = rewrite_module(loaded.module, loaded.input_shape, RewriteConfig(),
+        rewrite = RewriteConfig() if args.head_budget is None else \
+            RewriteConfig(head_budget=args.head_budget)
+        module, manifest, _ = rewrite_module(loaded.module, loaded.input_shape, rewrite,
                                              exported=True, loaded=loaded)
         cached_path = out / "demo_backbone.cached.pt"
         artifact.save(module, manifest, cached_path)
