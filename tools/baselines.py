@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from compiler.analysis.flops import FlopCounter
+from compiler.config import RewriteConfig
 from compiler.heads import HeadSpec, Pool, plan_heads
 from compiler.split import split_stages
 from runtime.calibrate import INF, Plan, choose_thresholds, evaluate, wilson_lower, z_of
@@ -182,8 +183,9 @@ def place(spec: BaselineSpec, cuts, our_exit_names: Sequence[str]) -> list:
 
 
 def build_exit_set(spec: BaselineSpec, an, our_exit_names: Sequence[str],
-                   head_budget: float = 0.05) -> ExitSet:
-    """Heads (fresh) for baseline ``spec`` on the analysed backbone ``an``."""
+                   head_budget: float = RewriteConfig.head_budget) -> ExitSet:
+    """Heads (fresh) for baseline ``spec`` on the analysed backbone ``an``; "ours" heads are
+    sized as the compiler sizes them (``head_budget``: its default)."""
     num_classes = int(an.output.shape[1])
     chosen = place(spec, an.cuts, our_exit_names)
     ours = {}

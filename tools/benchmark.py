@@ -432,7 +432,8 @@ def bench_backbone(name: str, path, x, y, s: Settings, out_dir: Path) -> dict:
     our_names = [e["name"] for e in manifest["exits"]]
     specs = [B.BASELINES[b] if not s.baseline_epochs else
              replace(B.BASELINES[b], epochs=s.baseline_epochs) for b in s.baselines]
-    sets = [B.build_exit_set(spec, an, our_names) for spec in specs]
+    head_budget = RewriteConfig(**s.rewrite_overrides).head_budget   # ours and branchynet alike
+    sets = [B.build_exit_set(spec, an, our_names, head_budget) for spec in specs]
     t0 = time.perf_counter()
     feats, logits = B.extract(an.gm, an.cuts, sets, x, device=s.device)
     say(f"{name}: baseline features for {len(x)} rows in {time.perf_counter() - t0:.1f} s")
