@@ -17,7 +17,7 @@ class RewriteConfig:
     head_budget:  all heads together hold at most this fraction of the backbone's parameters.
                   Parameters, not FLOPs, bind: heads pool first, so even at 15% they cost about
                   0.5% of the backbone's FLOPs, and 15% lets the early heads have a hidden layer
-                  (on the demo backbone it saved about 3.5 points more than 5% did).
+                  (the demo saves 60.6% of FLOPs; 57.6% with ``--head-budget 0.05``).
     atol, rtol:   tolerance when checking that the artifact reproduces the model.
     seed:         seeds head initialisation and the example input.
     """
