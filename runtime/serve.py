@@ -51,6 +51,13 @@ def _classifier_from(spec: dict, scripted) -> nn.Sequential:
     return clf.eval()
 
 
+def _set_exit(block, threshold: float):
+    """Write one exit's threshold (INF: off) into an artifact block's buffers."""
+    on = threshold != INF
+    block.enabled.fill_(on)
+    block.threshold.fill_(threshold if on else artifact.DISABLED_THRESHOLD)
+
+
 def _quantiles(values) -> dict:
     if not values:
         return {"p50": None, "p99": None, "mean": None}
@@ -346,9 +353,7 @@ class CachedRuntime:
                                                                     "num_classes"))))
                 head.classifier.load_state_dict(classifiers[e].state_dict())
                 blk = artifact.ExitBlock(self._scripted_stages[e], torch.jit.script(head.eval()))
-                on = thresholds[e] != INF
-                blk.enabled.fill_(on)
-                blk.threshold.fill_(thresholds[e] if on else artifact.DISABLED_THRESHOLD)
+                _set_exit(blk, thresholds[e])
                 blocks.append(blk)
             return torch.jit.script(artifact.CachedModel(blocks, self._scripted_stages[-1]).eval())
 
@@ -489,9 +494,7 @@ class CachedRuntime:
             blk = getattr(module.blocks, str(e))
             blk.head.classifier.load_state_dict({k: v.cpu() for k, v in
                                                  state.classifiers[e].state_dict().items()})
-            on = thresholds[e] != INF
-            blk.enabled.fill_(on)
-            blk.threshold.fill_(thresholds[e] if on else artifact.DISABLED_THRESHOLD)
+            _set_exit(blk, thresholds[e])
         manifest = copy.deepcopy(self.manifest)
         manifest["runtime"] = {"learned": True, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "agreement_budget": self.config.agreement_budget,
