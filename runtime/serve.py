@@ -328,10 +328,15 @@ class CachedRuntime:
             torch.stack(confs).double(), torch.stack(agrees), self.stage_cost, self.head_cost,
             budget, self.config.confidence, self.config.seed + self._rounds)
 
-    def _standalone_thresholds(self, state) -> tuple:
+    def _standalone_thresholds(self, state, plan) -> tuple:
         """Thresholds for serving with no shadow rows (a saved artifact, its ONNX export): held to
-        the full agreement budget rather than to ``plan_budget``, on the same held-out rows."""
-        if all(t == INF for t in state.thresholds) or self.config.shadow_rate <= 0:
+        the full agreement budget rather than to ``plan_budget``, on the same held-out rows.
+
+        With no ``plan`` (no round chose thresholds yet) they are the artifact's own, which the
+        save that wrote them already held to the full budget, or all off: kept as they are.
+        """
+        if plan is None or all(t == INF for t in state.thresholds) or \
+                self.config.shadow_rate <= 0:
             return state.thresholds
         cfeats, cteacher = self.buffer.snapshot(CALIB)
         if cteacher.shape[0] < self.config.min_calib:
@@ -482,8 +487,9 @@ class CachedRuntime:
     # ----- persistence --------------------------------------------------------------------------
     def save(self, path: str):
         """Write the learned heads, thresholds and on/off flags into an artifact, atomically."""
-        state = self._state
-        thresholds = self._standalone_thresholds(state)
+        with self._stats_lock:
+            state, plan = self._state, self._plan
+        thresholds = self._standalone_thresholds(state, plan)
         blob = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

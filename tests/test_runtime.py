@@ -279,6 +279,21 @@ def test_saved_artifact_applies_learned_exits(learned, traffic):
     torch.testing.assert_close(out2, got, atol=1e-4, rtol=1e-4)
 
 
+def test_reopened_artifact_saved_before_any_round_keeps_its_exits(learned, tmp_path):
+    """Thresholds read from a learned artifact were already held to the full budget by the save
+    that wrote them; saving again before this process chose any must not switch them off."""
+    _, path = learned
+    saved = [float(getattr(jit_load(path).blocks, str(e)).threshold)
+             for e in range(len(artifact.read_manifest(path)["exits"]))]
+    again = runtime.load(path, background=False, train_every=10 ** 9)   # shadow rows on
+    assert any(again.stats()["enabled"])
+    again.save(tmp_path / "again.pt")
+    module = jit_load(tmp_path / "again.pt")
+    assert [float(getattr(module.blocks, str(e)).threshold) for e in range(len(saved))] == saved
+    assert [bool(getattr(module.blocks, str(e)).enabled) for e in range(len(saved))] == \
+        again.stats()["enabled"]
+
+
 def test_shadow_rows_count_towards_the_budget():
     cfg = runtime.RuntimeConfig(agreement_budget=0.99, shadow_rate=0.05)
     # 5% of the answers come from the backbone itself: 0.05 + 0.95 * 0.98947 = 0.99.
