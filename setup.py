@@ -21,7 +21,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        # The inference server (python -m runtime.server); the library itself does not need it.
+        "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow"],
+        "test": ["pytest", "httpx", "tritonclient[http]"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
     },
+    entry_points={"console_scripts": ["layer-cache-server=runtime.server.__main__:main"]},
 )

@@ -14,13 +14,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import exit_rule
 from .errors import ArtifactError, ArtifactVersionError
 
 FORMAT_VERSION = 2
 # Version 2 added finer head poolings (avgmax3x3, avgmax4x4); version 1 files read the same way.
 READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "layer_cache/manifest.json"
-DISABLED_THRESHOLD = 2.0  # above any softmax confidence
+DISABLED_THRESHOLD = exit_rule.DISABLED_THRESHOLD
 
 
 class ExitBlock(nn.Module):
@@ -47,7 +48,8 @@ class CachedModel(nn.Module):
 
     @torch.jit.export
     def forward_with_exits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Rows whose head is confident leave at that exit; the rest go on. Rows keep input order."""
+        """Rows leave at the first enabled exit confident enough (``compiler/exit_rule.py``, compiled
+        into this file); the rest go on. Rows keep input order."""
         n = x.size(0)
         idx = torch.arange(n, device=x.device)
         exit_of = torch.full([n], len(self.blocks), dtype=torch.long, device=x.device)
@@ -59,8 +61,7 @@ class CachedModel(nn.Module):
                 h = blk.stage(h)
                 if bool(blk.enabled):
                     logits = blk.head(h)
-                    conf = torch.softmax(logits, 1).amax(1)
-                    take = conf >= blk.threshold
+                    take = exit_rule.leaves(exit_rule.confidence(logits), blk.threshold, True)
                     if bool(take.any()):
                         if out is None:
                             out = torch.empty([n] + list(logits.shape[1:]), dtype=logits.dtype,
@@ -80,8 +81,30 @@ class CachedModel(nn.Module):
         return out, exit_of
 
 
+def set_exit(block, threshold: float):
+    """Write one exit's threshold (``inf``: off) into an artifact block's buffers."""
+    on = threshold != float("inf")
+    block.enabled.fill_(on)
+    block.threshold.fill_(threshold if on else DISABLED_THRESHOLD)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def save(module: torch.jit.ScriptModule, manifest: dict, path: str):
-    """Write ``module`` with ``manifest`` to ``path`` atomically (a crash leaves the old file whole)."""
+    """Write ``module`` with ``manifest`` to ``path`` atomically (a crash leaves the old file whole).
+
+    The file gets the mode any new file of the user gets (umask), and the folder is fsynced so
+    the rename itself survives a power cut.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
@@ -90,9 +113,15 @@ def save(module: torch.jit.ScriptModule, manifest: dict, path: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.save(module, tmp, _extra_files={MANIFEST_FILE: json.dumps(manifest)})
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,5 +1,5 @@
 """Layer-cache runtime: serve an artifact and learn its exits online from the traffic it serves."""
-from .config import RuntimeConfig
-from .serve import CachedRuntime, InputError, load
+from .config import ConfigError, RuntimeConfig
+from .core import CachedRuntime, InputError, load
 
-__all__ = ["load", "CachedRuntime", "RuntimeConfig", "InputError"]
+__all__ = ["load", "CachedRuntime", "RuntimeConfig", "ConfigError", "InputError"]

@@ -11,6 +11,10 @@ from typing import List
 
 import torch
 
+from compiler import exit_rule
+
+from .learner import RoundCancelled
+
 INF = float("inf")
 
 
@@ -49,26 +53,34 @@ class Plan:
         return [t != INF for t in self.thresholds]
 
 
+def route(conf: torch.Tensor, t) -> torch.Tensor:
+    """Each row's exit (``E``: the backbone) under thresholds ``t`` (``inf``: off), by the exit rule."""
+    threshold, enabled = exit_rule.split_thresholds(t)
+    return exit_rule.first_exit(conf, threshold, enabled)
+
+
 def evaluate(conf, agree, stage_cost, head_cost, t):
     """(saving, agreeing rows) of thresholds ``t`` on conf/agree [E, n]."""
     E, n = conf.shape
-    t = torch.as_tensor(t, dtype=conf.dtype)
-    enabled = torch.isfinite(t)
-    hit = conf >= t[:, None]
-    first = torch.where(hit.any(0), hit.float().argmax(0), torch.full((n,), E))
-    cum_stage = torch.cumsum(stage_cost, 0)                      # [E+1]
-    cum_head = torch.cumsum(head_cost * enabled, 0)              # [E]
-    cum_head = torch.cat([cum_head, cum_head[-1:]])              # reaching the end: all heads
-    cost = cum_stage[first] + cum_head[first]
+    _, enabled = exit_rule.split_thresholds(t)
+    first = route(conf, t)
+    cost = exit_rule.row_cost(first, stage_cost, head_cost, enabled)
     ok = torch.ones(n, dtype=torch.bool)
     left = first < E
     ok[left] = agree[first[left], torch.nonzero(left).flatten()]
     return 1.0 - cost.mean().item(), int(ok.sum())
 
 
+def exit_shares(conf: torch.Tensor, t) -> List[float]:
+    """Share of rows leaving at each exit (last: the backbone) under thresholds ``t``."""
+    E, n = conf.shape
+    counts = torch.bincount(route(conf, t), minlength=E + 1).double()
+    return (counts / max(n, 1)).tolist()
+
+
 def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                       head_cost: torch.Tensor, budget: float, confidence: float,
-                      grid: int = 48, bound_rows: int = 0) -> Plan:
+                      grid: int = 48, bound_rows: int = 0, should_stop=None) -> Plan:
     """Greedy joint search: repeatedly take the threshold move with the best saving per new
     disagreement among those that keep the bound; then switch off exits that do not pay.
 
@@ -88,6 +100,7 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
         return wilson_lower(a * scale, n * scale, z) >= budget
 
     while True:
+        _poll(should_stop)
         best = None
         for e in range(E):
             # An exit that is off must pay for its head first: try every threshold for it.
@@ -118,7 +131,7 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
 
 def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                             head_cost: torch.Tensor, budget: float, confidence: float,
-                            grid: int = 256) -> Plan:
+                            grid: int = 256, should_stop=None) -> Plan:
     """One threshold for every exit (SDN-style), then exits that do not pay switched off.
 
     A single free parameter barely overfits the rows it is chosen on, so with few held-out
@@ -129,6 +142,7 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
     cands = torch.unique(torch.quantile(conf.flatten().float(), torch.linspace(0, 1, grid))).tolist()
     best = Plan([INF] * E, *_score(conf, agree, stage_cost, head_cost, [INF] * E, z), n)
     for c in cands:
+        _poll(should_stop)
         t = [c] * E
         s, a, lb = _score(conf, agree, stage_cost, head_cost, t, z)
         if lb < budget:
@@ -144,6 +158,11 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
     return best
 
 
+def _poll(should_stop):
+    if should_stop is not None and should_stop():
+        raise RoundCancelled()
+
+
 def _score(conf, agree, stage_cost, head_cost, t, z):
     n = conf.shape[1]
     s, a = evaluate(conf, agree, stage_cost, head_cost, t)
@@ -152,7 +171,7 @@ def _score(conf, agree, stage_cost, head_cost, t, z):
 
 def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                                 head_cost: torch.Tensor, budget: float, confidence: float,
-                                seed: int = 0, splits: int = 3) -> Plan:
+                                seed: int = 0, splits: int = 3, should_stop=None) -> Plan:
     """choose_thresholds with its search optimism measured and paid for.
 
     Returns the better of that and the single global threshold (choose_global_threshold).
@@ -173,7 +192,7 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
             # Each half is held to the margin of the full search: with the margin of half the
             # rows a strict budget is often out of reach there, and the optimism would read 0.
             p = choose_thresholds(conf[:, fit], agree[:, fit], stage_cost, head_cost, budget,
-                                  confidence, bound_rows=n)
+                                  confidence, bound_rows=n, should_stop=should_stop)
             _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
             _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost,
                                  p.thresholds)
@@ -181,6 +200,7 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     # Optimism shrinks like 1/sqrt(rows): a fit on all rows has about 1/sqrt(2) of a half's.
     optimism = max(0.0, sum(gaps) / len(gaps)) / math.sqrt(2)
     per_exit = choose_thresholds(conf, agree, stage_cost, head_cost, min(budget + optimism, 1.0),
-                                 confidence)
-    single = choose_global_threshold(conf, agree, stage_cost, head_cost, budget, confidence)
+                                 confidence, should_stop=should_stop)
+    single = choose_global_threshold(conf, agree, stage_cost, head_cost, budget, confidence,
+                                     should_stop=should_stop)
     return per_exit if per_exit.saving >= single.saving else single

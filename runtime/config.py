@@ -1,64 +1,28 @@
-"""Settings of the online cache runtime, in one documented dataclass."""
-from dataclasses import dataclass
+"""Settings of the online cache runtime: one documented dataclass per part, gathered in RuntimeConfig."""
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 
-@dataclass
-class RuntimeConfig:
-    """How the runtime learns, calibrates and watches its exits.
+class ConfigError(ValueError):
+    """A setting the runtime does not know or cannot use; the message names the valid ones."""
 
-    agreement_budget: overall agreement with the backbone of the answers served (lower confidence
-                      bound, not point estimate), e.g. 0.99. Shadow rows are answered by the
-                      backbone, so the exits themselves are held to ``plan_budget``; an artifact
-                      written by ``save`` (served with no shadow rows) is held to this budget.
+
+@dataclass
+class GuaranteeConfig:
+    """What the answers served must keep (read by calibration and the drift monitor).
+
+    agreement_budget: overall agreement with the backbone of the answers served, as a lower
+                      confidence bound (not a point estimate), e.g. 0.99. Shadow rows are answered
+                      by the backbone, so the exits themselves are held to ``plan_budget``; an
+                      artifact written by ``save`` (served with no shadow rows) is held to this.
     confidence:       one-sided confidence of that bound (Wilson score interval).
-    buffer_mb:        memory cap of the feature buffer (pooled exit features + backbone logits).
-    shadow_rate:      share of requests that run the full backbone once exits are on, so live
-                      agreement is known; their rows also feed calibration. Whole requests, so
-                      the others can run the fast path.
-    calib_fraction:   share of unbiased rows held out for threshold calibration (never trained on).
-    train_every:      rows served between learning rounds.
-    min_train, min_calib: rows needed before exits may be switched on.
-    epochs, batch_size, lr, weight_decay: distillation of each head per round (warm-started).
-    max_train_rows:   a round trains on at most this many of the most recent rows.
-    latency_weight:   the cost model mixes FLOPs share and measured latency share of each stage;
-                      None: 0.5 with background learning, 0 (FLOPs only) in synchronous mode,
-                      which must not depend on the clock to stay deterministic.
-    drift_window:     shadow decisions judged at a time for drift; judged each time drift_min
-                      new ones have arrived, with the one-sided drift_confidence (strict: a false
-                      alarm switches every exit off).
-    fast_after:       once a round trained on this many rows, requests without a shadow row run
-                      the scripted model whole (no Python between stages; not buffered).
-    collect_rate:     once the fast path is on, this share of the other requests still takes
-                      the staged path, so the rows that reach the backbone keep teaching the
-                      heads (0: the training set stops growing until drift resets it).
-    cuda_graphs:      on CUDA, run each stage as a CUDA graph per bucketed batch size.
-    background:       learn in a background thread (production) or inline and deterministically.
-    seed:             seeds shadow sampling, the calibration split and training.
+    shadow_rate:      share of requests that run the whole backbone once exits are on, so live
+                      agreement is known and calibration rows keep arriving unbiased.
     """
 
     agreement_budget: float = 0.99
     confidence: float = 0.95
-    buffer_mb: float = 256.0
     shadow_rate: float = 0.05
-    calib_fraction: float = 0.3
-    train_every: int = 1000
-    min_train: int = 1000
-    min_calib: int = 600
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    max_train_rows: int = 20000
-    latency_weight: Optional[float] = None
-    drift_window: int = 400
-    drift_min: int = 150
-    drift_confidence: float = 0.999
-    fast_after: int = 4000
-    collect_rate: float = 0.1
-    cuda_graphs: bool = True
-    background: bool = True
-    seed: int = 0
 
     @property
     def plan_budget(self) -> float:
@@ -68,3 +32,140 @@ class RuntimeConfig:
         if shadow >= 1.0:
             return 0.0
         return max(0.0, (self.agreement_budget - shadow) / (1.0 - shadow))
+
+
+@dataclass
+class CollectConfig:
+    """Which served rows are kept to learn from (runtime/collect.py).
+
+    buffer_mb:      memory cap of the feature buffer (pooled exit features + backbone logits).
+    calib_fraction: before any exit is on, share of rows held out for calibration (never trained
+                    on); once exits are on, the shadow rows (the unbiased ones) calibrate.
+    collect_rate:   once the scripted fast path serves, this share of the other requests still
+                    takes the staged path so rows that reach the backbone keep teaching the heads.
+    """
+
+    buffer_mb: float = 256.0
+    calib_fraction: float = 0.3
+    collect_rate: float = 0.1
+
+
+@dataclass
+class LearningConfig:
+    """Learning rounds (runtime/learning.py): distil the heads, choose thresholds, publish.
+
+    train_every:      rows served between rounds.
+    min_train, min_calib: rows needed before exits may be switched on.
+    max_train_rows, max_calib_rows: a round uses at most this many of the most recent rows, so
+                      its time is bounded whatever the buffer holds.
+    epochs, batch_size, lr, weight_decay: distillation of the heads per round (warm-started).
+    """
+
+    train_every: int = 1000
+    min_train: int = 1000
+    min_calib: int = 600
+    max_train_rows: int = 20000
+    max_calib_rows: int = 6000
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ServingConfig:
+    """How requests are run (runtime/serving.py).
+
+    fast_after:     once a round trained on this many rows, requests with nothing to check or
+                    learn from run the scripted model whole (no Python between stages).
+    cuda_graphs:    on CUDA, run each stage as a CUDA graph per bucketed batch size (unmeasured:
+                    no GPU was lent to this project).
+    latency_weight: the cost model mixes each stage's FLOPs share and measured latency share;
+                    None: 0.5 with background learning, 0 (FLOPs only) in synchronous mode,
+                    which must not depend on the clock to stay deterministic.
+    """
+
+    fast_after: int = 4000
+    cuda_graphs: bool = True
+    latency_weight: Optional[float] = None
+
+
+@dataclass
+class DriftConfig:
+    """The drift monitor (runtime/drift.py): when traffic stops looking like what calibrated it.
+
+    Two signals. Every request: the share of rows leaving at each exit, tested against the
+    shares calibration predicted (no backbone answer needed); a shift puts the runtime *in
+    doubt*, which raises the shadow rate to ``doubt_shadow_rate`` until ``doubt_rows`` shadow
+    rows have been judged. Shadow rows: a CUSUM test of disagreement (in-control rate: the
+    budget's, out of control: ``shift_factor`` times it plus ``shift_margin``) raises the alarm
+    at ``cusum_threshold`` (log-likelihood ratio); the alarm switches every exit off, forgets
+    the buffered traffic and relearns.
+
+    window_rows:      rows per exit-share test.
+    doubt_z:          the exit-share test's threshold, as a one-sided normal quantile of its
+                      standardised chi-square (strict: doubt costs backbone time).
+    """
+
+    window_rows: int = 256
+    doubt_z: float = 5.0
+    doubt_shadow_rate: float = 0.5
+    doubt_rows: int = 400
+    cusum_threshold: float = 12.0
+    shift_factor: float = 3.0
+    shift_margin: float = 0.01
+
+
+@dataclass
+class RuntimeConfig:
+    """Every setting of the runtime, one section per part.
+
+    background: learn in a background thread (production) or inline and deterministically.
+    seed:       seeds shadow sampling, the calibration split and training.
+
+    ``RuntimeConfig().with_overrides(agreement_budget=0.995, epochs=2)`` sets fields of any
+    section by name (names are unique across sections); ``runtime.load`` takes the same names.
+    """
+
+    guarantee: GuaranteeConfig = field(default_factory=GuaranteeConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    background: bool = True
+    seed: int = 0
+
+    SECTIONS = ("guarantee", "collect", "learning", "serving", "drift")
+
+    def with_overrides(self, **overrides) -> "RuntimeConfig":
+        """A copy with fields set by name, whichever section holds them."""
+        top = {k: overrides.pop(k) for k in ("background", "seed") if k in overrides}
+        sections = {}
+        for name in self.SECTIONS:
+            section = getattr(self, name)
+            mine = {f.name: overrides.pop(f.name) for f in fields(section) if f.name in overrides}
+            sections[name] = replace(section, **mine) if mine else section
+        if overrides:
+            known = sorted(["background", "seed"] + [f.name for n in self.SECTIONS
+                                                     for f in fields(getattr(self, n))])
+            raise ConfigError(f"unknown runtime setting(s) {sorted(overrides)}; known: "
+                              f"{', '.join(known)}")
+        cfg = replace(self, **sections, **top)
+        cfg.validate()
+        return cfg
+
+    def validate(self):
+        g = self.guarantee
+        if not 0.0 < g.agreement_budget <= 1.0:
+            raise ConfigError(f"agreement_budget must be in (0, 1], got {g.agreement_budget}")
+        if not 0.5 <= g.confidence < 1.0:
+            raise ConfigError(f"confidence must be in [0.5, 1), got {g.confidence}")
+        for name, v in (("shadow_rate", g.shadow_rate), ("calib_fraction", self.collect.calib_fraction),
+                        ("collect_rate", self.collect.collect_rate),
+                        ("doubt_shadow_rate", self.drift.doubt_shadow_rate)):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        for name in ("train_every", "min_train", "min_calib", "max_train_rows", "max_calib_rows",
+                     "epochs", "batch_size"):
+            if getattr(self.learning, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self.learning, name)}")

@@ -23,6 +23,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return kl + F.cross_entropy(student, teacher.argmax(1))
 
 
+class RoundCancelled(Exception):
+    """A learning round was abandoned (the runtime is closing); nothing of it was kept."""
+
+
 class HeadLearner:
     """Trains copies of the heads' classifiers; the serving ones are swapped in on publish."""
 
@@ -55,28 +59,41 @@ class HeadLearner:
 
     @torch.enable_grad()
     def train(self, feats: List[torch.Tensor], teacher: torch.Tensor, epochs: int,
-              batch_size: int, lr: float, weight_decay: float):
-        """One round of distillation for every head on (feats, teacher)."""
+              batch_size: int, lr: float, weight_decay: float, should_stop=None):
+        """One round of distillation for every head on (feats, teacher).
+
+        The heads share nothing, so their losses are summed and stepped by one optimiser:
+        each head gets exactly its own gradient, in one Python step for all of them instead of
+        one each (a learner thread that competes with many serving threads for the GIL
+        finishes its round several times sooner). ``should_stop`` is polled every step; when
+        it returns True the round raises ``RoundCancelled`` and the heads keep what they had.
+        """
         n = teacher.shape[0]
         if n == 0:
             return
-        for i, (m, f) in enumerate(zip(self.models, feats)):
-            if self.mean[i] is None:
-                self.mean[i] = f.mean(0)
-                self.std[i] = f.std(0).clamp_min(1e-3)
-            z = (f - self.mean[i]) / self.std[i]
-            opt = torch.optim.Adam(m.parameters(), lr=lr, weight_decay=weight_decay)
-            m.train()
-            for _ in range(epochs):
-                perm = torch.randperm(n, generator=self.gen)
-                for s in range(0, n, batch_size):
-                    b = perm[s:s + batch_size]
-                    loss = distill_loss(m(z[b]), teacher[b])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            m.eval()
-            self.flops += 3 * classifier_flops(m) * n * epochs
+        zs, mean, std = [], list(self.mean), list(self.std)
+        for i, f in enumerate(feats):
+            if mean[i] is None:
+                mean[i] = f.mean(0)
+                std[i] = f.std(0).clamp_min(1e-3) if n > 1 else torch.ones_like(f[0])
+            zs.append((f - mean[i]) / std[i])
+        work = [copy.deepcopy(m).train() for m in self.models]
+        opt = torch.optim.Adam([p for m in work for p in m.parameters()], lr=lr,
+                               weight_decay=weight_decay)
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=self.gen)
+            for s in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    raise RoundCancelled()
+                b = perm[s:s + batch_size]
+                t = teacher[b]
+                loss = sum(distill_loss(m(z[b]), t) for m, z in zip(work, zs))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        # Kept whole at the end: a cancelled round leaves no trace.
+        self.models, self.mean, self.std = [m.eval() for m in work], mean, std
+        self.flops += sum(3 * classifier_flops(m) * n * epochs for m in work)
         self.rows += n * epochs
 
     @torch.no_grad()

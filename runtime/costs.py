@@ -1,0 +1,75 @@
+"""The cost model: what each stage and head costs, in FLOPs and as the share calibration optimises."""
+import time
+
+import torch
+
+from compiler import exit_rule
+
+
+class CostModel:
+    """Stage and head FLOPs from the manifest, optionally mixed with latency measured here.
+
+    ``stage_cost`` / ``head_cost`` (shares of the backbone) are what calibration minimises;
+    FLOPs saved, the figure users read, always comes from FLOPs (``flops_of``).
+    """
+
+    def __init__(self, manifest: dict, latency_weight: float = 0.0, latency_ms=None):
+        exits = manifest["exits"]
+        self.total_flops = float(manifest["total_flops"])
+        self.stage_flops = torch.tensor(manifest["stage_flops"], dtype=torch.float64)
+        self.head_flops = torch.tensor([e["head"]["flops"] for e in exits], dtype=torch.float64)
+        w = latency_weight
+        self.stage_cost = self.stage_flops / self.total_flops
+        self.head_cost = self.head_flops / self.total_flops
+        self.stage_latency_ms, self.head_latency_ms = None, None
+        if latency_ms is not None:
+            lat_stage, lat_head = latency_ms
+            self.stage_latency_ms, self.head_latency_ms = lat_stage.tolist(), lat_head.tolist()
+            if w:
+                ref = lat_stage.sum()
+                self.stage_cost = (1 - w) * self.stage_cost + w * lat_stage / ref
+                self.head_cost = (1 - w) * self.head_cost + w * lat_head / ref
+        self._flops_cache = {}
+
+    def exit_flops(self, enabled: torch.Tensor) -> torch.Tensor:
+        """FLOPs of a row leaving at each exit (last: the backbone), enabled heads it passed included."""
+        key = tuple(bool(b) for b in enabled)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = exit_rule.exit_costs(self.stage_flops, self.head_flops,
+                                                          enabled)
+        return self._flops_cache[key]
+
+    def flops_of(self, counts, enabled: torch.Tensor) -> float:
+        """FLOPs spent on rows given how many left at each exit."""
+        return float(sum(c * f for c, f in zip(counts, self.exit_flops(enabled).tolist())))
+
+
+@torch.no_grad()
+def profile(stages, heads, classifiers, input_shape, device, batch: int = 8, reps: int = 7):
+    """Latency (ms) of each stage and each head with its decision, on this device.
+
+    The minimum over repetitions after a warm-up: the least disturbed by other load.
+    """
+    def timed(fn, arg):
+        times = []
+        fn(arg)
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            out = fn(arg)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return out, min(times) * 1e3
+
+    h = torch.randn((batch,) + tuple(input_shape), device=device)
+    stage_ms, head_ms = [], []
+    for i, stage in enumerate(stages):
+        h, ms = timed(stage, h)
+        stage_ms.append(ms)
+        if i < len(heads):
+            _, ms = timed(lambda a, i=i: bool(exit_rule.confidence(
+                classifiers[i](heads[i].features(a))).ge(0.5).any()), h)
+            head_ms.append(ms)
+    return torch.tensor(stage_ms, dtype=torch.float64), torch.tensor(head_ms, dtype=torch.float64)

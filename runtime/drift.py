@@ -1,0 +1,97 @@
+"""The drift monitor: exit shares on every request (doubt) and a CUSUM on shadow disagreements (alarm)."""
+import math
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .config import DriftConfig
+
+OK, DOUBT, ALARM = "ok", "doubt", "alarm"
+
+
+@dataclass
+class Verdict:
+    state: str               # OK, DOUBT or ALARM
+    live_disagreement: Optional[float] = None   # over the shadow rows judged since the last reset
+    reason: str = ""
+
+
+class DriftMonitor:
+    """Watches the traffic served under one serving state; ``reset`` when a new state is published.
+
+    - Exit shares, every request, no backbone needed: every ``window_rows`` rows, a chi-square
+      test of the share of rows leaving at each exit against what calibration predicted. A
+      shift puts the monitor in *doubt*: the caller raises the shadow rate, which feeds the
+      CUSUM faster. Doubt alone never switches exits off (it costs backbone time, not answers).
+    - Shadow rows: a one-sided CUSUM of the log-likelihood ratio of disagreement at
+      ``shift_factor`` x the budget's rate (+ ``shift_margin``) against the budget's rate. It
+      alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
+    """
+
+    def __init__(self, config: DriftConfig, budget: float):
+        self.config = config
+        self.budget = budget
+        d0 = min(max(1.0 - budget, 1e-4), 0.5)
+        d1 = min(config.shift_factor * d0 + config.shift_margin, 0.9)
+        self.llr_disagree = math.log(d1 / d0)
+        self.llr_agree = math.log((1 - d1) / (1 - d0))
+        self._lock = threading.Lock()
+        self.events = 0
+        self.doubts = 0
+        self._expected: Optional[torch.Tensor] = None
+        self.reset(None)
+
+    def reset(self, exit_shares: Optional[Sequence[float]]):
+        """Start watching a new serving state with these expected exit shares (None: exits off)."""
+        with self._lock:
+            self._expected = None if exit_shares is None else \
+                torch.tensor(exit_shares, dtype=torch.float64).clamp_min(1e-3)
+            if self._expected is not None:
+                self._expected /= self._expected.sum()
+            self._counts = None
+            self._cusum = 0.0
+            self._doubt_left = 0
+            self._judged = 0
+            self._disagreed = 0
+
+    @property
+    def in_doubt(self) -> bool:
+        return self._doubt_left > 0
+
+    def observe(self, exit_counts: Sequence[int], shadow_ok: Optional[torch.Tensor]) -> Verdict:
+        """Take one request: rows per exit (last: backbone; for a shadow request, where the rows
+        would have left) and, if shadowed, each row's agreement."""
+        with self._lock:
+            if self._expected is None:
+                return Verdict(OK)
+            self._test_shares(exit_counts)
+            if shadow_ok is not None:
+                ok = shadow_ok.cpu().tolist()
+                for a in ok:
+                    self._cusum = max(0.0, self._cusum + (self.llr_agree if a else self.llr_disagree))
+                self._judged += len(ok)
+                self._disagreed += len(ok) - sum(ok)
+                self._doubt_left = max(0, self._doubt_left - len(ok))
+                if self._cusum > self.config.cusum_threshold:
+                    live = self._disagreed / max(self._judged, 1)
+                    self.events += 1
+                    return Verdict(ALARM, live, f"CUSUM {self._cusum:.1f} over {self._judged} "
+                                                f"shadow rows (disagreement {live:.3f})")
+            return Verdict(DOUBT if self._doubt_left else OK)
+
+    def _test_shares(self, exit_counts):
+        c = torch.tensor(list(exit_counts), dtype=torch.float64)
+        self._counts = c if self._counts is None else self._counts + c
+        n = float(self._counts.sum())
+        if n < self.config.window_rows:
+            return
+        exp = self._expected * n
+        chi2 = float(((self._counts - exp) ** 2 / exp).sum())
+        df = len(self._expected) - 1
+        z = (chi2 - df) / math.sqrt(2 * df) if df > 0 else 0.0
+        self._counts = None
+        if z > self.config.doubt_z and not self._doubt_left:
+            self.doubts += 1
+            self._doubt_left = self.config.doubt_rows

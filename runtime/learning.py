@@ -1,0 +1,187 @@
+"""Learning rounds and the thread that runs them: distil, calibrate on capped recent rows, propose a state."""
+import logging
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from compiler import artifact
+from compiler.heads import ExitHead, HeadSpec
+
+from .buffer import CALIB, TRAIN, FeatureBuffer
+from .calibrate import INF, Plan, choose_thresholds_corrected, exit_shares
+from .config import RuntimeConfig
+from .costs import CostModel
+from .learner import HeadLearner
+
+log = logging.getLogger("layer_cache.runtime")
+
+
+@dataclass
+class Proposal:
+    """What a round proposes to serve; the runtime publishes it only if no drift came between."""
+
+    classifiers: tuple
+    thresholds: tuple
+    plan: Optional[Plan]
+    exit_shares: Optional[tuple]
+    fast: Optional[torch.jit.ScriptModule]
+    train_rows: int
+    calib_rows: int
+
+
+def head_confidences(head_logits: Callable, feats: List[torch.Tensor], teacher: torch.Tensor):
+    """(confidence, agrees) [E, n] of each head on held-out rows, by the exit rule's confidence."""
+    from compiler import exit_rule
+    target = teacher.argmax(1)
+    confs, agrees = [], []
+    with torch.no_grad():
+        for e, f in enumerate(feats):
+            logits = head_logits(e, f).float().cpu()
+            confs.append(exit_rule.confidence(logits))
+            agrees.append(logits.argmax(1) == target)
+    return torch.stack(confs).double(), torch.stack(agrees)
+
+
+class LearningLoop:
+    """One round: the most recent ``max_train_rows`` training rows distil the heads, the most
+    recent ``max_calib_rows`` held-out rows choose thresholds, and a serving state is proposed."""
+
+    def __init__(self, learner: HeadLearner, buffer: FeatureBuffer, costs: CostModel,
+                 config: RuntimeConfig, exits: list, scripted_stages: list, device):
+        self.learner = learner
+        self.buffer = buffer
+        self.costs = costs
+        self.config = config
+        self.exits = exits
+        self.scripted_stages = scripted_stages
+        self.device = device
+
+    def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
+               should_stop=None) -> Plan:
+        """Thresholds meeting ``budget`` on held-out rows (feats, teacher)."""
+        conf, agree = head_confidences(head_logits, feats, teacher)
+        return choose_thresholds_corrected(conf, agree, self.costs.stage_cost, self.costs.head_cost,
+                                           budget, self.config.guarantee.confidence, round_seed,
+                                           should_stop=should_stop)
+
+    def calib_rows(self):
+        return self.buffer.snapshot(CALIB, self.config.learning.max_calib_rows)
+
+    def run(self, round_index: int, should_stop) -> Optional[Proposal]:
+        """Train and calibrate; None when too few rows have arrived yet."""
+        cfg = self.config.learning
+        feats, teacher = self.buffer.snapshot(TRAIN, cfg.max_train_rows)
+        if teacher.shape[0] < cfg.min_train:
+            return None
+        self.learner.train(feats, teacher, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
+                           should_stop=should_stop)
+        cfeats, cteacher = self.calib_rows()
+        plan, shares = None, None
+        if cteacher.shape[0] >= cfg.min_calib:
+            plan = self.choose(lambda e, f: self.learner.predict(e, f), cfeats, cteacher,
+                               self.config.guarantee.plan_budget, self.config.seed + round_index,
+                               should_stop)
+            conf, _ = head_confidences(lambda e, f: self.learner.predict(e, f), cfeats, cteacher)
+            shares = tuple(exit_shares(conf, plan.thresholds))
+        classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(len(self.exits)))
+        thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)
+        fast = None
+        if teacher.shape[0] >= self.config.serving.fast_after:
+            fast = self.fast_module(classifiers, thresholds)
+        return Proposal(classifiers, thresholds, plan, shares if plan and plan.saving > 0 else None,
+                        fast, teacher.shape[0], cteacher.shape[0])
+
+    def fast_module(self, classifiers, thresholds):
+        """The serving state as one scripted CachedModel (CPU; on CUDA the staged path runs
+        its CUDA graphs), sharing the artifact's scripted stages."""
+        if self.device.type != "cpu" or all(t == INF for t in thresholds):
+            return None
+        blocks = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for e, ex in enumerate(self.exits):
+                head = ExitHead(HeadSpec(*(ex["head"][k] for k in ("pool", "feature_dim", "hidden",
+                                                                    "num_classes"))))
+                head.classifier.load_state_dict(classifiers[e].state_dict())
+                blk = artifact.ExitBlock(self.scripted_stages[e], torch.jit.script(head.eval()))
+                artifact.set_exit(blk, thresholds[e])
+                blocks.append(blk)
+            return torch.jit.script(artifact.CachedModel(blocks, self.scripted_stages[-1]).eval())
+
+
+# Every live runtime, so the interpreter's exit can stop their learners before it tears down
+# the C++ runtime under a thread that is still inside torch (that aborts the process).
+_LIVE = weakref.WeakSet()
+
+
+def _close_all():
+    for rt in list(_LIVE):
+        try:
+            rt.close()
+        except Exception:  # exiting anyway; never turn a clean exit into a traceback
+            pass
+
+
+import atexit  # noqa: E402
+
+atexit.register(_close_all)
+
+
+class LearnerThread:
+    """Runs ``owner.learn()`` whenever woken, holding the owner only weakly: when the runtime is
+    garbage-collected its finaliser stops the thread, so load/del cycles leave no learner."""
+
+    JOIN_SECONDS = 1.0
+
+    def __init__(self, owner):
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self._thread = threading.Thread(target=_run, args=(weakref.ref(owner), self.stop,
+                                                           self.wake),
+                                        name="layer-cache-learner", daemon=True)
+        weakref.finalize(owner, _stop, self.stop, self.wake)
+        _LIVE.add(owner)
+        self._thread.start()
+
+    def close(self) -> bool:
+        """Stop; the round in progress is abandoned at its next step. True if the thread ended."""
+        _stop(self.stop, self.wake)
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.JOIN_SECONDS)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def _stop(stop, wake):
+    stop.set()
+    wake.set()
+
+
+def _run(ref, stop, wake):
+    while not stop.is_set():
+        wake.wait(0.5)
+        if stop.is_set():
+            return
+        if not wake.is_set():
+            if ref() is None:
+                return
+            continue
+        wake.clear()
+        owner = ref()
+        if owner is None:
+            return
+        try:
+            owner.learn()
+        except Exception:  # recorded by learn() in stats(); serving keeps the previous state
+            log.exception("learning round failed; exits keep their previous state")
+        finally:
+            del owner
+        time.sleep(0)

@@ -1,0 +1,122 @@
+"""Run one request against the immutable serving state: split the batch at confident exits."""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from compiler import exit_rule
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What ``predict`` reads. Swapped whole, never edited, so a reader needs no lock.
+
+    classifiers:  per exit, reads the pooled raw features.
+    thresholds:   per exit; ``inf``: off.
+    version:      bumped by every publish.
+    generation:   the drift generation the state was learned in (drift bumps it).
+    fast:         the same exits as one scripted model (CPU), or None.
+    exit_shares:  share of rows calibration expects at each exit (last: the backbone), for the
+                  drift monitor; None when no exit is on.
+    plan:         the calibration plan behind the thresholds (None: not chosen by a round).
+    """
+
+    classifiers: tuple
+    thresholds: tuple
+    version: int = 0
+    generation: int = 0
+    fast: Optional[torch.jit.ScriptModule] = None
+    exit_shares: Optional[tuple] = None
+    plan: object = None
+
+    @property
+    def any_enabled(self) -> bool:
+        return any(t != INF for t in self.thresholds)
+
+    @property
+    def enabled(self) -> torch.Tensor:
+        return torch.tensor([t != INF for t in self.thresholds])
+
+    def exits_off(self, generation: int) -> "ServingState":
+        """The same heads with every exit off (what drift leaves behind)."""
+        return ServingState(self.classifiers, (INF,) * len(self.thresholds), self.version + 1,
+                            generation)
+
+
+@dataclass
+class Served:
+    """One request's answer and what it taught.
+
+    out, exit_of: the answer per row, in input order, and the exit each row left at.
+    features:     per exit, pooled features of the rows that ran the whole backbone (None
+                  when the request was not collected).
+    teacher:      the backbone's output for those rows.
+    shadow_ok:    for a shadow request, per row: would the exits' answer have agreed.
+    shadow_exit:  for a shadow request, per row: the exit it would have left at.
+    """
+
+    out: torch.Tensor
+    exit_of: torch.Tensor
+    features: Optional[List[torch.Tensor]] = None
+    teacher: Optional[torch.Tensor] = None
+    shadow_ok: Optional[torch.Tensor] = None
+    shadow_exit: Optional[torch.Tensor] = None
+
+
+def serve_fast(state: ServingState, x: torch.Tensor) -> Served:
+    """The scripted model runs the request whole (nothing to learn from it)."""
+    out, exit_of = state.fast.forward_with_exits(x)
+    return Served(out, exit_of)
+
+
+def serve_staged(stages: Sequence, heads: Sequence, state: ServingState, x: torch.Tensor,
+                 shadow: bool, collect: bool) -> Served:
+    """Stage by stage in Python: exits take their confident rows (``exit_rule``); a ``shadow``
+    request runs every row to the end and records where each would have left."""
+    n, E = x.shape[0], len(heads)
+    dev = x.device
+    idx = torch.arange(n, device=dev)
+    exit_of = torch.full((n,), E, dtype=torch.long, device=dev)
+    would = torch.full((n,), E, dtype=torch.long, device=dev)
+    would_pred = torch.full((n,), -1, dtype=torch.long, device=dev)
+    out, feats, h = None, [], x
+    for e in range(E):
+        h = stages[e](h)
+        f = heads[e].features(h) if (collect or state.thresholds[e] != INF) else None
+        feats.append(f)
+        if state.thresholds[e] == INF:
+            continue
+        logits = state.classifiers[e](f)
+        hit = exit_rule.leaves(exit_rule.confidence(logits),
+                               torch.tensor(state.thresholds[e], device=dev), True)
+        if shadow:  # record where each row would have left; every row goes on
+            newly = hit & (would == E)
+            would[newly] = e
+            would_pred[newly] = logits.argmax(1)[newly]
+            continue
+        if bool(hit.any()):
+            if out is None:
+                out = torch.empty((n,) + tuple(logits.shape[1:]), device=dev)
+            out[idx[hit]] = logits[hit].to(out.dtype)
+            exit_of[idx[hit]] = e
+            keep = ~hit
+            h, idx = h[keep], idx[keep]
+            feats = [g[keep] if g is not None else None for g in feats]
+            if h.shape[0] == 0:
+                break
+    y = None
+    if h.shape[0] > 0:
+        y = stages[E](h)
+        if out is None:
+            out = y
+        else:
+            out[idx] = y.to(out.dtype)
+    served = Served(out, exit_of)
+    if shadow:
+        served.shadow_exit = would
+        served.shadow_ok = (would == E) | (would_pred == out.argmax(1))
+    if collect and y is not None and len(feats) == E and all(f is not None for f in feats):
+        served.features, served.teacher = feats, y
+    return served
