@@ -1,4 +1,4 @@
-"""Tests for tools/baselines.py and tools/benchmark.py: routing, oracle, calibration, end to end."""
+"""Tests for tools/baselines.py and tools/bench/: routing, oracle, calibration, end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+from compiler import exit_rule
 from runtime.calibrate import INF, evaluate, wilson_lower, z_of
 from tools import baselines as B
-from tools import benchmark as BM
+from tools.bench import provenance
+from tools.bench.provenance import code_version, machine_info
+from tools.bench.report import write_md
+from tools.bench.results import RESULT_KEYS, BackboneResult
+from tools.bench.run import bench_backbone
+from tools.bench.settings import NO_GPU, Settings
+from tools.bench.stats import spread
+from tools.timing import time_variants
 
 
 def _synthetic(E=4, n=3000, seed=0):
@@ -29,16 +37,22 @@ def _synthetic(E=4, n=3000, seed=0):
     return conf, agree, pred, ref, stage, head
 
 
+def _route(conf, t):
+    """Each row's exit under thresholds ``t`` (``INF``: off), by the exit rule."""
+    threshold, enabled = exit_rule.split_thresholds(t)
+    return exit_rule.first_exit(conf, threshold, enabled), enabled
+
+
 def test_route_and_score_match_runtime_evaluate():
     conf, agree, pred, ref, stage, head = _synthetic()
     for t in ([0.9, INF, 0.7, 0.5], [INF] * 4, [0.0, 0.0, 0.0, 0.0], [0.95, 0.9, 0.8, 0.6]):
-        first = B.route(conf, t)
-        enabled = torch.tensor([v != INF for v in t])
+        first, enabled = _route(conf, t)
         res = B.score(first, pred, ref, None, stage, head, enabled)
         saving, agreeing = evaluate(conf, agree, stage, head, t)
-        assert res["flops_saved"] == pytest.approx(saving, abs=1e-9)
-        assert res["agreement"] == pytest.approx(agreeing / conf.shape[1], abs=1e-9)
-        assert sum(res["exit_share"]) == pytest.approx(1.0)
+        assert res.flops_saved == pytest.approx(saving, abs=1e-9)
+        assert res.agreement == pytest.approx(agreeing / conf.shape[1], abs=1e-9)
+        assert sum(res.exit_share) == pytest.approx(1.0)
+        assert res.accuracy is None                               # no labels given
 
 
 def test_oracle_bounds_every_policy_that_agrees():
@@ -52,15 +66,15 @@ def test_oracle_bounds_every_policy_that_agrees():
         t = torch.rand(4, generator=g, dtype=torch.float64).tolist()
         off = torch.rand(4, generator=g) < 0.3
         t = [INF if o else v for v, o in zip(t, off.tolist())]
-        first = B.route(conf, t)
+        first, enabled = _route(conf, t)
         # Make the policy's answers agree where it exits (the best case for the policy).
         p2 = pred.clone()
         left = first < 4
         cols = torch.nonzero(left).flatten()
         p2[first[left], cols] = ref[cols]
-        res = B.score(first, p2, ref, None, stage, head, torch.tensor([v != INF for v in t]))
-        assert res["agreement"] == 1.0
-        assert B.oracle_saving(p2, ref, stage, head) >= res["flops_saved"] - 1e-12
+        res = B.score(first, p2, ref, None, stage, head, enabled)
+        assert res.agreement == 1.0
+        assert B.oracle_saving(p2, ref, stage, head) >= res.flops_saved - 1e-12
     # The oracle only answers with agreeing heads, at the earliest one when heads are cheap...
     first = B.oracle_exits(pred, ref, stage, head)
     assert torch.equal(first, B.oracle_exits(pred, ref))
@@ -113,8 +127,10 @@ def test_placements():
 
 def test_head_flops_count_pooling_and_linear():
     head = nn.Sequential(B.AvgPool(), nn.Linear(32, 10))
-    f = B.module_flops(head, (-1, 32, 7, 7))
-    assert f >= 2 * 32 * 10 and f <= 2 * 32 * 10 + 2 * 32 * 49 + 10
+    # Global average pooling is a reduction, counted as one FLOP per input element:
+    # 32 * 7 * 7 = 1568. Linear(32, 10) is one addmm, 2 * 32 * 10 = 640 (multiply-add = 2; the
+    # bias add is not counted, as in torch.utils.flop_counter). 1568 + 640 = 2208.
+    assert B.module_flops(head, (-1, 32, 7, 7)) == 32 * 7 * 7 + 2 * 32 * 10 == 2208
     assert B.MixPool(4)(torch.zeros(2, 8, 14, 14)).shape == (2, 8 * 16 * 2)
     assert B.MixPool(4)(torch.zeros(2, 8, 2, 2)).shape == (2, 8 * 4 * 2)
     ent = B.confidence_of(torch.tensor([[0.0, 0.0], [10.0, -10.0]]), "entropy")
@@ -122,10 +138,10 @@ def test_head_flops_count_pooling_and_linear():
 
 
 def test_spread_and_latency_timing():
-    sp = BM.spread([0.1, 0.3, None])
+    sp = spread([0.1, 0.3, None])
     assert sp["mean"] == pytest.approx(0.2) and sp["min"] == 0.1 and sp["max"] == 0.3
     calls = []
-    times = BM.time_variants({"a": lambda r: calls.append(("a", r)),
+    times = time_variants({"a": lambda r: calls.append(("a", r)),
                               "b": lambda r: calls.append(("b", r))}, [1, 2, 3], reps=2,
                              warmup=1, device="cpu")
     assert set(times) == {"a", "b"} and all(len(v) == 3 for v in times.values())
@@ -152,41 +168,42 @@ def test_quick_mode_end_to_end_on_a_tiny_model(tmp_path: Path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (400,), generator=g)
-    s = BM.Settings(seeds=(0, 1), budgets=(0.9,), sweep=(0.9,), lat_b1=6, lat_b64=1, reps=1,
+    s = Settings(seeds=(0, 1), budgets=(0.9,), sweep=(0.9,), lat_b1=6, lat_b64=1, reps=1,
                     warmup=1, imagenet=False, latency_budget=0.9, baseline_epochs=2,
                     rewrite_overrides=dict(head_budget=1.0),   # a 6k-parameter model: let heads fit
                     runtime_overrides=dict(train_every=48, min_train=48, min_calib=24))
     out = tmp_path / "bench"
-    res = BM.bench_backbone("tiny", path, x, y, s, out)
-    assert set(BM.RESULT_KEYS) <= set(res)
+    res = bench_backbone("tiny", path, x, y, s, out)
     on_disk = json.loads((out / "tiny.json").read_text())
-    assert set(BM.RESULT_KEYS) <= set(on_disk)
-    assert set(res["baselines"]) == {"sdn", "apparate", "paper", "branchynet"}
-    runs = res["ours"]["0.9"]["seeds"]
-    assert [r["seed"] for r in runs] == [0, 1]
-    E = len(res["model"]["exits"])
+    assert set(RESULT_KEYS) <= set(on_disk)
+    assert on_disk == res.to_json()
+    assert BackboneResult.from_json(on_disk) == res         # what --write-md reads back
+    assert set(res.baselines) == {"sdn", "apparate", "paper", "branchynet"}
+    runs = res.ours_runs(0.9)
+    assert [r.seed for r in runs] == [0, 1]
+    E = len(res.model.exits)
     for r in runs:
-        assert r["rows"] == 400 and len(r["exit_share"]) == E + 1
-        assert sum(r["exit_share"]) == pytest.approx(1.0)
-        assert 0.0 <= r["agreement"] <= 1.0
-        assert r["oracle_saving"] >= 0.0
-        assert r["learning"]["rounds"] >= 1
-    for name, bl in res["baselines"].items():
-        for sd in bl["seeds"]:
-            assert sd["test_rows"] == 200 and sd["train_rows"] + sd["calib_rows"] == 200
-            b = sd["budgets"]["0.9"]
-            assert b["calib_lower_bound"] >= 0.9 or all(t is None for t in b["thresholds"])
-            assert sd["oracle_saving"] >= -1e-9
-    lat = res["latency"]
-    for key in ("batch1", "batch64"):
+        assert r.rows == 400 and len(r.exit_share) == E + 1
+        assert sum(r.exit_share) == pytest.approx(1.0)
+        assert 0.0 <= r.agreement <= 1.0
+        assert r.oracle_saving >= 0.0
+        assert r.learning.rounds >= 1
+    for name, bl in res.baselines.items():
+        for sd in bl.seeds:
+            assert sd.test_rows == 200 and sd.train_rows + sd.calib_rows == 200
+            b = sd.budgets["0.9"]
+            assert b.calib_lower_bound >= 0.9 or all(t is None for t in b.thresholds)
+            assert sd.oracle_saving >= -1e-9
+    lat = res.latency
+    for bl_ in (lat.batch1, lat.batch64):
         assert {"backbone_eager", "cached_eager", "backbone_scripted", "cached_scripted",
-                "runtime_predict"} <= set(lat[key]["table"])
-    assert lat["eager_matches_scripted"]
-    assert lat["gpu"] == BM.NO_GPU
+                "runtime_predict"} <= set(bl_.table)
+    assert lat.eager_matches_scripted
+    assert lat.gpu == NO_GPU
     (out / "run.json").write_text(json.dumps({
         "command": "pytest", "mode": "quick", "backbones": ["tiny"], "imagenet": False,
-        "wall_s": 1.0, "machine": BM.machine_info(), "date": "today"}))
-    md = BM.write_md(out, tmp_path / "B.md", tmp_path / "figs")
+        "wall_s": 1.0, "machine": machine_info(), "date": "today"}))
+    md = write_md(out, tmp_path / "B.md", tmp_path / "figs")
     text = md.read_text()
     assert "not measured: no GPU lent" in text and "## tiny" in text
     assert len(list((tmp_path / "figs").glob("tiny_*.png"))) == 4
@@ -199,6 +216,6 @@ def test_code_version_names_uncommitted_files_whole(monkeypatch):
         out = " M tools/demo.py\n?? runtime/new.py\n" if "status" in cmd else "abc1234\n"
         return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
 
-    monkeypatch.setattr(BM.subprocess, "run", fake_run)
-    assert BM.code_version() == {"commit": "abc1234",
+    monkeypatch.setattr(provenance.subprocess, "run", fake_run)
+    assert code_version() == {"commit": "abc1234",
                                  "uncommitted": ["tools/demo.py", "runtime/new.py"]}

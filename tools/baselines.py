@@ -34,12 +34,14 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from compiler import exit_rule
 from compiler.analysis.flops import FlopCounter
 from compiler.config import RewriteConfig
 from compiler.heads import HeadSpec, Pool, plan_heads
 from compiler.split import split_stages
 from runtime.calibrate import INF, Plan, choose_thresholds, evaluate, wilson_lower, z_of
 from runtime.learner import HeadLearner
+from tools.records import Record
 
 SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
 LABEL_LOGIT = 12.0          # one-hot labels as "teacher logits": softmax puts ~1 - 1e-4 on the label
@@ -137,9 +139,19 @@ class ExitSet:
         self.head_cost = torch.tensor([e.head_flops for e in self.exits],
                                       dtype=torch.float64) / self.total_flops
 
-    def describe(self) -> List[dict]:
-        return [{"cut": e.cut, "fraction": e.fraction, "head_flops": e.head_flops,
-                 "head_params": e.head_params} for e in self.exits]
+    def describe(self) -> List["ExitDescription"]:
+        return [ExitDescription(e.cut, e.fraction, e.head_flops, e.head_params)
+                for e in self.exits]
+
+
+@dataclass
+class ExitDescription(Record):
+    """A baseline exit as reported: its cut point, FLOPs fraction and head size."""
+
+    cut: str
+    fraction: float
+    head_flops: int
+    head_params: int
 
 
 def module_flops(module: nn.Module, shape: Sequence[int]) -> int:
@@ -248,40 +260,49 @@ def extract(gm, cuts, exit_sets: Sequence[ExitSet], x: torch.Tensor, batch: int 
     return {k: torch.cat(v) for k, v in chunks.items()}, torch.cat(logits)
 
 
-# ----- routing and scoring ----------------------------------------------------------------------
-def route(conf: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-    """Each row's exit: the first exit whose confidence reaches its threshold (E: none)."""
-    E, n = conf.shape
-    t = torch.as_tensor(list(thresholds), dtype=conf.dtype)
-    hit = conf >= t[:, None]
-    return torch.where(hit.any(0), hit.float().argmax(0), torch.full((n,), E))
+# ----- routing and scoring (the exit rule itself: compiler.exit_rule) ---------------------------
+@dataclass
+class BaselineScore(Record):
+    """Figures of one routing on the scored rows; the ``calib_*`` fields: on the calibration rows
+    its thresholds were chosen on."""
+
+    rows: int
+    flops_saved: float
+    agreement: float
+    exit_share: List[float]
+    accuracy: Optional[float] = None            # with labels (reports only)
+    thresholds: Optional[List[Optional[float]]] = None   # None: exit off
+    calib_saving: Optional[float] = None
+    calib_agreement: Optional[float] = None
+    calib_lower_bound: Optional[float] = None
 
 
-def row_cost(first: torch.Tensor, stage_cost: torch.Tensor, head_cost: torch.Tensor,
-             enabled: torch.Tensor) -> torch.Tensor:
-    """Cost of each row (fraction of the backbone): stages run plus every enabled head passed."""
-    cum_stage = torch.cumsum(stage_cost, 0)
-    cum_head = torch.cumsum(head_cost * enabled, 0)
-    cum_head = torch.cat([cum_head, cum_head[-1:]])
-    return cum_stage[first] + cum_head[first]
+@dataclass
+class BaselineRun(Record):
+    """One baseline on one seed: its training and its figures per agreement budget."""
+
+    seed: int
+    train_rows: int
+    calib_rows: int
+    test_rows: int
+    train_flops: float
+    head_agreement: List[float]                 # each head on the scored rows
+    oracle_saving: float
+    budgets: Dict[str, BaselineScore] = field(default_factory=dict)
 
 
-def score(first, head_pred, ref_pred, labels, stage_cost, head_cost, enabled) -> dict:
+def score(first, head_pred, ref_pred, labels, stage_cost, head_cost, enabled) -> BaselineScore:
     """Figures of one routing: FLOPs saved, agreement, accuracy, share of rows per exit."""
     E, n = head_pred.shape
     left = first < E
     answer = ref_pred.clone()
     answer[left] = head_pred[first[left], torch.nonzero(left).flatten()]
-    cost = row_cost(first, stage_cost, head_cost, enabled.to(torch.float64))
-    out = {
-        "rows": n,
-        "flops_saved": 1.0 - cost.mean().item(),
-        "agreement": (answer == ref_pred).double().mean().item(),
-        "exit_share": (torch.bincount(first, minlength=E + 1).double() / max(n, 1)).tolist(),
-    }
-    if labels is not None:
-        out["accuracy"] = (answer == labels).double().mean().item()
-    return out
+    cost = exit_rule.row_cost(first, stage_cost, head_cost, enabled)
+    return BaselineScore(
+        rows=n, flops_saved=1.0 - cost.mean().item(),
+        agreement=(answer == ref_pred).double().mean().item(),
+        exit_share=(torch.bincount(first, minlength=E + 1).double() / max(n, 1)).tolist(),
+        accuracy=None if labels is None else (answer == labels).double().mean().item())
 
 
 def oracle_exits(head_pred: torch.Tensor, ref_pred: torch.Tensor, stage_cost=None,
@@ -300,9 +321,16 @@ def oracle_exits(head_pred: torch.Tensor, ref_pred: torch.Tensor, stage_cost=Non
 
 
 def _oracle_costs(stage_cost, head_cost):
-    """Cost of answering at exit e (stages before it + its head only), and at E (backbone)."""
-    cum_stage = torch.cumsum(stage_cost, 0)
-    return cum_stage + torch.cat([head_cost, torch.zeros(1, dtype=head_cost.dtype)])
+    """Cost of answering at exit e (stages before it + its head only), and at E (backbone).
+
+    The oracle knows where to stop: answering at e it is a cache whose one enabled exit is e;
+    answering with the backbone, a cache with every exit off.
+    """
+    E = head_cost.shape[0]
+    alone = torch.eye(E, dtype=torch.bool)
+    at_exit = [exit_rule.exit_costs(stage_cost, head_cost, alone[e])[e] for e in range(E)]
+    backbone = exit_rule.exit_costs(stage_cost, head_cost, torch.zeros(E, dtype=torch.bool))[E]
+    return torch.stack(at_exit + [backbone])
 
 
 def oracle_saving(head_pred, ref_pred, stage_cost, head_cost) -> float:
@@ -334,11 +362,12 @@ def global_threshold(conf, agree, stage_cost, head_cost, budget: float, confiden
 
 
 def confidence_of(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    p = torch.softmax(logits.float(), 1)
-    if kind == "entropy":   # 1 - normalised entropy: 1 = certain, 0 = uniform
+    """A head's confidence per row: the exit rule's ("maxprob") or 1 - normalised entropy."""
+    if kind == "entropy":   # 1 = certain, 0 = uniform
+        p = torch.softmax(logits.float(), 1)
         ent = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
         return 1.0 - ent / math.log(p.shape[1])
-    return p.amax(1)
+    return exit_rule.confidence(logits.float())
 
 
 # ----- one baseline on one seed -----------------------------------------------------------------
@@ -370,7 +399,7 @@ def head_outputs(learner: HeadLearner, feats: List[torch.Tensor], kind: str, chu
 
 def run_baseline(es: ExitSet, feats_all: Dict, logits: torch.Tensor, labels: torch.Tensor,
                  order: torch.Tensor, budgets: Sequence[float], confidence: float = 0.95,
-                 calib_share: float = 0.3, seed: int = 0) -> dict:
+                 calib_share: float = 0.3, seed: int = 0) -> BaselineRun:
     """Train on the first half of ``order`` (minus its held-out tail), choose thresholds on that
     tail for each budget, and score on the second half. Returns figures per budget."""
     n = len(order)
@@ -385,22 +414,22 @@ def run_baseline(es: ExitSet, feats_all: Dict, logits: torch.Tensor, labels: tor
     c_conf, c_pred = head_outputs(learner, [f[calib_rows] for f in feats], es.spec.score)
     t_conf, t_pred = head_outputs(learner, [f[test_rows] for f in feats], es.spec.score)
     c_agree = c_pred == ref[calib_rows][None]
-    out = {"seed": seed, "train_rows": int(n_train), "calib_rows": int(half - n_train),
-           "test_rows": int(n - half), "train_flops": learner.flops,
-           "head_agreement": (t_pred == ref[test_rows][None]).double().mean(1).tolist(),
-           "oracle_saving": oracle_saving(t_pred, ref[test_rows], es.stage_cost, es.head_cost),
-           "budgets": {}}
+    out = BaselineRun(seed=seed, train_rows=int(n_train), calib_rows=int(half - n_train),
+                      test_rows=int(n - half), train_flops=learner.flops,
+                      head_agreement=(t_pred == ref[test_rows][None]).double().mean(1).tolist(),
+                      oracle_saving=oracle_saving(t_pred, ref[test_rows], es.stage_cost,
+                                                  es.head_cost))
     for b in budgets:
         if es.spec.policy == "global":
             plan = global_threshold(c_conf, c_agree, es.stage_cost, es.head_cost, b, confidence)
         else:
             plan = choose_thresholds(c_conf, c_agree, es.stage_cost, es.head_cost, b, confidence)
-        enabled = torch.tensor(plan.enabled)
-        first = route(t_conf, plan.thresholds)
+        threshold, enabled = exit_rule.split_thresholds(plan.thresholds)
+        first = exit_rule.first_exit(t_conf, threshold, enabled)
         res = score(first, t_pred, ref[test_rows], labels[test_rows], es.stage_cost,
                     es.head_cost, enabled)
-        res.update(thresholds=[None if t == INF else t for t in plan.thresholds],
-                   calib_saving=plan.saving, calib_agreement=plan.agreement,
-                   calib_lower_bound=plan.lower_bound)
-        out["budgets"][str(b)] = res
+        res.thresholds = [None if t == INF else t for t in plan.thresholds]
+        res.calib_saving, res.calib_agreement = plan.saving, plan.agreement
+        res.calib_lower_bound = plan.lower_bound
+        out.budgets[str(b)] = res
     return out

@@ -14,94 +14,28 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from tools.experiment import StreamRows, stream, summarise
+from tools.timing import median, time_variants
 
 ASSET = Path(__file__).resolve().parent / "assets" / "demo_backbone.pt2"
 
 
-def _median(xs):
-    return float(torch.tensor(xs, dtype=torch.float64).median()) if xs else float("nan")
-
-
-@torch.no_grad()
-def time_backbone(model, x, reps=3):
-    """Best-of-``reps`` wall time of one forward, in ms."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
-def stream(rt, reference, x, y, batch, seed, progress=True):
-    """Serve ``x`` in a seeded order, ``batch`` rows per request; returns per-row records.
-
-    Each request is answered before anything learns from it (predict answers, then buffers).
-    ``reference`` (the artifact with exits off) gives the backbone's answer for agreement.
-    """
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    E = rt.num_exits
-    cum_stage = torch.cumsum(rt.stage_flops, 0)
-    rec = {"exit": [], "pred": [], "ref": [], "label": [], "flops": [], "lat": [], "ref_lat": []}
-    bar = tqdm(range(0, len(x), batch), desc="serving", unit="req", disable=not progress)
-    for s in bar:
-        xb = x[s:s + batch]
-        on = torch.tensor([t is not None for t in rt.stats()["thresholds"]], dtype=torch.float64)
-        t0 = time.perf_counter()
-        out, exits = rt.predict(xb, return_exits=True)
-        rec["lat"].append((time.perf_counter() - t0) * 1e3)
-        rec["ref_lat"].append(time_backbone(reference, xb, reps=1))
-        with torch.no_grad():
-            ref = reference(xb)
-        cum_head = torch.cat([torch.cumsum(rt.head_flops * on, 0), (rt.head_flops * on).sum()[None]])
-        rec["flops"].append(cum_stage[exits] + cum_head[exits])
-        rec["exit"].append(exits)
-        rec["pred"].append(out.argmax(1))
-        rec["ref"].append(ref.argmax(1))
-        rec["label"].append(y[s:s + batch])
-        if progress and len(rec["exit"]) % 20 == 0:
-            done = torch.cat(rec["exit"])
-            bar.set_postfix(exit_rate=f"{(done < E).float().mean():.2f}")
-    out = {k: torch.cat(v) for k, v in rec.items() if k not in ("lat", "ref_lat")}
-    out["lat"], out["ref_lat"] = rec["lat"], rec["ref_lat"]
-    return out
-
-
-def summarise(rec, rt, half=True) -> dict:
-    """Figures over the second half of the stream (prequential: every answer came first)."""
-    n = len(rec["exit"])
-    h = slice(n // 2, n) if half else slice(0, n)
-    E = rt.num_exits
-    total = rt.total_flops
-    agree = (rec["pred"][h] == rec["ref"][h]).float().mean().item()
-    return {
-        "rows": n - (n // 2 if half else 0),
-        "flops_saved": 1 - rec["flops"][h].sum().item() / ((n - (n // 2 if half else 0)) * total),
-        "agreement": agree,
-        "accuracy_cached": (rec["pred"][h] == rec["label"][h]).float().mean().item(),
-        "accuracy_backbone": (rec["ref"][h] == rec["label"][h]).float().mean().item(),
-        "exit_share": (torch.bincount(rec["exit"][h], minlength=E + 1).double()
-                       / max(n - (n // 2 if half else 0), 1)).tolist(),
-    }
-
-
-def plot(rec, rt, path, window=500):
+def plot(rec: StreamRows, rt, budget: float, path, window=500):
     """Exit shares and rolling FLOPs saved / agreement along the stream."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    E = rt.num_exits
-    n = len(rec["exit"])
+    E, total = rt.num_exits, float(rt.manifest["total_flops"])
+    n = len(rec)
     xs, shares, saved, agree = [], [], [], []
     for s in range(0, n - window + 1, window // 2):
         sl = slice(s, s + window)
         xs.append(s + window // 2)
-        shares.append((torch.bincount(rec["exit"][sl], minlength=E + 1).double() / window).tolist())
-        saved.append(1 - rec["flops"][sl].sum().item() / (window * rt.total_flops))
-        agree.append((rec["pred"][sl] == rec["ref"][sl]).float().mean().item())
+        shares.append((torch.bincount(rec.exit[sl], minlength=E + 1).double() / window).tolist())
+        saved.append(1 - rec.flops[sl].sum().item() / (window * total))
+        agree.append((rec.pred[sl] == rec.ref[sl]).float().mean().item())
     names = [e["name"] for e in rt.exits] + ["backbone"]
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     a.stackplot(xs, list(zip(*shares)), labels=names)
@@ -110,7 +44,7 @@ def plot(rec, rt, path, window=500):
     a.set_title("Where requests exit, along the stream")
     b.plot(xs, saved, label="FLOPs saved (heads counted)")
     b.plot(xs, agree, label="agreement with backbone")
-    b.axhline(rt.config.agreement_budget, ls="--", c="gray", lw=0.8, label="agreement budget")
+    b.axhline(budget, ls="--", c="gray", lw=0.8, label="agreement budget")
     b.set_ylim(0, 1.02)
     b.set_xlabel("request row")
     b.legend(loc="lower right", fontsize=8)
@@ -142,7 +76,6 @@ def main(argv=None) -> int:
     from compiler.loading import load_model
     from compiler.rewrite import RewriteConfig, rewrite_module
     import runtime
-    from tools.benchmark import time_variants  # not at the top: tools.benchmark imports this module
     from tools.data import load_fashion_mnist
 
     out = Path(args.out)
@@ -182,19 +115,20 @@ def main(argv=None) -> int:
     for bs in sorted({args.batch, 1}):
         t = time_variants({"cached": learned, "backbone": reference},
                           list(xs[:200 * bs].split(bs)), reps=3, warmup=10, device="cpu")
-        saved_lat[bs] = (_median(t["cached"]), _median(t["backbone"]))
-    second = summarise(rec, rt)
+        saved_lat[bs] = (median(t["cached"]), median(t["backbone"]))
+    total = float(rt.manifest["total_flops"])
+    second = summarise(rec, rt.num_exits, total)
     st = rt.stats()
-    lat, ref_lat = _median(rec["lat"]), _median(rec["ref_lat"])
-    half = len(rec["lat"]) // 2
-    lat2, ref2 = _median(rec["lat"][half:]), _median(rec["ref_lat"][half:])
+    lat, ref_lat = median(rec.lat), median(rec.ref_lat)
+    half = len(rec.lat) // 2
+    lat2, ref2 = median(rec.lat[half:]), median(rec.ref_lat[half:])
     summary = {
         "command": "python -m tools.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, CPU",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "requests": st["requests"], "rows": st["rows"], "batch": args.batch,
-        "exit_names": st["exit_names"], "second_half": second,
-        "whole_stream": summarise(rec, rt, half=False),
+        "exit_names": st["exit_names"], "second_half": second.to_json(),
+        "whole_stream": summarise(rec, rt.num_exits, total, half=False).to_json(),
         "latency_ms_per_request": {"cached_p50": lat, "backbone_p50": ref_lat,
                                    "cached_p50_second_half": lat2,
                                    "backbone_p50_second_half": ref2,
@@ -204,16 +138,16 @@ def main(argv=None) -> int:
         "runtime_stats": st,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(rec, rt, out / "demo.png")
+    plot(rec, rt, args.budget, out / "demo.png")
     print()
     print(f"requests {st['requests']} ({st['rows']} rows, {args.batch} per request); "
-          f"exits: {', '.join(f'{n} {s:.1%}' for n, s in zip(st['exit_names'], second['exit_share']))}"
+          f"exits: {', '.join(f'{n} {s:.1%}' for n, s in zip(st['exit_names'], second.exit_share))}"
           f" (second half)")
-    print(f"second half (rows {second['rows']}, answered before any learning from them):")
-    print(f"  FLOPs saved, heads counted:   {second['flops_saved']:.1%}")
-    print(f"  agreement with the backbone:  {second['agreement']:.2%}   (budget {args.budget:.1%})")
-    print(f"  accuracy (labels, report only): cached {second['accuracy_cached']:.2%}, "
-          f"backbone {second['accuracy_backbone']:.2%}")
+    print(f"second half (rows {second.rows}, answered before any learning from them):")
+    print(f"  FLOPs saved, heads counted:   {second.flops_saved:.1%}")
+    print(f"  agreement with the backbone:  {second.agreement:.2%}   (budget {args.budget:.1%})")
+    print(f"  accuracy (labels, report only): cached {second.accuracy_cached:.2%}, "
+          f"backbone {second.accuracy_backbone:.2%}")
     print(f"  latency p50 per request:      cached {lat2:.2f} ms, backbone {ref2:.2f} ms "
           f"({lat2 / ref2 - 1:+.0%}; CPU, batch {args.batch}, runtime.predict while learning)")
     for bs, (c, r) in saved_lat.items():
@@ -223,7 +157,7 @@ def main(argv=None) -> int:
           f"over {st['shadow_rows']} rows; drift events {st['drift_events']}")
     print(f"learning: {st['learning']['rounds']} rounds, {st['learning']['train_flops'] / 1e9:.2f} GFLOPs, "
           f"{st['learning']['train_seconds']:.1f} s")
-    ok = second["flops_saved"] >= 0.60 and second["agreement"] >= 0.99
+    ok = second.flops_saved >= 0.60 and second.agreement >= 0.99
     print(f"target (>= 60% FLOPs saved at >= 99% agreement, second half): {'met' if ok else 'NOT met'}")
     print(f"wrote {out / 'summary.json'}, {out / 'demo.png'}, {learned_path}")
     return 0

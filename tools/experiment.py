@@ -1,0 +1,125 @@
+"""The prequential stream experiment: serve a test set request by request, record every row, sum up.
+
+Shared by ``tools.demo`` and ``tools.benchmark``. Each request is answered before anything learns
+from it (``predict`` answers, then buffers), so every figure over the stream is out-of-sample.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from tqdm import tqdm
+
+from compiler import exit_rule
+from tools.records import Record
+from tools.timing import time_backbone
+
+
+@dataclass
+class StreamRows:
+    """What happened to each row of a stream, in serving order (tensors [n]), and each
+    request's latency (ms; ``ref_lat``: the reference's, best of one)."""
+
+    exit: torch.Tensor      # exit taken (E: the backbone)
+    pred: torch.Tensor      # class answered
+    ref: torch.Tensor       # the backbone's class
+    label: torch.Tensor     # the true label (reports only)
+    flops: torch.Tensor     # FLOPs the row cost, heads counted (float64)
+    lat: List[float]
+    ref_lat: List[float]
+
+    def __len__(self) -> int:
+        return len(self.exit)
+
+
+@dataclass
+class StreamSummary(Record):
+    """Figures over a span of the stream (by default its second half)."""
+
+    rows: int
+    flops_saved: float          # heads counted
+    agreement: float            # same class as the backbone
+    accuracy_cached: float
+    accuracy_backbone: float
+    exit_share: List[float]     # share of rows per exit, the backbone last
+
+
+@dataclass
+class Window(Record):
+    """FLOPs saved and agreement over a window of rows; ``row``: its middle (rolling windows)."""
+
+    rows: int
+    flops_saved: float
+    agreement: float
+    row: Optional[int] = None
+
+
+def stream(rt, reference, x, y, batch, seed, progress=True) -> StreamRows:
+    """Serve ``x`` in a seeded order, ``batch`` rows per request; returns per-row records.
+
+    ``rt`` is a runtime (or a stand-in with ``predict``, ``stats``, ``num_exits``,
+    ``stage_flops`` and ``head_flops``); ``reference`` (the artifact with exits off) gives the
+    backbone's answer for agreement. A row's cost follows ``compiler.exit_rule`` with the exits
+    that were on when it was served.
+    """
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    E = rt.num_exits
+    rec = {"exit": [], "pred": [], "ref": [], "label": [], "flops": [], "lat": [], "ref_lat": []}
+    bar = tqdm(range(0, len(x), batch), desc="serving", unit="req", disable=not progress)
+    for s in bar:
+        xb = x[s:s + batch]
+        on = torch.tensor([t is not None for t in rt.stats()["thresholds"]], dtype=torch.bool)
+        t0 = time.perf_counter()
+        out, exits = rt.predict(xb, return_exits=True)
+        rec["lat"].append((time.perf_counter() - t0) * 1e3)
+        rec["ref_lat"].append(time_backbone(reference, xb, reps=1))
+        with torch.no_grad():
+            ref = reference(xb)
+        rec["flops"].append(exit_rule.row_cost(exits, rt.stage_flops, rt.head_flops, on))
+        rec["exit"].append(exits)
+        rec["pred"].append(out.argmax(1))
+        rec["ref"].append(ref.argmax(1))
+        rec["label"].append(y[s:s + batch])
+        if progress and len(rec["exit"]) % 20 == 0:
+            done = torch.cat(rec["exit"])
+            bar.set_postfix(exit_rate=f"{(done < E).float().mean():.2f}")
+    return StreamRows(*(torch.cat(rec[k]) for k in ("exit", "pred", "ref", "label", "flops")),
+                      rec["lat"], rec["ref_lat"])
+
+
+def summarise(rec: StreamRows, num_exits: int, total_flops: float,
+              half: bool = True) -> StreamSummary:
+    """Figures over the second half of the stream (prequential: every answer came first), or
+    over all of it."""
+    n = len(rec)
+    rows = n - (n // 2 if half else 0)
+    h = slice(n // 2, n) if half else slice(0, n)
+    return StreamSummary(
+        rows=rows,
+        flops_saved=1 - rec.flops[h].sum().item() / (rows * total_flops),
+        agreement=(rec.pred[h] == rec.ref[h]).float().mean().item(),
+        accuracy_cached=(rec.pred[h] == rec.label[h]).float().mean().item(),
+        accuracy_backbone=(rec.ref[h] == rec.label[h]).float().mean().item(),
+        exit_share=(torch.bincount(rec.exit[h], minlength=num_exits + 1).double()
+                    / max(rows, 1)).tolist())
+
+
+def window(rec: StreamRows, sl: slice, total_flops: float) -> Window:
+    """FLOPs saved and agreement over rows ``sl`` (a slice inside the stream)."""
+    m = sl.stop - sl.start
+    return Window(rows=m, flops_saved=1 - rec.flops[sl].sum().item() / (m * total_flops),
+                  agreement=(rec.pred[sl] == rec.ref[sl]).double().mean().item())
+
+
+def rolling(rec: StreamRows, total_flops: float, size: int = 500) -> List[Window]:
+    """Windows of ``size`` rows every ``size // 2`` rows along the stream (one if it is shorter)."""
+    n = len(rec)
+    pts = []
+    for s in range(0, max(n - size + 1, 1), max(size // 2, 1)):
+        w = window(rec, slice(s, min(s + size, n)), total_flops)
+        w.row = s + w.rows // 2
+        pts.append(w)
+    return pts
