@@ -1,0 +1,205 @@
+"""Dynamic batching: requests from many clients share one ``predict`` call, each gets its rows back.
+
+One worker thread takes the oldest waiting request, waits up to ``max_wait_s`` (from that
+request's arrival) for others until ``max_batch`` rows are queued, runs them as one batch and
+hands each request its own slice, in order. Requests whose client went away (future cancelled)
+or whose deadline passed are dropped before the batch runs, so they cost nothing. The queue is
+bounded in requests: ``submit`` raises QueueFull at once past it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("runtime.server")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` requests already; answer 503 with Retry-After."""
+
+
+class ShuttingDown(Exception):
+    """The batcher no longer accepts requests."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it was run."""
+
+
+@dataclass
+class _Item:
+    x: torch.Tensor
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    deadline: Optional[float]
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+
+class BatchObserver:
+    """Hooks the batcher calls (the metrics implement them); every method is optional."""
+
+    def on_batch(self, rows: int, requests: int, seconds: float):
+        pass
+
+    def on_queue_wait(self, seconds: float):
+        pass
+
+    def on_dropped(self, reason: str, rows: int):
+        pass
+
+
+def _resolve(item: _Item, result=None, error: Optional[BaseException] = None):
+    def apply():
+        if item.future.done():  # cancelled: the client went away
+            return
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
+    try:
+        item.loop.call_soon_threadsafe(apply)
+    except RuntimeError:  # the event loop is closed: nobody is waiting any more
+        pass
+
+
+class DynamicBatcher:
+    """Gather queued requests into batches for ``predict(x) -> (out, exits)`` on a worker thread."""
+
+    def __init__(self, predict: Callable, max_batch: int = 32, max_wait_s: float = 0.005,
+                 max_queue: int = 256, observer: Optional[BatchObserver] = None):
+        self.predict = predict
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.observer = observer or BatchObserver()
+        self._queue: collections.deque = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self.batch_seconds = 0.0   # running mean of one batch's time, for Retry-After
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet taken into a batch)."""
+        return len(self._queue)
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="layer-cache-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: torch.Tensor, deadline: Optional[float] = None) -> asyncio.Future:
+        """Queue ``x`` (rows already checked); await the returned future for ``(out, exits)``.
+
+        Call from the event loop. ``deadline`` is a ``time.monotonic()`` instant.
+        """
+        loop = asyncio.get_running_loop()
+        item = _Item(x, loop.create_future(), loop, time.monotonic(), deadline)
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"queue full ({self.max_queue} requests waiting); retry later")
+            self._queue.append(item)
+            self._queued_rows += item.rows
+            self._cond.notify()
+        return item.future
+
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait: the time to work off the queue, at least 1."""
+        batches = max(1, self.depth * 1.0 / max(self.max_batch, 1))
+        return max(1, int(batches * self.batch_seconds + 0.999))
+
+    def close(self, drain: bool = True, timeout: float = 30.0):
+        """Stop accepting; with ``drain`` answer what is queued first, else fail it (ShuttingDown)."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                while self._queue:
+                    item = self._queue.popleft()
+                    _resolve(item, error=ShuttingDown("the server shut down before running it"))
+                self._queued_rows = 0
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("batcher: queue not drained within %.0f s", timeout)
+            self._thread = None
+
+    # ----- worker -------------------------------------------------------------------------------
+    def _take(self) -> Optional[list]:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            flush_at = self._queue[0].enqueued + self.max_wait_s
+            while self._queued_rows < self.max_batch and not self._closing:
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch, rows = [], 0
+            while self._queue:
+                item = self._queue[0]
+                if batch and rows + item.rows > self.max_batch:
+                    break
+                self._queue.popleft()
+                self._queued_rows -= item.rows
+                batch.append(item)
+                rows += item.rows
+            return batch
+
+    def _run(self):
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.future.done():
+                    self.observer.on_dropped("cancelled", item.rows)
+                elif item.deadline is not None and now > item.deadline:
+                    self.observer.on_dropped("deadline", item.rows)
+                    _resolve(item, error=DeadlineExceeded(
+                        f"deadline passed after {now - item.enqueued:.3f} s in the queue"))
+                else:
+                    self.observer.on_queue_wait(now - item.enqueued)
+                    live.append(item)
+            if live:
+                self._serve(live)
+
+    def _serve(self, items: list):
+        t0 = time.perf_counter()
+        try:
+            x = items[0].x if len(items) == 1 else torch.cat([i.x for i in items])
+            out, exits = self.predict(x)
+        except Exception as e:  # noqa: BLE001 - one bad request must not fail its neighbours
+            if len(items) > 1:
+                for item in items:
+                    self._serve([item])
+                return
+            log.error("predict failed: %s: %s", type(e).__name__, e)
+            _resolve(items[0], error=e)
+            return
+        seconds = time.perf_counter() - t0
+        self.batch_seconds = 0.9 * self.batch_seconds + 0.1 * seconds if self.batch_seconds \
+            else seconds
+        self.observer.on_batch(int(x.shape[0]), len(items), seconds)
+        start = 0
+        for item in items:
+            stop = start + item.rows
+            _resolve(item, (out[start:stop], exits[start:stop]))
+            start = stop
