@@ -1,4 +1,4 @@
-"""The online cache on the prequential stream, with the oracle of its own heads: one run per seed."""
+"""The online cache on the prequential stream, and the oracle of its own heads: one run per seed."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""The latency harness: backbone and cached model per request, eager and scripted, batch 1 and 64."""
+"""The latency harness: backbone vs cached model per request, eager and scripted, batch 1, 64."""
 from __future__ import annotations
 
 import copy

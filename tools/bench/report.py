@@ -306,9 +306,9 @@ def write_md(out_dir: Path, md_path: Path, fig_dir: Path) -> Path:
           f"**GPU:** {mach['gpu']}; latency tables below are CUDA timings, synchronised."), "",
          "## Protocol", "",
          "- **Stream.** The 10,000 Fashion-MNIST test images in a seeded random order (one order "
-         "per seed), 16 rows per request (`tools.demo.stream`). Each request is answered before "
-         "anything learns from it; the runtime learns inline (`background=False`), where its "
-         "cost model is FLOPs only, so order, shadow sampling, calibration split, training and "
+         "per seed), 16 rows per request (`tools.experiment.stream`). Each request is answered "
+         "before anything learns from it; the runtime learns inline (`background=False`), where "
+         "its cost model is FLOPs only, so order, shadow sampling, calibration split, training and "
          "thresholds all follow from the seed. Figures are taken on the **second half** of the "
          "stream: rows that were all answered before any head saw them.",
          "- **Ours.** `runtime.load(artifact, background=False, seed=s, agreement_budget=b)` on "
