@@ -182,6 +182,10 @@ class Service:
         want = f"'{INPUT}' (FP32, shape [N, {', '.join(map(str, self.rt.input_shape))}])"
         if self.preprocessor is not None:
             want += f" or '{IMAGE}' (BYTES, shape [N], encoded PNG/JPEG)"
+        for name, _ in req.outputs or ():
+            if name not in (OUTPUT, EXIT):
+                raise ProtocolError(f"unknown output '{name}'; this model has '{OUTPUT}' and "
+                                    f"'{EXIT}'")
         if len(req.inputs) != 1:
             raise ProtocolError(f"send exactly one input, {want}; got "
                                 f"{[t.name for t in req.inputs]}")
