@@ -61,7 +61,7 @@ class _RuntimeCollector:
         yield enabled
         g = GaugeMetricFamily(f"{PREFIX}_flops_saved_ratio", "Share of backbone FLOPs saved "
                               "(estimate; heads counted)", labels=["model"])
-        g.add_metric([model], float(s.get("flops_saved") or 0.0))
+        g.add_metric([model], float(s.get("flops_saved") or 0.0) if s.get("rows") else 0.0)
         yield g
         if s.get("live_agreement") is not None:
             g = GaugeMetricFamily(f"{PREFIX}_live_agreement_ratio", "Agreement of the answers "
