@@ -292,12 +292,23 @@ def test_queue_full_is_503_and_deadline_is_504(teacher_artifact, rows):
         r = post(srv, infer_json(rows[:1], parameters={"timeout": 200_000}))
         assert r.status_code == 504 and "deadline" in r.json()["error"]
         assert time.perf_counter() - t0 < 1.4, "the deadline must not wait for the batch"
-        time.sleep(1.5)   # the worker drops the expired request instead of running it
+        time.sleep(1.6)   # the worker drops the expired request instead of running it
+        # A client that hangs up while queued: its request is dropped, not run.
+        body = json.dumps(infer_json(rows[:1])).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+            raw.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.time() + 5
+            while srv.service.batcher.depth < 1:
+                assert time.time() < deadline
+                time.sleep(0.01)
+        time.sleep(1.6)
         s = metric_samples(srv)
         assert sample(s, "layer_cache_requests_total", status="503") == 1
         assert sample(s, "layer_cache_requests_total", status="504") == 1
-        assert sample(s, "layer_cache_dropped_requests_total", reason="cancelled") == 1
-        assert srv.service.rt.stats()["rows"] == 1
+        assert sample(s, "layer_cache_requests_total", status="499") == 1
+        assert sample(s, "layer_cache_dropped_requests_total", reason="cancelled") == 2
+        assert srv.service.rt.stats()["rows"] == 1, "a dropped request was run"
     finally:
         srv.stop()
 
