@@ -44,25 +44,34 @@ def first_exit(conf: torch.Tensor, threshold: torch.Tensor, enabled: torch.Tenso
     """Each row's exit (long [n]; ``E`` = the backbone) from all heads' confidences [E, n].
 
     The same rule as applying ``leaves`` exit after exit to the rows still in the batch.
+    ``threshold`` and ``enabled`` may carry leading dimensions ([..., E]) to route the same
+    rows under many settings at once; the result is then [..., n].
     """
     E, n = conf.shape[0], conf.shape[1]
-    hit = (conf >= threshold.to(conf.dtype).unsqueeze(1)) & enabled.to(torch.bool).unsqueeze(1)
-    first = hit.to(torch.int32).argmax(0).to(torch.long)
-    return torch.where(hit.any(0), first, torch.full([n], E, dtype=torch.long, device=conf.device))
+    hit = (conf >= threshold.to(conf.dtype).unsqueeze(-1)) & enabled.to(torch.bool).unsqueeze(-1)
+    first = hit.to(torch.int32).argmax(-2).to(torch.long)
+    return torch.where(hit.any(-2), first, torch.full_like(first, E))
 
 
 def exit_costs(stage_cost: torch.Tensor, head_cost: torch.Tensor,
                enabled: torch.Tensor) -> torch.Tensor:
     """Cost of a row leaving at each exit, [E + 1] (last: it ran the whole backbone).
 
-    ``stage_cost`` [E + 1] and ``head_cost`` [E] in any unit (FLOPs, a share, milliseconds).
+    ``stage_cost`` [E + 1] and ``head_cost`` [E] in any unit (FLOPs, a share, milliseconds);
+    ``enabled`` [..., E] gives [..., E + 1].
     """
-    heads = torch.cumsum(head_cost.to(torch.float64) * enabled.to(torch.float64), 0)
-    passed = torch.cat([heads, heads[-1:]]) if heads.numel() > 0 else torch.zeros(1, dtype=torch.float64)
+    heads = torch.cumsum(head_cost.to(torch.float64) * enabled.to(torch.float64), -1)
+    if heads.shape[-1] > 0:
+        passed = torch.cat([heads, heads[..., -1:]], -1)
+    else:
+        passed = torch.zeros(heads.shape[:-1] + (1,), dtype=torch.float64)
     return torch.cumsum(stage_cost.to(torch.float64), 0) + passed
 
 
 def row_cost(exit_of: torch.Tensor, stage_cost: torch.Tensor, head_cost: torch.Tensor,
              enabled: torch.Tensor) -> torch.Tensor:
-    """Cost of each row (float64 [n]) given the exit it left at."""
-    return exit_costs(stage_cost, head_cost, enabled).to(exit_of.device)[exit_of]
+    """Cost of each row (float64 [..., n]) given the exit it left at ([..., n])."""
+    costs = exit_costs(stage_cost, head_cost, enabled).to(exit_of.device)
+    if costs.dim() == 1:
+        return costs[exit_of]
+    return torch.gather(costs, -1, exit_of)

@@ -59,16 +59,23 @@ def route(conf: torch.Tensor, t) -> torch.Tensor:
     return exit_rule.first_exit(conf, threshold, enabled)
 
 
+def evaluate_many(conf, agree, stage_cost, head_cost, T):
+    """(savings [K], agreeing rows [K]) of K threshold settings ``T`` [K, E] (``inf``: off)."""
+    E, n = conf.shape
+    T = torch.as_tensor(T, dtype=torch.float64).reshape(-1, E)
+    threshold, enabled = exit_rule.split_thresholds(T.flatten())
+    threshold, enabled = threshold.reshape(T.shape), enabled.reshape(T.shape)
+    first = exit_rule.first_exit(conf, threshold, enabled)                    # [K, n]
+    cost = exit_rule.row_cost(first, stage_cost, head_cost, enabled)          # [K, n]
+    ok = torch.cat([agree, torch.ones(1, n, dtype=torch.bool)], 0)             # the backbone agrees
+    agreeing = torch.gather(ok, 0, first).sum(1)
+    return (1.0 - cost.mean(1)).tolist(), agreeing.tolist()
+
+
 def evaluate(conf, agree, stage_cost, head_cost, t):
     """(saving, agreeing rows) of thresholds ``t`` on conf/agree [E, n]."""
-    E, n = conf.shape
-    _, enabled = exit_rule.split_thresholds(t)
-    first = route(conf, t)
-    cost = exit_rule.row_cost(first, stage_cost, head_cost, enabled)
-    ok = torch.ones(n, dtype=torch.bool)
-    left = first < E
-    ok[left] = agree[first[left], torch.nonzero(left).flatten()]
-    return 1.0 - cost.mean().item(), int(ok.sum())
+    s, a = evaluate_many(conf, agree, stage_cost, head_cost, [list(t)])
+    return s[0], int(a[0])
 
 
 def exit_shares(conf: torch.Tensor, t) -> List[float]:
@@ -101,20 +108,24 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
 
     while True:
         _poll(should_stop)
-        best = None
+        moves = []
         for e in range(E):
             # An exit that is off must pay for its head first: try every threshold for it.
             # One that is on moves a few grid steps at a time.
             ahead = len(cands[e]) if pos[e] < 0 else 3
-            for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e]))):
-                trial = list(t)
-                trial[e] = cands[e][k]
-                s, a = evaluate(conf, agree, stage_cost, head_cost, trial)
-                if s <= saving or not feasible(a):
-                    continue
-                ratio = (s - saving) / (max(agreeing - a, 0) + 1.0)
-                if best is None or ratio > best[0]:
-                    best = (ratio, e, k, s, a)
+            moves += [(e, k) for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e])))]
+        if not moves:
+            break
+        trials = [list(t) for _ in moves]
+        for trial, (e, k) in zip(trials, moves):
+            trial[e] = cands[e][k]
+        best = None
+        for (e, k), s, a in zip(moves, *evaluate_many(conf, agree, stage_cost, head_cost, trials)):
+            if s <= saving or not feasible(a):
+                continue
+            ratio = (s - saving) / (max(agreeing - a, 0) + 1.0)
+            if best is None or ratio > best[0]:
+                best = (ratio, e, k, s, a)
         if best is None:
             break
         _, e, k, saving, agreeing = best
@@ -141,20 +152,26 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
     z = z_of(confidence)
     cands = torch.unique(torch.quantile(conf.flatten().float(), torch.linspace(0, 1, grid))).tolist()
     best = Plan([INF] * E, *_score(conf, agree, stage_cost, head_cost, [INF] * E, z), n)
-    for c in cands:
+    _poll(should_stop)
+    # Every candidate at once: score it, then (exit by exit, as a sequential pass would) switch
+    # off exits whose saving does not pay for their head.
+    T = [[c] * E for c in cands]
+    s, a = evaluate_many(conf, agree, stage_cost, head_cost, T)
+    live = [k for k in range(len(T)) if wilson_lower(a[k], n, z) >= budget]
+    for e in range(E):
         _poll(should_stop)
-        t = [c] * E
-        s, a, lb = _score(conf, agree, stage_cost, head_cost, t, z)
-        if lb < budget:
-            continue
-        for e in range(E):  # switch off exits whose saving does not pay for their head
-            trial = list(t)
+        if not live:
+            break
+        trials = [list(T[k]) for k in live]
+        for trial in trials:
             trial[e] = INF
-            s2, a2, lb2 = _score(conf, agree, stage_cost, head_cost, trial, z)
-            if s2 >= s and lb2 >= budget:
-                t, s, a, lb = trial, s2, a2, lb2
-        if s > best.saving:
-            best = Plan(t, s, a, lb, n)
+        s2, a2 = evaluate_many(conf, agree, stage_cost, head_cost, trials)
+        for j, k in enumerate(live):
+            if s2[j] >= s[k] and wilson_lower(a2[j], n, z) >= budget:
+                T[k], s[k], a[k] = trials[j], s2[j], a2[j]
+    for k in live:
+        if s[k] > best.saving:
+            best = Plan(T[k], s[k], a[k] / max(n, 1), wilson_lower(a[k], n, z), n)
     return best
 
 

@@ -219,10 +219,13 @@ class CachedRuntime:
             self._pending += n
             due = self._pending >= self.config.learning.train_every
         if due and not self._paused:
-            if self._thread is None:
-                self.learn()
-            else:
+            if self._thread is not None:
                 self._thread.wake.set()
+                return
+            try:
+                self.learn()
+            except Exception:  # counted in stats(); the request was answered, serving goes on
+                log.exception("learning round failed; exits keep their previous state")
 
     def _should_stop(self) -> bool:
         return self._thread is not None and self._thread.stop.is_set()

@@ -11,6 +11,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+# The first optimiser built in a process imports torch._dynamo (about 2 s). Pay it at import,
+# not inside the first learning round, where close() could not interrupt it.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def classifier_flops(clf: nn.Sequential) -> int:
     """Forward FLOPs of one row through a classifier (multiply-add = 2)."""
     return sum(2 * m.in_features * m.out_features for m in clf if isinstance(m, nn.Linear))
