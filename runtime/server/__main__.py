@@ -129,12 +129,17 @@ def main(argv: Optional[list] = None) -> int:
         cfg = config_from(args)
     except ServerConfigError as e:
         return _fail(str(e))
+    from compiler.artifact import read_manifest
+    from compiler.errors import CompilerError
+    try:   # before logging starts: a bad artifact is one line on stderr
+        read_manifest(cfg.artifact)
+    except CompilerError as e:
+        return _fail(str(e))
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported only now: --help and bad flags answer without loading torch.
     import uvicorn
 
-    from compiler.errors import CompilerError
     from .app import build_app
     from .preprocess import PresetError
     from .service import Service

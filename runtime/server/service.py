@@ -107,7 +107,7 @@ class Service:
             self.checkpointer.close(final=True)
         if self.rt is not None:
             self.rt.close()
-        log.info("model '%s' stopped", self.name)
+            log.info("model '%s' stopped", self.name)
 
     def _predict(self, x: torch.Tensor):
         return self.rt.predict(x, return_exits=True)
