@@ -103,15 +103,15 @@ class DriftConfig:
     the buffered traffic and relearns.
 
     window_rows:      rows per exit-share test.
-    doubt_z:          the exit-share test's threshold, as a one-sided normal quantile of its
-                      standardised chi-square (strict: doubt costs backbone time).
+    doubt_p:          the exit-share test's p-value threshold (chi-square; strict: doubt costs
+                      backbone time).
     """
 
     window_rows: int = 256
-    doubt_z: float = 5.0
+    doubt_p: float = 1e-6
     doubt_shadow_rate: float = 0.5
     doubt_rows: int = 400
-    cusum_threshold: float = 12.0
+    cusum_threshold: float = 15.0
     shift_factor: float = 3.0
     shift_margin: float = 0.01
 

@@ -90,8 +90,9 @@ class DriftMonitor:
         exp = self._expected * n
         chi2 = float(((self._counts - exp) ** 2 / exp).sum())
         df = len(self._expected) - 1
-        z = (chi2 - df) / math.sqrt(2 * df) if df > 0 else 0.0
+        p = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                          torch.tensor(chi2 / 2, dtype=torch.float64))) if df else 1.0
         self._counts = None
-        if z > self.config.doubt_z and not self._doubt_left:
+        if p < self.config.doubt_p and not self._doubt_left:
             self.doubts += 1
             self._doubt_left = self.config.doubt_rows

@@ -64,7 +64,7 @@ class Counters:
                 "live_agreement": self.shadow_agree / self.shadow_rows if self.shadow_rows else None,
                 "live_agreement_per_exit": [sum(d) / len(d) if d else None for d in self.exit_shadow],
                 "shadow_rows": self.shadow_rows,
-                "flops_saved": 1 - self.flops_spent / max(self.rows * total_flops, 1),
+                "flops_saved": 1 - self.flops_spent / (self.rows * total_flops) if self.rows else 0.0,
                 "latency_ms": quantiles(self.latency),
                 "latency_while_learning_ms": quantiles(self.latency_learning),
             }

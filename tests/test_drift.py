@@ -1,0 +1,86 @@
+"""The drift monitor: no false alarms on stable traffic, quick alarms on a real shift."""
+import pytest
+import torch
+
+import runtime
+from runtime.config import DriftConfig
+from runtime.drift import ALARM, DOUBT, OK, DriftMonitor
+
+BATCH = 16
+BUDGET = 0.99
+
+
+def feed(monitor, disagreement: float, rows: int, seed: int, shares=(0.6, 0.2, 0.2)):
+    """Shadow requests of BATCH rows with this disagreement rate; rows until the alarm (or None)."""
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, rows, BATCH):
+        ok = torch.rand(BATCH, generator=gen) >= disagreement
+        exits = torch.multinomial(torch.tensor(shares), BATCH, True, generator=gen)
+        v = monitor.observe(torch.bincount(exits, minlength=len(shares)).tolist(), ok)
+        if v.state == ALARM:
+            return start + BATCH
+    return None
+
+
+def test_cusum_stays_quiet_on_traffic_that_keeps_the_budget():
+    for seed in range(5):
+        m = DriftMonitor(DriftConfig(), BUDGET)
+        m.reset((0.6, 0.2, 0.2))
+        assert feed(m, 0.01, 100_000, seed) is None  # the budget's own disagreement rate
+        assert m.events == 0
+
+
+@pytest.mark.parametrize("disagreement,within", [(0.25, 100), (0.10, 400), (0.05, 1000)])
+def test_cusum_alarms_quickly_on_a_real_shift(disagreement, within):
+    for seed in range(5):
+        m = DriftMonitor(DriftConfig(), BUDGET)
+        m.reset((0.6, 0.2, 0.2))
+        at = feed(m, disagreement, 20_000, seed)
+        assert at is not None and at <= within, (seed, at)
+
+
+def test_exit_shares_that_move_put_the_monitor_in_doubt_without_an_alarm():
+    m = DriftMonitor(DriftConfig(), BUDGET)
+    m.reset((0.6, 0.2, 0.2))
+    gen = torch.Generator().manual_seed(0)
+    states = []
+    for _ in range(64):   # no shadow rows: only the exit shares speak, and they moved
+        exits = torch.multinomial(torch.tensor([0.1, 0.1, 0.8]), BATCH, True, generator=gen)
+        states.append(m.observe(torch.bincount(exits, minlength=3).tolist(), None).state)
+    assert DOUBT in states and ALARM not in states
+    assert m.in_doubt and m.doubts == 1
+    # Stable shares never raise doubt.
+    m.reset((0.6, 0.2, 0.2))
+    for _ in range(2000):
+        exits = torch.multinomial(torch.tensor([0.6, 0.2, 0.2]), BATCH, True, generator=gen)
+        assert m.observe(torch.bincount(exits, minlength=3).tolist(), None).state == OK
+
+
+def test_no_monitoring_while_exits_are_off():
+    m = DriftMonitor(DriftConfig(), BUDGET)
+    m.reset(None)
+    assert feed(m, 0.9, 2000, 0) is None
+
+
+def test_stable_fashion_mnist_raises_no_alarm_and_inverted_images_are_caught(teacher_artifact,
+                                                                             fashion_small):
+    """30,000 rows of stable traffic: no alarm. Then inverted images: exits off within 1,000 rows,
+    and no round that began before the alarm switches them back on."""
+    xtr, _, _, _ = fashion_small
+    stable = xtr[5000:35000]
+    rt = runtime.load(teacher_artifact, background=False, train_every=3000, latency_weight=0.0)
+    for i in range(0, len(stable), 100):
+        rt.predict(stable[i:i + 100])
+    s = rt.stats()
+    assert any(s["enabled"]), "exits must be on for this test to mean anything"
+    assert s["drift_events"] == 0, f"false alarm on stable traffic: {s['drift_events']}"
+    shifted = -xtr[35000:37000]
+    for i in range(0, len(shifted), BATCH):
+        rt.predict(shifted[i:i + BATCH])
+        if rt.stats()["drift_events"]:
+            break
+    else:
+        pytest.fail("inverted images not caught within 2,000 rows")
+    assert i + BATCH <= 1000, f"caught only after {i + BATCH} rows"
+    s = rt.stats()
+    assert s["enabled"] == [False] * rt.num_exits
