@@ -363,6 +363,28 @@ def test_save_is_atomic(learned, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.cached.pt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_save_gives_the_file_the_users_mode_and_syncs_the_folder(learned, tmp_path, monkeypatch,
+                                                                   umask):
+    rt, _ = learned
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.isdir(f"/proc/self/fd/{fd}") or
+                      os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    old = os.umask(umask)
+    try:
+        rt.save(tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert synced.count(True) >= 1 and synced.count(False) >= 1  # the file, then the folder
+
+
 # ----- bad input ------------------------------------------------------------------------------
 
 BAD_INPUTS = {
