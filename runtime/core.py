@@ -106,6 +106,7 @@ class CachedRuntime:
         self._learning = False
         self._paused = False
         self._closed = False
+        self._delegate = None                  # replica mode: see delegate_learning
         fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" else None
         self._state = ServingState(classifiers, thresholds, fast=fast)
         self._thread = LearnerThread(self) if self.config.background else None
@@ -168,7 +169,7 @@ class CachedRuntime:
         t0 = time.perf_counter()
         state = self._state
         rate = self.config.guarantee.shadow_rate
-        if self.drift.in_doubt:
+        if (self.drift if self._delegate is None else self._delegate).in_doubt:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
         shadow, collect = self.collector.decide(state.any_enabled, rate, state.fast is not None)
         if state.fast is not None and not shadow and not collect:
@@ -193,13 +194,29 @@ class CachedRuntime:
         counts = torch.bincount(served.exit_of.cpu(), minlength=E + 1).tolist()
         self.counters.record(counts, self.costs.flops_of(counts, state.enabled), latency,
                              self._learning, served.shadow_ok, served.shadow_exit)
-        if state.version != self._state.version:
-            return  # a newer state is in force: this request says nothing about it
         would = counts if served.shadow_exit is None else \
             torch.bincount(served.shadow_exit.cpu(), minlength=E + 1).tolist()
-        verdict = self.drift.observe(would, served.shadow_ok)
+        if self._delegate is not None:
+            self._delegate.observe(state.version, would, served.shadow_ok)
+        else:
+            self.observe(state.version, would, served.shadow_ok)
+
+    def observe(self, version: int, exit_counts, shadow_ok) -> bool:
+        """Feed the drift monitor one request served under state ``version``: rows per exit
+        (for a shadow request, where they would have left) and, if shadowed, each row's
+        agreement. Requests served under an older state are ignored. True if the alarm struck.
+
+        ``predict`` calls it; the learner of ``runtime.scaleout`` calls it with its replicas'
+        requests, so one monitor watches the pooled traffic.
+        """
+        state = self._state
+        if version != state.version:
+            return False  # a newer state is in force: this request says nothing about it
+        verdict = self.drift.observe(exit_counts, shadow_ok)
         if verdict.state == ALARM:
             self._on_drift(state, verdict)
+            return True
+        return False
 
     def _on_drift(self, seen: ServingState, verdict):
         """Live agreement fell below the budget: every exit off now, forget old traffic, relearn."""
@@ -215,6 +232,8 @@ class CachedRuntime:
 
     # ----- learning -----------------------------------------------------------------------------
     def _maybe_learn(self, n):
+        if self._delegate is not None:
+            return
         with self._lock:
             self._pending += n
             due = self._pending >= self.config.learning.train_every
@@ -237,7 +256,7 @@ class CachedRuntime:
         a new serving state was published. A round that began before a drift alarm is dropped;
         a round that raises leaves serving on the previous state and is counted in ``stats()``.
         """
-        if self._paused or self._closed:
+        if self._paused or self._closed or self._delegate is not None:
             return False
         with self._learn_lock:
             with self._lock:
@@ -281,6 +300,53 @@ class CachedRuntime:
                      "held-out rows)", self._rounds,
                      [round(t, 4) if t != INF else "off" for t in p.thresholds],
                      100 * p.plan.saving, p.plan.agreement, p.plan.lower_bound, p.plan.n)
+        return True
+
+    # ----- replica mode (runtime.scaleout) --------------------------------------------------------
+    def delegate_learning(self, sink):
+        """Serve as one of many replicas whose learning happens elsewhere (``runtime.scaleout``).
+
+        From now on no round runs here and the local drift monitor is not fed: collected rows go
+        to ``sink.add(features, teacher, role)`` (``FeatureBuffer.add``'s signature), each
+        request's decisions to ``sink.observe(version, exit_counts, shadow_ok)`` (``observe``'s),
+        and ``sink.in_doubt`` raises the shadow rate as the local monitor's doubt would. States
+        come back through ``adopt_state``. ``sink``'s methods run on the serving path: they must
+        not block. Irreversible for this runtime.
+        """
+        self._delegate = sink
+        self.collector.buffer = sink
+        if self._thread is not None:
+            self._thread.close()
+        self.buffer.clear()
+
+    def adopt_state(self, version: int, generation: int, classifiers_state, thresholds,
+                    exit_shares=None, fast: bool = False) -> bool:
+        """Install a serving state published by a learner elsewhere (replica mode).
+
+        ``classifiers_state``: per exit, the classifier's ``state_dict`` (reads raw features);
+        ``thresholds``: per exit (None or ``inf``: off); ``fast``: also build the scripted fast
+        path (the learner trained on ``fast_after`` rows). Built outside the lock, swapped whole
+        under it; a version not newer than the one in force is ignored (returns False).
+        """
+        if version <= self._state.version:
+            return False
+        specs = [e["head"] for e in self.exits]
+        classifiers = []
+        for spec, sd in zip(specs, classifiers_state):
+            k, d, hidden = spec["num_classes"], spec["feature_dim"], spec["hidden"]
+            clf = nn.Sequential(*([nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k)]
+                                  if hidden else [nn.Linear(d, k)]))
+            clf.load_state_dict({n: torch.as_tensor(v).float() for n, v in sd.items()})
+            classifiers.append(clf.eval().to(self.device))
+        classifiers = tuple(classifiers)
+        thresholds = tuple(INF if t is None else float(t) for t in thresholds)
+        module = self.loop.fast_module(classifiers, thresholds) if fast else None
+        with self._lock:
+            if version <= self._state.version:
+                return False
+            self._generation = max(self._generation, generation)
+            self._state = ServingState(classifiers, thresholds, version, generation, module,
+                                       None if exit_shares is None else tuple(exit_shares))
         return True
 
     def pause_learning(self):
