@@ -25,6 +25,8 @@ setup(
         "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow"],
         "test": ["pytest", "httpx", "tritonclient[http]"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
+        # Scale-out on Ray Serve (python -m runtime.scaleout); needs the server's extras too.
+        "ray": ["ray[serve]==2.60.0", "httpx"],
     },
     entry_points={"console_scripts": ["layer-cache-server=runtime.server.__main__:main"]},
 )
