@@ -33,6 +33,13 @@ def leaves(conf: torch.Tensor, threshold: torch.Tensor, enabled: bool) -> torch.
     return conf >= threshold
 
 
+def leaves_np(conf, threshold):
+    """``leaves`` for numpy (the onnxruntime backend, ``runtime/backends.py``): rows (bool [n])
+    whose float32 confidence reaches the threshold rounded to float32, as torch compares them."""
+    import numpy as np
+    return np.asarray(conf, dtype=np.float32) >= np.float32(threshold)
+
+
 def split_thresholds(thresholds) -> Tuple[torch.Tensor, torch.Tensor]:
     """(threshold, enabled) per exit from thresholds where ``inf`` means off."""
     t = torch.as_tensor(thresholds, dtype=torch.float64).flatten()

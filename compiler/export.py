@@ -330,6 +330,12 @@ class _Composer:
         return self.node(nodes, "ReduceMax", [x], hint, axes=[axis], keepdims=0)
 
 
+def confidence_nodes(c: _Composer, nodes: list, logits: str, hint: str) -> str:
+    """``exit_rule.confidence`` as ONNX nodes: ReduceMax(Softmax(logits, axis=1), axis=1), [n]."""
+    prob = c.node(nodes, "Softmax", [logits], f"{hint}_prob", axis=1)
+    return c.reduce_max(nodes, prob, 1, f"{hint}_conf")
+
+
 def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, manifest: dict,
              opset: int, out_elem_type: int):
     """The full ONNX model from exported stages (n exits + final) and enabled heads {i: model}."""
@@ -379,8 +385,7 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
                         c.node(nodes, "Identity", [ex], "exit_of"))
             h = run_stages(nodes, h, start, nxt)
             logits = c.inline(nodes, heads[nxt], f"head{nxt}/", h, f"head{nxt}_logits")
-            prob = c.node(nodes, "Softmax", [logits], f"head{nxt}_prob", axis=1)
-            conf = c.reduce_max(nodes, prob, 1, f"head{nxt}_conf")
+            conf = confidence_nodes(c, nodes, logits, f"head{nxt}")
             take = c.node(nodes, "GreaterOrEqual",
                           [conf, c.const(thresholds[nxt], "float32", f"threshold{nxt}")],
                           f"exit{nxt}_take")

@@ -83,11 +83,18 @@ class ServingConfig:
     latency_weight: the cost model mixes each stage's FLOPs share and measured latency share;
                     None: 0.5 with background learning, 0 (FLOPs only) in synchronous mode,
                     which must not depend on the clock to stay deterministic.
+    backend:        where requests run (runtime/backends.py): "onnxruntime" (stages as
+                    onnxruntime sessions, the exit decision in numpy between them; CPU only),
+                    "torchscript" (the artifact's scripted stages), or "auto": onnxruntime on
+                    the CPU when onnx and onnxruntime are installed and the stages export,
+                    TorchScript otherwise (docs/latency.md has the measurements behind it).
+                    The cost model's latency is measured in the backend chosen.
     """
 
     fast_after: int = 4000
     cuda_graphs: bool = True
     latency_weight: Optional[float] = None
+    backend: str = "auto"
 
 
 @dataclass
@@ -165,6 +172,9 @@ class RuntimeConfig:
                         ("doubt_shadow_rate", self.drift.doubt_shadow_rate)):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
+            raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
+                              f"{self.serving.backend!r}")
         for name in ("train_every", "min_train", "min_calib", "max_train_rows", "max_calib_rows",
                      "epochs", "batch_size"):
             if getattr(self.learning, name) < 1:

@@ -24,6 +24,7 @@ from torch import nn
 from compiler import artifact
 from compiler.errors import ArtifactError
 
+from .backends import BackendError, OnnxRuntimeBackend, resolve
 from .buffer import FeatureBuffer
 from .calibrate import INF
 from .collect import Collector
@@ -33,7 +34,7 @@ from .cuda_graphs import GraphedStage
 from .drift import ALARM, DriftMonitor
 from .learner import HeadLearner, RoundCancelled
 from .learning import LearnerThread, LearningLoop
-from .serving import ServingState, serve_fast, serve_staged
+from .serving import ServingState, serve_collected, serve_fast, serve_plan, serve_staged
 from .stats import Counters
 
 log = logging.getLogger("layer_cache.runtime")
@@ -76,11 +77,13 @@ class CachedRuntime:
                             for s, b in zip(specs, blocks))
         thresholds = tuple(float(b.threshold) if bool(b.enabled) else INF for b in blocks)
 
+        self.backend = self._make_backend(scripted_stages)
         w = self.config.serving.latency_weight
         if w is None:
             w = 0.5 if self.config.background else 0.0
         self.costs = CostModel(self.manifest, w, profile(self.stages, self.heads, classifiers,
-                                                         self.input_shape, self.device))
+                                                         self.input_shape, self.device,
+                                                         backend=self.backend))
         self.learner = HeadLearner(list(classifiers), self.config.seed)
         if self.manifest.get("runtime", {}).get("learned"):
             self.learner.adopt([c.cpu() for c in classifiers])
@@ -108,8 +111,36 @@ class CachedRuntime:
         self._closed = False
         self._delegate = None                  # replica mode: see delegate_learning
         fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" else None
-        self._state = ServingState(classifiers, thresholds, fast=fast)
+        self._state = ServingState(classifiers, thresholds, fast=fast,
+                                   compiled=self._compile(classifiers, thresholds, fast is not None))
         self._thread = LearnerThread(self) if self.config.background else None
+
+    def _make_backend(self, stages):
+        """The onnxruntime backend when the setting resolves to it (``backends.resolve``), else
+        None (TorchScript). Under ``auto`` a model whose stages do not export falls back to
+        TorchScript with a warning; asked for by name, that is an error."""
+        asked = self.config.serving.backend
+        if resolve(asked, self.device) != "onnxruntime":
+            return None
+        try:
+            return OnnxRuntimeBackend(stages, self.exits, self.input_shape,
+                                      int(self.manifest["num_classes"]))
+        except Exception as e:  # export and session errors come in many types; all fall back
+            if asked == "onnxruntime":
+                raise BackendError(f"cannot serve '{self.path}' with onnxruntime: {e}; use "
+                                   f"backend='torchscript'") from None
+            log.warning("serving with TorchScript: the onnxruntime backend cannot be built (%s)", e)
+            return None
+
+    def _compile(self, classifiers, thresholds, whole: bool):
+        """A state's onnxruntime plan, when it may serve requests whole (else None)."""
+        if self.backend is None or not whole or all(t == INF for t in thresholds):
+            return None
+        try:
+            return self.backend.compile(classifiers, thresholds)
+        except Exception as e:  # serving goes on with the scripted fast path
+            log.warning("onnxruntime plan not built (%s); this state serves with TorchScript", e)
+            return None
 
     # ----- compatibility views of the cost model ----------------------------------------------
     @property
@@ -171,9 +202,13 @@ class CachedRuntime:
         rate = self.config.guarantee.shadow_rate
         if (self.drift if self._delegate is None else self._delegate).in_doubt:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
-        shadow, collect = self.collector.decide(state.any_enabled, rate, state.fast is not None)
-        if state.fast is not None and not shadow and not collect:
+        shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
+        if state.compiled is not None and not shadow and not collect:
+            served = serve_plan(state, x)
+        elif state.fast is not None and not shadow and not collect:
             served = serve_fast(state, x)
+        elif self.backend is not None:
+            served = serve_collected(self.backend, state, x, shadow, collect)
         else:
             served = serve_staged(self.stages, self.heads, state, x, shadow, collect)
         if self.device.type == "cuda":
@@ -286,6 +321,7 @@ class CachedRuntime:
             return self._publish(proposal, generation)
 
     def _publish(self, p, generation: int) -> bool:
+        compiled = self._compile(p.classifiers, p.thresholds, p.fast is not None)
         with self._lock:
             if generation != self._generation:
                 self._rounds_discarded += 1
@@ -293,7 +329,7 @@ class CachedRuntime:
                 return False
             self._rounds += 1
             self._state = ServingState(p.classifiers, p.thresholds, self._state.version + 1,
-                                       generation, p.fast, p.exit_shares, p.plan)
+                                       generation, p.fast, p.exit_shares, p.plan, compiled)
             self.drift.reset(p.exit_shares)
         if p.plan:
             log.info("round %d: exits %s, expected saving %.1f%%, agreement %.4f (bound %.4f, %d "
@@ -341,12 +377,14 @@ class CachedRuntime:
         classifiers = tuple(classifiers)
         thresholds = tuple(INF if t is None else float(t) for t in thresholds)
         module = self.loop.fast_module(classifiers, thresholds) if fast else None
+        compiled = self._compile(classifiers, thresholds, fast)
         with self._lock:
             if version <= self._state.version:
                 return False
             self._generation = max(self._generation, generation)
             self._state = ServingState(classifiers, thresholds, version, generation, module,
-                                       None if exit_shares is None else tuple(exit_shares))
+                                       None if exit_shares is None else tuple(exit_shares),
+                                       compiled=compiled)
         return True
 
     def pause_learning(self):
@@ -370,6 +408,7 @@ class CachedRuntime:
             rounds = list(self._round_seconds[-100:])
             out.update({
                 "exit_names": [e["name"] for e in self.exits] + ["backbone"],
+                "backend": "torchscript" if self.backend is None else self.backend.name,
                 "stage_latency_ms": self.costs.stage_latency_ms,
                 "head_latency_ms": self.costs.head_latency_ms,
                 "thresholds": [None if t == INF else t for t in state.thresholds],

@@ -45,11 +45,15 @@ class CostModel:
 
 
 @torch.no_grad()
-def profile(stages, heads, classifiers, input_shape, device, batch: int = 8, reps: int = 7):
-    """Latency (ms) of each stage and each head with its decision, on this device.
+def profile(stages, heads, classifiers, input_shape, device, batch: int = 8, reps: int = 7,
+            backend=None):
+    """Latency (ms) of each stage and each head with its decision, on this device, in the
+    serving backend (``backend.profile``; None: the TorchScript stages and heads).
 
     The minimum over repetitions after a warm-up: the least disturbed by other load.
     """
+    if backend is not None:
+        return backend.profile(classifiers, batch, reps)
     def timed(fn, arg):
         times = []
         fn(arg)

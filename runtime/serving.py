@@ -21,6 +21,8 @@ class ServingState:
     exit_shares:  share of rows calibration expects at each exit (last: the backbone), for the
                   drift monitor; None when no exit is on.
     plan:         the calibration plan behind the thresholds (None: not chosen by a round).
+    compiled:     the same exits compiled for the onnxruntime backend (``backends.Plan``), or
+                  None; built with ``fast`` (when it may serve requests whole).
     """
 
     classifiers: tuple
@@ -30,6 +32,12 @@ class ServingState:
     fast: Optional[torch.jit.ScriptModule] = None
     exit_shares: Optional[tuple] = None
     plan: object = None
+    compiled: object = None
+
+    @property
+    def servable_whole(self) -> bool:
+        """Requests with nothing to check or learn from may run the cached model whole."""
+        return self.fast is not None or self.compiled is not None
 
     @property
     def any_enabled(self) -> bool:
@@ -119,4 +127,54 @@ def serve_staged(stages: Sequence, heads: Sequence, state: ServingState, x: torc
         served.shadow_ok = (would == E) | (would_pred == out.argmax(1))
     if collect and y is not None and len(feats) == E and all(f is not None for f in feats):
         served.features, served.teacher = feats, y
+    return served
+
+
+def serve_plan(state: ServingState, x: torch.Tensor) -> Served:
+    """The onnxruntime plan runs the request whole (nothing to learn from it)."""
+    out, exit_of = state.compiled.run(x.numpy())
+    return Served(torch.from_numpy(out), torch.from_numpy(exit_of))
+
+
+def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
+                    collect: bool) -> Served:
+    """The onnxruntime backend's path for requests that teach or are shadowed: every row runs
+    the whole backbone with every exit's pooled features (one session), then the exits route
+    the rows (``exit_rule``) on those features, as ``serve_staged`` does stage by stage."""
+    y, feats = backend.run_collect(x.numpy())
+    y = torch.from_numpy(y)
+    feats = [torch.from_numpy(f) for f in feats]
+    n, E = x.shape[0], len(feats)
+    exit_of = torch.full((n,), E, dtype=torch.long)
+    out = y
+    would = torch.full((n,), E, dtype=torch.long) if shadow else None
+    would_pred = torch.full((n,), -1, dtype=torch.long) if shadow else None
+    if state.any_enabled:
+        left = torch.zeros(n, dtype=torch.bool)
+        for e in range(E):
+            if state.thresholds[e] == INF:
+                continue
+            logits = state.classifiers[e](feats[e])
+            hit = exit_rule.leaves(exit_rule.confidence(logits),
+                                   torch.tensor(state.thresholds[e]), True) & ~left
+            left |= hit
+            if shadow:
+                would[hit] = e
+                would_pred[hit] = logits.argmax(1)[hit]
+            elif bool(hit.any()):
+                if out is y:
+                    out = y.clone()
+                out[hit] = logits[hit].to(out.dtype)
+                exit_of[hit] = e
+    served = Served(out, exit_of)
+    if shadow:
+        served.shadow_exit = would
+        served.shadow_ok = (would == E) | (would_pred == out.argmax(1))
+    if collect:
+        rest = exit_of == E
+        if bool(rest.any()):
+            if bool(rest.all()):
+                served.features, served.teacher = feats, y
+            else:
+                served.features, served.teacher = [f[rest] for f in feats], y[rest]
     return served

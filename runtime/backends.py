@@ -1,0 +1,350 @@
+"""Serving backends: where a request's stages and heads run on the CPU (TorchScript or onnxruntime).
+
+``torchscript``: the artifact's scripted stages (``serving.serve_staged``) and, once learned, the
+whole cached model as one scripted module (``serving.serve_fast``).
+
+``onnxruntime``: each stage is exported to ONNX once, at load. Every published serving state is
+compiled into a ``Plan``: one onnxruntime session per *segment* (the stages up to an enabled
+exit, then that exit's head), whose outputs are the activation, the head's logits and its
+confidence; the exit decision is taken in numpy between sessions (``exit_rule.leaves_np``), so
+the graph has no control flow and a batch of one needs no index bookkeeping. Exits that are off
+are not in the plan at all: their stages run inside the neighbouring segment. Two sessions are
+built once: the plain backbone (all stages, nothing else) and the *collect* model (the backbone
+plus every exit's pooled features), which serves the requests that learn or are shadowed.
+
+Heads pool with ``StridedPool`` (``AveragePool`` / ``MaxPool`` with a kernel and a stride, plus a
+``Gather`` where adaptive pooling's windows overlap unevenly): the same windows as
+``ExitHead``'s adaptive pooling, far cheaper in onnxruntime than one ``Slice`` per window.
+"""
+import logging
+import math
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from compiler import exit_rule
+from compiler.heads import pool_grid
+
+from .config import ConfigError
+
+log = logging.getLogger("layer_cache.runtime")
+
+BACKENDS = ("auto", "torchscript", "onnxruntime")
+OPSET = 18
+
+
+class BackendError(ConfigError):
+    """A serving backend that cannot be built for this artifact or machine; says what to do."""
+
+
+def resolve(name: str, device) -> str:
+    """The backend ``name`` stands for on ``device``: ``auto`` is onnxruntime on the CPU when it
+    is installed (faster here; see docs/latency.md), TorchScript otherwise."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown serving backend {name!r}; use one of {', '.join(BACKENDS)}")
+    dev = torch.device(device)
+    if name == "onnxruntime" and dev.type != "cpu":
+        raise BackendError(f"the onnxruntime backend serves on the CPU only, not {dev}; use "
+                           f"backend='torchscript' (or 'auto')")
+    if name == "auto":
+        if dev.type != "cpu":
+            return "torchscript"
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "torchscript"
+        return "onnxruntime"
+    return name
+
+
+# ----- pooling ----------------------------------------------------------------------------------
+def _windows(n: int, k: int) -> List[Tuple[int, int]]:
+    """Adaptive pooling's bins along one axis: [floor(i n / k), ceil((i + 1) n / k))."""
+    return [(i * n // k, -(-(i + 1) * n // k)) for i in range(k)]
+
+
+def _strided(n: int, k: int):
+    """(kernel, stride, gather indices or None) reproducing adaptive pooling's bins along one
+    axis of size ``n`` into ``k``; None when the bins differ in size (no single kernel)."""
+    w = _windows(n, k)
+    sizes = {b - a for a, b in w}
+    if len(sizes) != 1:
+        return None
+    starts = [a for a, _ in w]
+    diffs = [b - a for a, b in zip(starts, starts[1:])]
+    if len(set(diffs)) <= 1:
+        return sizes.pop(), (diffs[0] if diffs else 1), None
+    g = 0
+    for d in diffs:
+        g = math.gcd(g, d)
+    return sizes.pop(), g, [s // g for s in starts]
+
+
+class StridedPool(nn.Module):
+    """A head's pooling (``compiler.heads.Pool``) written with fixed-kernel pooling ops.
+
+    ``avgmax<k>x<k>`` on [B, C, H, W] becomes AveragePool and MaxPool with adaptive pooling's
+    kernel and stride (its bins are equal-sized for all but odd shapes), then a Gather where
+    the bins' starts are not evenly spaced (e.g. 14 -> 4: starts 0, 3, 7, 10); bins of unequal
+    size fall back to one slice per bin. Max is exact; the average sums the same elements, so
+    it matches adaptive pooling to the last bit or two of float32.
+    """
+
+    def __init__(self, mode: str, shape: Sequence[int]):
+        super().__init__()
+        self.mode = mode
+        self.k = pool_grid(mode)
+        self.plan = None
+        self.windows = []
+        if self.k:
+            hgt, wid = int(shape[-2]), int(shape[-1])
+            ph, pw = _strided(hgt, self.k), _strided(wid, self.k)
+            if ph is not None and pw is not None:
+                self.plan = (ph, pw)
+            else:
+                self.windows = [(r0, r1, c0, c1) for r0, r1 in _windows(hgt, self.k)
+                                for c0, c1 in _windows(wid, self.k)]
+
+    def _pool(self, h, fn):
+        (kh, sh, ih), (kw, sw, iw) = self.plan
+        p = fn(h, (kh, kw), (sh, sw))
+        if ih is not None:
+            p = p.index_select(2, torch.tensor(ih))
+        if iw is not None:
+            p = p.index_select(3, torch.tensor(iw))
+        return p.flatten(1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.plan is not None:
+            return torch.cat([self._pool(h, nn.functional.avg_pool2d),
+                              self._pool(h, nn.functional.max_pool2d)], 1).float()
+        if self.windows:
+            parts = [h[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in self.windows]
+            avg = torch.stack([p.mean(dim=(2, 3)) for p in parts], 2).flatten(1)
+            mx = torch.stack([p.amax(dim=(2, 3)) for p in parts], 2).flatten(1)
+            return torch.cat([avg, mx], 1).float()
+        if self.mode == "avgmax":
+            return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1).float()
+        if self.mode == "tokens":
+            return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1).float()
+        return h.flatten(1).float()
+
+
+# ----- onnxruntime ------------------------------------------------------------------------------
+def _session(model, threads: int = 1):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _classifier_nodes(c, nodes: list, f: str, classifier: nn.Module, hint: str) -> str:
+    """A head's classifier (Linear / ReLU layers) as Gemm / Relu nodes reading ``f``."""
+    h = f
+    for j, layer in enumerate(classifier):
+        if isinstance(layer, nn.Linear):
+            w = layer.weight.detach().cpu().float().numpy()
+            b = layer.bias.detach().cpu().float().numpy()
+            h = c.node(nodes, "Gemm", [h, c.const(w, "float32", f"{hint}_w{j}"),
+                                       c.const(b, "float32", f"{hint}_b{j}")], f"{hint}_fc{j}",
+                       transB=1)
+        elif isinstance(layer, nn.ReLU):
+            h = c.node(nodes, "Relu", [h], f"{hint}_relu{j}")
+        else:
+            raise BackendError(f"{hint}: classifier layer {type(layer).__name__} has no ONNX "
+                               f"form here; use backend='torchscript'")
+    return h
+
+
+class Plan:
+    """One serving state compiled for onnxruntime: segments and their thresholds (immutable).
+
+    ``segments[j]`` = (session, exit, threshold as float32); the last has exit None and returns
+    the backbone's output.
+    """
+
+    def __init__(self, segments, num_exits: int, num_classes: int):
+        self.segments = segments
+        self.num_exits = num_exits
+        self.num_classes = num_classes
+
+    def run(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
+        n = x.shape[0]
+        E = self.num_exits
+        h = x
+        if n == 1:  # one row: no index bookkeeping
+            for sess, e, thr in self.segments[:-1]:
+                h, logits, conf = sess.run(None, {"x": h})
+                if exit_rule.leaves_np(conf, thr)[0]:
+                    return logits, np.full(1, e, dtype=np.int64)
+            return self.segments[-1][0].run(None, {"x": h})[0], np.full(1, E, dtype=np.int64)
+        idx = np.arange(n)
+        exit_of = np.full(n, E, dtype=np.int64)
+        out = None
+        for sess, e, thr in self.segments[:-1]:
+            h, logits, conf = sess.run(None, {"x": h})
+            take = exit_rule.leaves_np(conf, thr)
+            if take.any():
+                if out is None:
+                    out = np.empty((n, logits.shape[1]), dtype=np.float32)
+                rows = idx[take]
+                out[rows] = logits[take]
+                exit_of[rows] = e
+                keep = ~take
+                if not keep.any():
+                    return out, exit_of
+                h, idx = h[keep], idx[keep]
+        y = self.segments[-1][0].run(None, {"x": h})[0]
+        if out is None:
+            return y, exit_of
+        out[idx] = y
+        return out, exit_of
+
+
+class OnnxRuntimeBackend:
+    """Stages as onnxruntime sessions with the exit decision outside the graph (module doc)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, stages: Sequence, exits: list, input_shape: Sequence[int],
+                 num_classes: int, threads: int = 1):
+        try:
+            from compiler.export import _Composer, export_module
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise BackendError(f"the onnxruntime backend needs onnx and onnxruntime ({e}); install "
+                               f"them (pip install onnx onnxruntime) or use "
+                               f"backend='torchscript'") from None
+        self._Composer = _Composer
+        self.threads = threads
+        self.num_exits = len(exits)
+        self.num_classes = num_classes
+        self.exits = exits
+        t0 = time.perf_counter()
+        x = torch.randn((2,) + tuple(input_shape), generator=torch.Generator().manual_seed(0))
+        self.stage_models, self.pool_models, self.shapes = [], [], []
+        with torch.no_grad():
+            h = x
+            for i, st in enumerate(stages):
+                m, _ = export_module(st, h, f"stage {i}", OPSET)
+                self.stage_models.append(m)
+                h = st(h)
+                if i < self.num_exits:
+                    self.shapes.append(tuple(h.shape))
+                    pool = StridedPool(exits[i]["head"]["pool"], h.shape).eval()
+                    pm, _ = export_module(pool, h, f"the pooling of exit {i}", OPSET)
+                    self.pool_models.append(pm)
+        self.backbone = _session(self._chain(features=False), threads)
+        self.collector = _session(self._chain(features=True), threads)
+        self.build_seconds = time.perf_counter() - t0
+
+    # -- graphs --
+    def _finish(self, c, nodes, outputs):
+        from onnx import TensorProto, helper
+        graph = helper.make_graph(
+            nodes, "layer_cache_segment",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            initializer=c.initializers)
+        return helper.make_model(graph, ir_version=c.ir_version, functions=c.functions,
+                                 opset_imports=[helper.make_opsetid(d, v)
+                                                for d, v in sorted(c.opsets.items())])
+
+    def _chain(self, features: bool):
+        """All stages; with ``features`` also every exit's pooled features (f0 ... f{E-1})."""
+        from onnx import helper
+        c = self._Composer(OPSET)
+        nodes, h, outs = [], "x", []
+        for s, m in enumerate(self.stage_models):
+            h = c.inline(nodes, m, f"s{s}/", h, f"stage{s}_out")
+            if features and s < self.num_exits:
+                f = c.inline(nodes, self.pool_models[s], f"p{s}/", h, f"pool{s}")
+                nodes.append(helper.make_node("Identity", [f], [f"f{s}"], name=c.name("Id")))
+                outs.append(f"f{s}")
+        nodes.append(helper.make_node("Identity", [h], ["y"], name=c.name("Id")))
+        return self._finish(c, nodes, ["y"] + outs)
+
+    def _segment(self, start: int, stop: int, exit_: Optional[int], classifier=None):
+        """Stages ``start``..``stop``; then, for an exit, its head: outputs h, logits, conf."""
+        from compiler.export import confidence_nodes
+        from onnx import helper
+        c = self._Composer(OPSET)
+        nodes, h = [], "x"
+        for s in range(start, stop + 1):
+            h = c.inline(nodes, self.stage_models[s], f"s{s}/", h, f"stage{s}_out")
+        if exit_ is None:
+            nodes.append(helper.make_node("Identity", [h], ["y"], name=c.name("Id")))
+            return self._finish(c, nodes, ["y"])
+        f = c.inline(nodes, self.pool_models[exit_], f"p{exit_}/", h, f"pool{exit_}")
+        logits = _classifier_nodes(c, nodes, f, classifier, f"head{exit_}")
+        conf = confidence_nodes(c, nodes, logits, f"head{exit_}")
+        for src, dst in ((h, "h"), (logits, "logits"), (conf, "conf")):
+            nodes.append(helper.make_node("Identity", [src], [dst], name=c.name("Id")))
+        return self._finish(c, nodes, ["h", "logits", "conf"])
+
+    def compile(self, classifiers, thresholds) -> Optional[Plan]:
+        """The plan for a serving state (None when no exit is on: the backbone session serves)."""
+        on = [e for e, t in enumerate(thresholds) if t != float("inf")]
+        if not on:
+            return None
+        segments, start = [], 0
+        for e in on:
+            sess = _session(self._segment(start, e, e, classifiers[e]), self.threads)
+            segments.append((sess, e, np.float32(thresholds[e])))
+            start = e + 1
+        last = _session(self._segment(start, self.num_exits, None), self.threads)
+        segments.append((last, None, None))
+        return Plan(segments, self.num_exits, self.num_classes)
+
+    # -- running --
+    def run_backbone(self, x: np.ndarray) -> np.ndarray:
+        return self.backbone.run(None, {"x": x})[0]
+
+    def run_collect(self, x: np.ndarray):
+        """(backbone output, [pooled features per exit]) for every row."""
+        y, *feats = self.collector.run(None, {"x": x})
+        return y, feats
+
+    # -- costs --
+    def profile(self, classifiers, batch: int = 8, reps: int = 7):
+        """Latency (ms) of each stage and of each head with its decision, in onnxruntime: a
+        stage as its own session; a head as the extra time a segment that ends at that exit
+        takes over the bare stage (pooling, classifier, confidence, the outputs, the decision).
+        The minimum over repetitions after a warm-up."""
+        def timed(fn):
+            fn()
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            return best * 1e3
+
+        x = np.random.default_rng(0).standard_normal((batch,) + self._input_shape()) \
+            .astype(np.float32)
+        stage_ms, head_ms, h = [], [], x
+        for s in range(self.num_exits + 1):
+            bare = _session(self._segment(s, s, None), self.threads)
+            stage_ms.append(timed(lambda: bare.run(None, {"x": h})))
+            if s < self.num_exits:
+                seg = _session(self._segment(s, s, s, classifiers[s]), self.threads)
+                with_head = timed(lambda: exit_rule.leaves_np(seg.run(None, {"x": h})[2],
+                                                              np.float32(0.5)).any())
+                head_ms.append(max(with_head - stage_ms[-1], 0.0))
+            h = bare.run(None, {"x": h})[0]
+        return torch.tensor(stage_ms, dtype=torch.float64), torch.tensor(head_ms,
+                                                                         dtype=torch.float64)
+
+    def _input_shape(self):
+        shape = self.stage_models[0].graph.input[0].type.tensor_type.shape
+        return tuple(d.dim_value for d in shape.dim[1:])

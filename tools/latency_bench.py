@@ -1,0 +1,293 @@
+"""CPU latency of a learned cache against its backbone in every mode, turns interleaved.
+
+    python -m tools.latency_bench [--artifact out/demo/demo_backbone.learned.pt]
+                                  [--backbone tools/assets/demo_backbone.pt2] [--reps 3]
+                                  [--out out/latency] [--no-compile] [--no-stream]
+
+One torch thread and one onnxruntime thread, real Fashion-MNIST test rows. At batch 1, 16 and
+64, every variant serves the same requests, taking turns request by request in a rotating
+order, ``--reps`` times over (a shared machine's load hits them alike):
+
+- backbone modes: eager (the .pt2 as an fx module), frozen TorchScript (trace, ``jit.freeze``,
+  ``optimize_for_inference``), onnxruntime on ``compiler.export`` of the artifact with exits off,
+  onnxruntime on a plain ``torch.onnx.export`` of the backbone, ``torch.compile``;
+- the learned cache: the TorchScript artifact, its ``compiler.export`` in onnxruntime, the
+  runtime's onnxruntime backend (``runtime/backends.py``: stages as sessions, the exit decision
+  in numpy), and ``runtime.predict`` with learning off (shadow and collect rates at their
+  defaults, so it pays for them);
+- misses: the same cache modes with thresholds no row reaches (exits on, every row runs them).
+
+Then ``runtime.predict`` along a learning stream (background mode, starting with exits off) is
+timed request by request against the backbone's best mode at that batch size, in windows.
+Prints the tables (p50 and p99 in ms, rows/s, each with the spread of the per-rep medians) and
+writes ``OUT/latency.json`` with the machine, versions, date and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BATCHES = {1: 300, 16: 120, 64: 40}   # batch size: requests timed
+MISS_THRESHOLD = 1.5                  # above any softmax confidence: no row leaves
+
+
+def _ort_session(path_or_bytes):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _with_thresholds(src: str, dst: Path, threshold):
+    """A copy of artifact ``src`` with every exit at ``threshold`` (``inf``: off)."""
+    from compiler import artifact
+    module, manifest = artifact.load(src)
+    for i in range(len(manifest["exits"])):
+        artifact.set_exit(getattr(module.blocks, str(i)), threshold)
+    artifact.save(module, manifest, dst)
+    return str(dst)
+
+
+def build_variants(args, out: Path):
+    """{name: (kind, fn)}: kind 'backbone', 'cache' or 'miss'; fn takes (torch x, numpy x)."""
+    import runtime
+    from compiler import artifact
+    from compiler.export import export_onnx
+    from runtime.backends import OnnxRuntimeBackend
+    from runtime.core import _classifier_from
+
+    v = {}
+    # --- backbone modes
+    ep = torch.export.load(args.backbone)
+    eager = ep.module()
+    example = torch.zeros((1,) + tuple(artifact.read_manifest(args.artifact)["input_shape"][1:]))
+    v["backbone eager"] = ("backbone", lambda t, a: eager(t))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(eager, example, check_trace=False)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    v["backbone frozen TorchScript"] = ("backbone", lambda t, a: frozen(t))
+    plain_pt = _with_thresholds(args.artifact, out / "backbone.cached.pt", float("inf"))
+    export_onnx(plain_pt, str(out / "backbone.export.onnx"))
+    bb_export = _ort_session(str(out / "backbone.export.onnx"))
+    v["backbone onnxruntime (compiler.export)"] = ("backbone",
+                                                   lambda t, a: bb_export.run(None, {"input": a}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from compiler.export import _quiet
+        with _quiet():
+            torch.onnx.export(traced, (example.repeat(2, 1, 1, 1),), str(out / "backbone.plain.onnx"),
+                              input_names=["input"], output_names=["y"], dynamo=False,
+                              opset_version=18, dynamic_axes={"input": {0: "b"}, "y": {0: "b"}})
+    bb_plain = _ort_session(str(out / "backbone.plain.onnx"))
+    v["backbone onnxruntime (plain export)"] = ("backbone",
+                                                lambda t, a: bb_plain.run(None, {"input": a}))
+    if not args.no_compile:
+        compiled = torch.compile(eager, dynamic=False)
+        v["backbone torch.compile"] = ("backbone", lambda t, a: compiled(t))
+
+    # --- the learned cache, and its misses
+    module, manifest = artifact.load(args.artifact)
+    export_onnx(args.artifact, str(out / "cached.onnx"))
+    cached_ort = _ort_session(str(out / "cached.onnx"))
+    E = len(manifest["exits"])
+    blocks = [getattr(module.blocks, str(i)) for i in range(E)]
+    stages = [b.stage for b in blocks] + [module.final]
+    classifiers = [_classifier_from(e["head"], b.head.classifier)
+                   for e, b in zip(manifest["exits"], blocks)]
+    thresholds = [float(b.threshold) if bool(b.enabled) else float("inf") for b in blocks]
+    backend = OnnxRuntimeBackend(stages, manifest["exits"], manifest["input_shape"][1:],
+                                 int(manifest["num_classes"]))
+    plan = backend.compile(classifiers, thresholds)
+    v["cache TorchScript artifact"] = ("cache", lambda t, a: module.forward_with_exits(t))
+    v["cache onnxruntime (compiler.export)"] = ("cache",
+                                                lambda t, a: cached_ort.run(None, {"input": a}))
+    v["cache onnxruntime backend (plan)"] = ("cache", lambda t, a: plan.run(a))
+    rt = runtime.load(args.artifact, background=False, seed=0, train_every=10 ** 12)
+    v["cache runtime.predict (not learning)"] = ("cache", lambda t, a: rt.predict(t))
+
+    miss_pt = _with_thresholds(args.artifact, out / "miss.cached.pt", MISS_THRESHOLD)
+    miss_module, _ = artifact.load(miss_pt)
+    export_onnx(miss_pt, str(out / "miss.onnx"))
+    miss_ort = _ort_session(str(out / "miss.onnx"))
+    miss_plan = backend.compile(classifiers, [MISS_THRESHOLD] * E)
+    v["miss TorchScript artifact"] = ("miss", lambda t, a: miss_module.forward_with_exits(t))
+    v["miss onnxruntime (compiler.export)"] = ("miss", lambda t, a: miss_ort.run(None, {"input": a}))
+    v["miss onnxruntime backend (plan)"] = ("miss", lambda t, a: miss_plan.run(a))
+    exits_of = lambda t: module.forward_with_exits(t)[1]  # noqa: E731
+    return v, rt, exits_of, E, {"learned": [None if t == float("inf") else t for t in thresholds]}
+
+
+@torch.no_grad()
+def time_turns(variants: dict, reqs: list, reps: int, warmup: int = 10):
+    """times[name][rep][k] in ms: variants take turns per request, order rotating."""
+    names = list(variants)
+    for name in names:
+        for t, a in reqs[:warmup]:
+            variants[name][1](t, a)
+    times = {n: [[0.0] * len(reqs) for _ in range(reps)] for n in names}
+    for rep in range(reps):
+        for k, (t, a) in enumerate(reqs):
+            for j in range(len(names)):
+                name = names[(k + j + rep) % len(names)]
+                fn = variants[name][1]
+                t0 = time.perf_counter()
+                fn(t, a)
+                times[name][rep][k] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
+def summarise(ts_reps, rows: int) -> dict:
+    """p50 / p99 of per-request medians over reps, rows/s; spreads: min-max over reps."""
+    arr = np.array(ts_reps)                 # [reps, requests]
+    med = np.median(arr, 0)
+    p50s, p99s = np.median(arr, 1), np.percentile(arr, 99, 1)
+    tput = rows * arr.shape[1] / (arr.sum(1) / 1e3)
+    return {"p50": float(np.median(med)), "p99": float(np.percentile(med, 99)),
+            "rows_s": float(np.median(tput)),
+            "p50_spread": [float(p50s.min()), float(p50s.max())],
+            "p99_spread": [float(p99s.min()), float(p99s.max())],
+            "rows_s_spread": [float(tput.min()), float(tput.max())],
+            "per_request_ms": [round(float(x), 4) for x in med]}
+
+
+def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int) -> dict:
+    """runtime.predict while it learns (background) vs the backbone's best mode, per window."""
+    import runtime
+    rt = runtime.load(rt_path, background=True, seed=0)
+    reqs = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
+    pt, bt, windows = [], [], []
+    with torch.no_grad():
+        for k, r in enumerate(reqs):
+            a = r.numpy()
+            order = (0, 1) if k % 2 == 0 else (1, 0)
+            for o in order:
+                t0 = time.perf_counter()
+                if o == 0:
+                    rt.predict(r)
+                    pt.append((time.perf_counter() - t0) * 1e3)
+                else:
+                    best_fn(r, a)
+                    bt.append((time.perf_counter() - t0) * 1e3)
+            if len(pt) * batch >= window_rows or k == len(reqs) - 1:
+                st = rt.stats()
+                windows.append({"rows_end": (k + 1) * batch, "predict_p50": float(np.median(pt)),
+                                "backbone_p50": float(np.median(bt)),
+                                "predict_p99": float(np.percentile(pt, 99)),
+                                "backbone_p99": float(np.percentile(bt, 99)),
+                                "ratio_p50": float(np.median(pt) / np.median(bt)),
+                                "rounds": st["learning"]["rounds"],
+                                "exits_on": sum(st["enabled"]),
+                                "plan": rt.state.compiled is not None})
+                pt, bt = [], []
+    rt.close()
+    return {"batch": batch, "window_rows": window_rows, "windows": windows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.latency_bench",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", default="out/demo/demo_backbone.learned.pt")
+    p.add_argument("--backbone", default="tools/assets/demo_backbone.pt2")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default="out/latency")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-stream", action="store_true", help="leave the learning stream out")
+    p.add_argument("--stream-batch", type=int, default=16)
+    p.add_argument("--stream-rows", type=int, default=10000)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import onnxruntime as ort
+
+    from tools.bench.provenance import code_version, machine_info
+    from tools.data import load_fashion_mnist
+
+    if not os.path.isfile(args.artifact):
+        print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, _ = load_fashion_mnist("test")
+    variants, rt, exits_of, E, thr = build_variants(args, out)
+    result = {"command": "python -m tools.latency_bench " + " ".join(
+                  argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
+              "onnxruntime": ort.__version__, "code": code_version(), "reps": args.reps,
+              "artifact": args.artifact, "thresholds": thr, "batches": {}}
+    for bs in [int(b) for b in args.batches.split(",")]:
+        n = BATCHES.get(bs, 40)
+        reqs = [(x[i * bs:(i + 1) * bs], x[i * bs:(i + 1) * bs].numpy()) for i in range(n)]
+        t0 = time.time()
+        times = time_turns(variants, reqs, args.reps)
+        table = {name: dict(summarise(times[name], bs), kind=variants[name][0])
+                 for name in variants}
+        backbones = {k: r for k, r in table.items() if r["kind"] == "backbone"}
+        best = min(backbones, key=lambda k: backbones[k]["p50"])
+        best_tput = max(r["rows_s"] for r in backbones.values())
+        for r in table.values():
+            r["p50_vs_best"] = r["p50"] / table[best]["p50"] - 1
+            r["rows_s_vs_best"] = r["rows_s"] / best_tput - 1
+        entry = {"best_backbone": best, "table": table, "seconds": time.time() - t0}
+        if bs == 1:
+            with torch.no_grad():
+                ex = [int(exits_of(t)[0]) for t, _ in reqs]
+            miss = [k for k, e in enumerate(ex) if e == E]
+            entry["exit_of_request"] = ex
+            entry["requests_missing_every_exit"] = len(miss)
+            bmed = np.array(table[best]["per_request_ms"])
+            entry["learned_misses_vs_best"] = {
+                name: float(np.median(np.array(r["per_request_ms"])[miss] / bmed[miss]) - 1)
+                for name, r in table.items() if r["kind"] == "cache" and miss}
+        result["batches"][str(bs)] = entry
+        print(f"\nbatch {bs} ({n} requests x {args.reps} reps, {entry['seconds']:.0f} s); best "
+              f"backbone: {best}")
+        print(f"{'variant':42s} {'p50 ms':>8s} {'(spread)':>15s} {'p99 ms':>8s} {'rows/s':>8s} "
+              f"{'p50 vs best':>11s} {'rows/s vs best':>14s}")
+        for name, r in table.items():
+            print(f"{name:42s} {r['p50']:8.3f} {r['p50_spread'][0]:7.3f}-{r['p50_spread'][1]:<7.3f}"
+                  f" {r['p99']:8.3f} {r['rows_s']:8.0f} {r['p50_vs_best']:+11.1%} "
+                  f"{r['rows_s_vs_best']:+14.1%}")
+        if bs == 1 and entry.get("learned_misses_vs_best"):
+            print(f"requests that missed every exit: {len(miss)}; per-request slowdown vs best "
+                  "backbone: " + ", ".join(f"{k} {v:+.1%}" for k, v in
+                                            entry["learned_misses_vs_best"].items()))
+    rt.close()
+    if not args.no_stream:
+        sb = str(args.stream_batch)
+        best = result["batches"].get(sb, {}).get("best_backbone",
+                                                 "backbone onnxruntime (compiler.export)")
+        fresh = _with_thresholds(args.artifact, out / "fresh.cached.pt", float("inf"))
+        # a fresh artifact: the demo's compiled backbone (exits off, heads untrained)
+        src = args.artifact.replace(".learned.pt", ".cached.pt")
+        if os.path.isfile(src):
+            fresh = src
+        s = stream(fresh, variants[best][1], x[:args.stream_rows], args.stream_batch, 1000)
+        s["against"] = best
+        result["stream"] = s
+        print(f"\nruntime.predict along a learning stream (background, batch "
+              f"{args.stream_batch}, from {fresh}) vs {best}:")
+        for w in s["windows"]:
+            print(f"  rows {w['rows_end']:6d}: predict p50 {w['predict_p50']:7.3f} ms, backbone "
+                  f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}); rounds {w['rounds']}, "
+                  f"exits on {w['exits_on']}, plan {w['plan']}")
+    (out / "latency.json").write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out / 'latency.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
