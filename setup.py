@@ -25,8 +25,8 @@ setup(
         "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow"],
         "test": ["pytest", "httpx", "tritonclient[http]"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
-        # Scale-out on Ray Serve (python -m runtime.scaleout); needs the server's extras too.
-        "ray": ["ray[serve]==2.60.0", "httpx"],
+        # Scale-out on Ray Serve (python -m runtime.scaleout): Ray plus the server's own extras.
+        "ray": ["ray[serve]==2.60.0", "fastapi", "uvicorn", "prometheus-client", "pillow", "httpx"],
     },
     entry_points={"console_scripts": ["layer-cache-server=runtime.server.__main__:main"]},
 )
