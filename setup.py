@@ -23,7 +23,7 @@ setup(
     extras_require={
         # The inference server (python -m runtime.server); the library itself does not need it.
         "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow"],
-        "test": ["pytest", "httpx", "tritonclient[http]"],
+        "test": ["pytest", "httpx", "tritonclient[http]", "locust"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
         # Scale-out on Ray Serve (python -m runtime.scaleout): Ray plus the server's own extras.
         "ray": ["ray[serve]==2.60.0", "fastapi", "uvicorn", "prometheus-client", "pillow", "httpx"],
