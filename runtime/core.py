@@ -13,6 +13,7 @@ round began (``generation``).
 import copy
 import io
 import logging
+import math
 import threading
 import time
 import warnings
@@ -182,8 +183,11 @@ class CachedRuntime:
                              f"convert it with x.float()")
         if x.shape[0] == 0:
             raise InputError("empty batch: send at least one row")
-        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-        if not bool(finite.all()):
+        # one reduction: a NaN or Inf anywhere makes the sum non-finite (so may an overflow,
+        # which the per-row check below then clears)
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1) \
+            if not math.isfinite(float(x.sum())) else None
+        if finite is not None and not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
             raise InputError(f"rows {bad[:10]} contain NaN or Inf; clean or drop them and resend "
                              f"(nothing was served or learned)")
@@ -226,8 +230,12 @@ class CachedRuntime:
 
     def _account(self, state: ServingState, served, latency: float):
         E = self.num_exits
-        counts = torch.bincount(served.exit_of.cpu(), minlength=E + 1).tolist()
-        self.counters.record(counts, self.costs.flops_of(counts, state.enabled), latency,
+        if served.exit_of.shape[0] == 1:  # one row: no bincount
+            counts = [0] * (E + 1)
+            counts[int(served.exit_of[0])] = 1
+        else:
+            counts = torch.bincount(served.exit_of.cpu(), minlength=E + 1).tolist()
+        self.counters.record(counts, self.costs.flops_of(counts, state.enabled_key), latency,
                              self._learning, served.shadow_ok, served.shadow_exit)
         would = counts if served.shadow_exit is None else \
             torch.bincount(served.shadow_exit.cpu(), minlength=E + 1).tolist()

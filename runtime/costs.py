@@ -33,15 +33,19 @@ class CostModel:
 
     def exit_flops(self, enabled: torch.Tensor) -> torch.Tensor:
         """FLOPs of a row leaving at each exit (last: the backbone), enabled heads it passed included."""
-        key = tuple(bool(b) for b in enabled)
+        key = enabled if isinstance(enabled, tuple) else tuple(bool(b) for b in enabled)
         if key not in self._flops_cache:
-            self._flops_cache[key] = exit_rule.exit_costs(self.stage_flops, self.head_flops,
-                                                          enabled)
-        return self._flops_cache[key]
+            costs = exit_rule.exit_costs(self.stage_flops, self.head_flops,
+                                         torch.tensor(key, dtype=torch.bool))
+            self._flops_cache[key] = (costs, costs.tolist())
+        return self._flops_cache[key][0]
 
-    def flops_of(self, counts, enabled: torch.Tensor) -> float:
-        """FLOPs spent on rows given how many left at each exit."""
-        return float(sum(c * f for c, f in zip(counts, self.exit_flops(enabled).tolist())))
+    def flops_of(self, counts, enabled) -> float:
+        """FLOPs spent on rows given how many left at each exit; ``enabled``: a bool tensor or
+        a tuple of bools (the serving path passes ``ServingState.enabled_key``: no tensor)."""
+        key = enabled if isinstance(enabled, tuple) else tuple(bool(b) for b in enabled)
+        self.exit_flops(key)
+        return float(sum(c * f for c, f in zip(counts, self._flops_cache[key][1])))
 
 
 @torch.no_grad()

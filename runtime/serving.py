@@ -44,6 +44,11 @@ class ServingState:
         return any(t != INF for t in self.thresholds)
 
     @property
+    def enabled_key(self) -> tuple:
+        """Per exit, on or off, as a tuple (cheap to hash: the cost model's cache key)."""
+        return tuple(t != INF for t in self.thresholds)
+
+    @property
     def enabled(self) -> torch.Tensor:
         return torch.tensor([t != INF for t in self.thresholds])
 

@@ -9,6 +9,8 @@ routes or prices rows must agree with it on random thresholds, on/off flags and 
 1. the scripted artifact's ``forward_with_exits``, after a save / ``torch.jit.load`` round trip;
 2. the runtime's staged serving path (``runtime.serving.serve_staged``, plain and shadow);
 3. the ONNX graph ``compiler/export.py`` builds by hand, run in onnxruntime;
+   and the runtime's onnxruntime backend (``runtime/backends.py``): its compiled plan (stages as
+   sessions, the decision in numpy, batch and one-row paths) and ``serve_collected``;
 4. calibration (``runtime.calibrate.route`` / ``evaluate`` / ``exit_shares``,
    ``exit_rule.first_exit``) and the cost model (``exit_rule.row_cost``,
    ``runtime.costs.CostModel.flops_of``).
@@ -41,6 +43,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -49,7 +52,7 @@ from compiler import artifact, exit_rule
 from compiler.heads import ExitHead, HeadSpec
 from runtime.calibrate import evaluate, exit_shares, route
 from runtime.costs import CostModel
-from runtime.serving import ServingState, serve_staged
+from runtime.serving import ServingState, serve_collected, serve_staged
 
 ROOT = Path(__file__).resolve().parents[1]
 INF = float("inf")
@@ -278,8 +281,10 @@ def test_every_path_follows_the_one_exit_rule(templates, ort_confidence, tmp_pat
     pytest.importorskip("onnx")
     from compiler import export as ex
 
+    from runtime.backends import OnnxRuntimeBackend
+
     onnx_rows = onnx_ties = ties = 0
-    reloaded = {}
+    reloaded, backends = {}, {}
     seen_exits = set()
     for i, E, K, logits, conf, oconf, t, zero_off in _cases(ort_confidence):
         module, manifest = templates[(E, K)]
@@ -340,6 +345,19 @@ def test_every_path_follows_the_one_exit_rule(templates, ort_confidence, tmp_pat
         assert torch.equal(s.out, logits[E]), f"shadow answers with the backbone, {case}"
         assert s.exit_of.tolist() == [E] * n, f"shadow, {case}"
 
+        # 3a. the onnxruntime backend's path for requests that learn or are shadowed: the
+        # features come from onnxruntime (exact here), the rule is applied in torch
+        if (E, K) not in backends:
+            backends[(E, K)] = OnnxRuntimeBackend(stages, manifest["exits"],
+                                                  manifest["input_shape"][1:], K)
+        backend = backends[(E, K)]
+        for collect in (False, True):
+            s = serve_collected(backend, state, x, shadow=False, collect=collect)
+            _assert_answers(s.out, s.exit_of, logits, want, f"serve_collected, {case}",
+                            exact=False)
+        s = serve_collected(backend, state, x, shadow=True, collect=False)
+        assert s.shadow_exit.tolist() == want, f"serve_collected shadow, {case}"
+
         # 3. the ONNX graph, run in onnxruntime
         if not with_onnx:
             continue
@@ -360,6 +378,23 @@ def test_every_path_follows_the_one_exit_rule(templates, ort_confidence, tmp_pat
         same = ((conf >= f32) == (oconf >= f32)).all(0)
         assert got_exit[same].tolist() == torch.tensor(want)[same].tolist(), case
         onnx_rows += n
+
+        # 3b. the onnxruntime backend's plan: the same confidences (onnxruntime's Softmax and
+        # ReduceMax, via compiler.export.confidence_nodes), compared in numpy by exit_rule
+        plan = backend.compile(state.classifiers, state.thresholds)
+        if plan is None:
+            assert not any(on), case
+            got = torch.from_numpy(backend.run_backbone(x.numpy()))
+            got_exit = torch.full((n,), E, dtype=torch.long)
+        else:
+            got, got_exit = (torch.from_numpy(a) for a in plan.run(x.numpy()))
+            rows = [plan.run(x[r:r + 1].numpy()) for r in range(n)]   # the one-row path
+            assert torch.equal(torch.from_numpy(np.concatenate([e for _, e in rows])),
+                               got_exit), f"plan one row at a time, {case}"
+            torch.testing.assert_close(torch.from_numpy(np.concatenate([o for o, _ in rows])),
+                                       got, rtol=0, atol=1e-6)
+        _assert_answers(got, got_exit, logits, owant, f"backend plan, {case}", exact=False)
+        assert got_exit[same].tolist() == torch.tensor(want)[same].tolist(), case
     assert seen_exits == set(range(max(E for E, _ in CONFIGS) + 1)), "some exit never taken"
     assert ties >= 20, f"only {ties} rows left at a tie: the cases miss the rule's edge"
     assert onnx_rows > 0 and onnx_ties >= 5, f"only {onnx_ties} ONNX rows left at a tie"
@@ -387,7 +422,8 @@ KNOWN_COPIES = {
     # exit_rule.confidence and ~exit_rule.leaves(conf, blk.threshold, True)
     "tools/onnx_bench.py",
 }
-READERS = ("compiler/artifact.py", "runtime/serving.py", "runtime/calibrate.py", "runtime/costs.py")
+READERS = ("compiler/artifact.py", "runtime/serving.py", "runtime/calibrate.py", "runtime/costs.py",
+           "runtime/backends.py")
 
 
 def _code_lines(path: Path):

@@ -1,0 +1,127 @@
+"""The onnxruntime serving backend (runtime/backends.py) answers as the TorchScript path does.
+
+Exits are switched on in the teacher's artifact with thresholds that send about 30% of the
+remaining rows out at each exit (untrained heads: the point is routing, not accuracy); then
+the runtime with ``backend="onnxruntime"`` and with ``backend="torchscript"`` must give the same
+exit for every row and the same logits (to float tolerance), at batch 1 (the plan's one-row
+path), odd batches and large ones, and on the requests that learn or are shadowed.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import runtime
+from compiler import artifact
+from compiler.heads import Pool
+from runtime.backends import BackendError, StridedPool, resolve
+from runtime.config import ConfigError
+from runtime.serving import serve_collected, serve_staged
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+INF = float("inf")
+FIXED = {"background": False, "train_every": 10 ** 9, "shadow_rate": 0.0, "collect_rate": 0.0,
+         "latency_weight": 0.0}
+
+
+@pytest.fixture(scope="module")
+def rows(fashion_small):
+    return fashion_small[2][:600]
+
+
+@pytest.fixture(scope="module")
+def exits_on(teacher_artifact, rows, tmp_path_factory):
+    """The teacher's artifact with every exit on at a threshold ~30% of its remaining rows reach."""
+    module, manifest = artifact.load(teacher_artifact)
+    h = rows[:300]
+    with torch.no_grad():
+        for i in range(len(manifest["exits"])):
+            blk = getattr(module.blocks, str(i))
+            h = blk.stage(h)
+            conf = torch.softmax(blk.head(h), 1).amax(1)
+            thr = float(conf.quantile(0.7)) if len(conf) else 2.0
+            artifact.set_exit(blk, thr)
+            h = h[conf < thr]
+    path = tmp_path_factory.mktemp("backends") / "exits_on.cached.pt"
+    artifact.save(module, manifest, path)
+    return path
+
+
+def test_onnxruntime_backend_answers_as_torchscript(exits_on, rows):
+    ort_rt = runtime.load(exits_on, backend="onnxruntime", **FIXED)
+    ts_rt = runtime.load(exits_on, backend="torchscript", **FIXED)
+    assert ort_rt.stats()["backend"] == "onnxruntime" and ort_rt.state.compiled is not None
+    assert ts_rt.stats()["backend"] == "torchscript" and ts_rt.state.compiled is None
+    taken = torch.zeros(ort_rt.num_exits + 1, dtype=torch.long)
+    for batch in (1, 7, 64, 600):
+        for s in range(0, min(len(rows), 60 * batch), batch):
+            x = rows[s:s + batch]
+            out, ex = ort_rt.predict(x, return_exits=True)
+            want, want_ex = ts_rt.predict(x, return_exits=True)
+            assert torch.equal(ex, want_ex), f"batch {batch}, rows {s}: exits differ"
+            torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+            taken += torch.bincount(ex, minlength=ort_rt.num_exits + 1)
+    assert (taken > 0).sum() >= 3, f"too few exits taken to test routing: {taken.tolist()}"
+
+
+def test_requests_that_learn_or_are_shadowed_route_the_same(exits_on, rows):
+    """``serve_collected`` (onnxruntime, whole backbone + every exit's features) against
+    ``serve_staged`` (TorchScript, stage by stage), plain, collecting and shadow."""
+    rt = runtime.load(exits_on, backend="onnxruntime", **FIXED)
+    state, x = rt.state, rows[:257]
+    with torch.no_grad():
+        for shadow, collect in ((False, True), (True, True), (True, False), (False, False)):
+            got = serve_collected(rt.backend, state, x, shadow, collect)
+            want = serve_staged(rt.stages, rt.heads, state, x, shadow, collect)
+            assert torch.equal(got.exit_of, want.exit_of)
+            torch.testing.assert_close(got.out, want.out, atol=1e-4, rtol=1e-4)
+            if shadow:
+                assert torch.equal(got.shadow_exit, want.shadow_exit)
+                assert torch.equal(got.shadow_ok, want.shadow_ok)
+            assert (got.features is None) == (want.features is None)
+            if want.features is not None:
+                torch.testing.assert_close(got.teacher, want.teacher, atol=1e-4, rtol=1e-4)
+                for f, g in zip(got.features, want.features):
+                    torch.testing.assert_close(f, g, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode,shape", [
+    ("avgmax4x4", (3, 16, 28, 28)), ("avgmax4x4", (3, 32, 14, 14)), ("avgmax3x3", (3, 64, 7, 7)),
+    ("avgmax2x2", (3, 128, 4, 4)), ("avgmax2x2", (2, 8, 7, 7)), ("avgmax3x3", (2, 8, 5, 5)),
+    ("avgmax4x4", (2, 8, 6, 9)), ("avgmax", (2, 8, 5, 5)), ("tokens", (2, 6, 8)),
+    ("flat", (2, 5, 3))])
+def test_strided_pooling_computes_adaptive_pooling(mode, shape):
+    """The backend's pooling equals the heads' adaptive pooling: max exactly, the mean to the
+    last bits of float32 (same windows, summed in another order)."""
+    h = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    want, got = Pool(mode)(h), StridedPool(mode, shape)(h)
+    assert got.shape == want.shape
+    half = want.shape[1] // 2 if mode != "flat" else 0
+    torch.testing.assert_close(got[:, :half], want[:, :half], atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[:, half:], want[:, half:])
+
+
+def test_bad_backend_settings_say_what_to_do(teacher_artifact, monkeypatch):
+    with pytest.raises(ConfigError, match="backend must be 'auto', 'torchscript' or "
+                                          "'onnxruntime', got 'tensorrt'"):
+        runtime.load(teacher_artifact, backend="tensorrt", background=False)
+    with pytest.raises(BackendError, match="CPU only.*backend='torchscript'"):
+        resolve("onnxruntime", "cuda")
+    assert resolve("auto", "cuda") == "torchscript"
+
+    import runtime.core as core
+
+    def broken(*a, **k):
+        raise RuntimeError("operator aten::foo is not supported")
+    monkeypatch.setattr(core, "OnnxRuntimeBackend", broken)
+    with pytest.raises(BackendError, match="cannot serve .* with onnxruntime: operator aten::foo"
+                                           ".*backend='torchscript'"):
+        runtime.load(teacher_artifact, backend="onnxruntime", background=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rt = runtime.load(teacher_artifact, background=False)   # auto: falls back
+    assert rt.stats()["backend"] == "torchscript"
