@@ -383,11 +383,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from importlib.metadata import PackageNotFoundError, version
     vers = {}
     for mod in ("torch", "onnxruntime", "fastapi", "uvicorn", "locust"):
-        try:
-            vers[mod] = __import__(mod).__version__
-        except Exception:   # noqa: BLE001 - a missing package is reported as such
+        try:    # not imported: importing locust monkey-patches this process (gevent)
+            vers[mod] = version(mod)
+        except PackageNotFoundError:
             vers[mod] = "not installed"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -567,7 +568,13 @@ def write_md(out_dir: Path, md: Path):
             f"(selection turns, rows/s: {', '.join(sel) or 'no backend setting'}).\n\n"
             + table(r) + "\n\n"
             + _cpu_line(r) + "\n")
-    md.write_text("\n".join(parts))
+    notes = ""
+    if md.is_file() and NOTES in md.read_text():   # hand-written reading of the figures: kept
+        notes = NOTES + md.read_text().split(NOTES, 1)[1]
+    md.write_text("\n".join(parts) + ("\n" + notes if notes else ""))
+
+
+NOTES = "<!-- notes: kept by --write-md -->"
 
 
 def _cpu_line(r) -> str:
@@ -603,7 +610,8 @@ How it is measured:
   percentiles are rounded; its request count is kept as a cross-check).
 - **Overload**: the cached server at twice its measured capacity: many locust users, each at a
   constant rate (`constant_throughput`), short client timeout. The server's queue bound (256
-  requests) answers the excess with 503 + Retry-After at once. RSS is sampled from
+  requests) answers the excess with 503 + Retry-After at once; a request the client gave up on
+  (no answer within the timeout) is status 0. RSS is sampled from
   `/proc/PID/status` every 0.1 s.
 - **One torch thread per server** (the server's default `--threads 1`). The machine has 2 shared
   cores: the load generator (locust, one process) competes with the server for them, and other
@@ -630,7 +638,7 @@ def main(argv=None) -> int:
     p.add_argument("--overload-factor", type=float, default=2.0)
     p.add_argument("--overload-users", type=int, default=512)
     p.add_argument("--overload-seconds", type=float, default=20.0)
-    p.add_argument("--overload-timeout", type=float, default=5.0, help="client timeout (s) in overload")
+    p.add_argument("--overload-timeout", type=float, default=2.0, help="client timeout (s) in overload")
     p.add_argument("--demo-dir", default="out/demo")
     p.add_argument("--out", default="out/load")
     p.add_argument("--write-md", action="store_true", help="write docs/load_test.md from the runs in --out")
