@@ -417,11 +417,7 @@ SECOND_RULE = [
 RULE_HOME = {"compiler/exit_rule.py", "compiler/export.py"}
 # Copies known when this test was written, each to be replaced by compiler.exit_rule calls; the
 # entry must go when the copy does (the test fails on an entry whose file no longer has one).
-KNOWN_COPIES = {
-    # places benchmark thresholds: softmax(..).amax(1), then keeps rows with conf < thr; should be
-    # exit_rule.confidence and ~exit_rule.leaves(conf, blk.threshold, True)
-    "tools/onnx_bench.py",
-}
+KNOWN_COPIES = set()  # files allowed to hold a copy of the rule (none left)
 READERS = ("compiler/artifact.py", "runtime/serving.py", "runtime/calibrate.py", "runtime/costs.py",
            "runtime/backends.py")
 

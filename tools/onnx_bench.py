@@ -45,7 +45,7 @@ def zoo_parity(rows: int, out: Path) -> int:
     import onnxruntime as ort
     import torchvision
 
-    from compiler import artifact
+    from compiler import artifact, exit_rule
     from compiler.errors import CompilerError
     from compiler.export import export_onnx
     from compiler.rewrite import RewriteConfig, rewrite_module
@@ -64,11 +64,11 @@ def zoo_parity(rows: int, out: Path) -> int:
             for i in range(len(manifest["exits"])):
                 blk = getattr(module.blocks, str(i))
                 h = blk.stage(h)
-                conf = torch.softmax(blk.head(h), 1).amax(1)
+                conf = exit_rule.confidence(blk.head(h))
                 thr = float(conf.quantile(0.7)) + 1e-6 if len(conf) else 2.0
                 blk.enabled.fill_(True)
                 blk.threshold.fill_(thr)
-                h = h[conf < thr]
+                h = h[~exit_rule.leaves(conf, blk.threshold, True)]
         path, onnx_path = out / f"{arch}.cached.pt", out / f"{arch}.onnx"
         artifact.save(module, manifest, path)
         try:
