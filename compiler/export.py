@@ -35,7 +35,7 @@ from torch import nn
 
 from . import artifact
 from .errors import ArtifactError, CompilerError, ExportError, report
-from .heads import ExitHead, HeadSpec, pool_grid
+from .heads import ExitHead, HeadSpec, StridedPool
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 15                  # Shape(start, end), GreaterOrEqual, ScatterND, Compress
@@ -70,8 +70,10 @@ def _import_ort():
 class ExportHead(nn.Module):
     """An exit head as an export-friendly eager module; computes what ``ExitHead`` computes.
 
-    ``avgmax<k>x<k>`` is written as k * k explicit windows (adaptive pooling's bins) because the
-    TorchScript exporter refuses adaptive pooling whose output size does not divide the input.
+    ``avgmax<k>x<k>`` pools with ``StridedPool``: AveragePool / MaxPool with adaptive pooling's
+    kernel and stride (and a Gather where its bins overlap unevenly; one slice per bin only
+    where bins differ in size), because the TorchScript exporter refuses adaptive pooling whose
+    output size does not divide the input, and one slice per bin is slow in onnxruntime.
     """
 
     def __init__(self, spec: HeadSpec, shape, classifier_state: dict):
@@ -79,25 +81,10 @@ class ExportHead(nn.Module):
         self.mode = spec.pool
         self.classifier = ExitHead(spec).classifier
         self.classifier.load_state_dict(classifier_state)
-        self.windows = []
-        k = pool_grid(spec.pool)
-        if k:
-            hgt, wid = int(shape[-2]), int(shape[-1])
-            rows = [(i * hgt // k, -(-(i + 1) * hgt // k)) for i in range(k)]
-            cols = [(j * wid // k, -(-(j + 1) * wid // k)) for j in range(k)]
-            self.windows = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
+        self.pool = StridedPool(spec.pool, shape)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        if self.windows:
-            parts = [h[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in self.windows]
-            avg = torch.stack([p.mean(dim=(2, 3)) for p in parts], 2).flatten(1)
-            mx = torch.stack([p.amax(dim=(2, 3)) for p in parts], 2).flatten(1)
-            return torch.cat([avg, mx], 1)
-        if self.mode == "avgmax":
-            return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
-        if self.mode == "tokens":
-            return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1)
-        return h.flatten(1)
+        return self.pool(h)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(h).float())

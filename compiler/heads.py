@@ -4,8 +4,9 @@ Pooling comes before any dense layer so a head costs a tiny fraction of the back
 paper's heads flattened whole feature maps and outweighed the backbone ten times). The runtime
 stores the pooled features, not the activations, and trains only ``classifier``.
 """
+import math
 from dataclasses import asdict, dataclass
-from typing import List
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -60,6 +61,116 @@ class Pool(nn.Module):
         if self.mode == "tokens":  # [B, T, C]: mean and max over tokens
             return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1)
         return h.flatten(1)
+
+
+def _windows(n: int, k: int) -> List[Tuple[int, int]]:
+    """Adaptive pooling's bins along one axis: [floor(i n / k), ceil((i + 1) n / k))."""
+    return [(i * n // k, -(-(i + 1) * n // k)) for i in range(k)]
+
+
+def _strided(n: int, k: int):
+    """(kernel, stride, gather indices or None) reproducing adaptive pooling's bins along one
+    axis of size ``n`` into ``k``; None when the bins differ in size (no single kernel)."""
+    w = _windows(n, k)
+    sizes = {b - a for a, b in w}
+    if len(sizes) != 1:
+        return None
+    starts = [a for a, _ in w]
+    diffs = [b - a for a, b in zip(starts, starts[1:])]
+    if not diffs or (len(set(diffs)) == 1 and diffs[0] > 0):
+        return sizes.pop(), (diffs[0] if diffs else 1), None
+    g = 0
+    for d in diffs:
+        g = math.gcd(g, d)
+    g = max(g, 1)   # repeated bins (k > n): pool with stride 1, gather each bin's start
+    return sizes.pop(), g, [s // g for s in starts]
+
+
+def _axis_plan(n: int, k: int):
+    """(blocks, kernel, stride, gather or None) for one axis, or None (bins of unequal size).
+
+    Bins that are not evenly spaced often repeat block by block: 14 -> 4 has bins [0, 4),
+    [3, 7), [7, 11), [10, 14), i.e. twice 7 -> 2 (kernel 4, stride 3). Cutting the axis into
+    such blocks pools exactly the bins; the fallback (kernel 4, stride 1, then a Gather of
+    rows 0, 3, 7, 10) computes every window in between and was ~10x slower at batch 64.
+    """
+    w = _windows(n, k)
+    for m in range(1, math.gcd(n, k) + 1):
+        if n % m or k % m:
+            continue
+        inner = _strided(n // m, k // m)
+        tiled = [(b * (n // m) + a, b * (n // m) + z) for b in range(m)
+                 for a, z in _windows(n // m, k // m)]
+        if inner is not None and inner[2] is None and tiled == w:
+            return (m,) + inner
+    one = _strided(n, k)
+    return None if one is None else (1,) + one
+
+
+class StridedPool(nn.Module):
+    """A head's pooling (``Pool``) written with fixed-kernel pooling ops: the form exported to
+    ONNX (``compiler.export``, the onnxruntime serving backend ``runtime/backends.py``), where
+    adaptive pooling whose size does not divide the input cannot be exported and one slice per
+    window is slow. Artifacts keep ``Pool``: their heads learned on its features.
+
+    ``avgmax<k>x<k>`` on [B, C, H, W] becomes AveragePool and MaxPool with adaptive pooling's
+    kernel and stride (its bins are equal-sized for all but odd shapes); where the bins' starts
+    are not evenly spaced (14 -> 4: 0, 3, 7, 10) the map is first cut into blocks in which they
+    are (two 7 -> 2 blocks, pooled rows then columns), else pooled densely and gathered; bins of unequal size fall back
+    to one slice per bin. Max is exact; the average sums the same elements, so it matches
+    adaptive pooling to the last bit or two of float32.
+    """
+
+    def __init__(self, mode: str, shape: Sequence[int]):
+        super().__init__()
+        self.mode = mode
+        self.k = pool_grid(mode)
+        self.plan = None
+        self.windows = []
+        if self.k:
+            hgt, wid = int(shape[-2]), int(shape[-1])
+            self.chw = (int(shape[-3]), hgt, wid)
+            ph, pw = _axis_plan(hgt, self.k), _axis_plan(wid, self.k)
+            if ph is not None and pw is not None:
+                self.plan = (ph, pw)
+            else:
+                self.windows = [(r0, r1, c0, c1) for r0, r1 in _windows(hgt, self.k)
+                                for c0, c1 in _windows(wid, self.k)]
+
+    def _pool(self, h, fn):
+        (mh, kh, sh, ih), (mw, kw, sw, iw) = self.plan
+        if mh == 1 and mw == 1:
+            p = fn(h, (kh, kw), (sh, sw))
+            if ih is not None:
+                p = p.index_select(2, torch.tensor(ih))
+            if iw is not None:
+                p = p.index_select(3, torch.tensor(iw))
+            return p.flatten(1)
+        # Blocks: rows, then columns, each a 1-D pooling over blocks cut by a reshape (no copy,
+        # no transpose): [B, C * mh, H / mh, W] -> [B, C, k, W] -> [B, C * k, mw, W / mw].
+        c, hgt, wid = self.chw
+        p = fn(h.reshape(-1, c * mh, hgt // mh, wid), (kh, 1), (sh, 1))
+        if ih is not None:
+            p = p.index_select(2, torch.tensor(ih))
+        p = fn(p.reshape(-1, c * self.k, mw, wid // mw), (1, kw), (1, sw))
+        if iw is not None:
+            p = p.index_select(3, torch.tensor(iw))
+        return p.flatten(1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.plan is not None:
+            return torch.cat([self._pool(h, nn.functional.avg_pool2d),
+                              self._pool(h, nn.functional.max_pool2d)], 1).float()
+        if self.windows:
+            parts = [h[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in self.windows]
+            avg = torch.stack([p.mean(dim=(2, 3)) for p in parts], 2).flatten(1)
+            mx = torch.stack([p.amax(dim=(2, 3)) for p in parts], 2).flatten(1)
+            return torch.cat([avg, mx], 1).float()
+        if self.mode == "avgmax":
+            return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1).float()
+        if self.mode == "tokens":
+            return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1).float()
+        return h.flatten(1).float()
 
 
 class ExitHead(nn.Module):

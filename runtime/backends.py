@@ -12,12 +12,11 @@ are not in the plan at all: their stages run inside the neighbouring segment. Tw
 built once: the plain backbone (all stages, nothing else) and the *collect* model (the backbone
 plus every exit's pooled features), which serves the requests that learn or are shadowed.
 
-Heads pool with ``StridedPool`` (``AveragePool`` / ``MaxPool`` with a kernel and a stride, plus a
-``Gather`` where adaptive pooling's windows overlap unevenly): the same windows as
+Heads pool with ``compiler.heads.StridedPool`` (``AveragePool`` / ``MaxPool`` with a kernel and a
+stride, plus a ``Gather`` where adaptive pooling's windows overlap unevenly): the same windows as
 ``ExitHead``'s adaptive pooling, far cheaper in onnxruntime than one ``Slice`` per window.
 """
 import logging
-import math
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from compiler import exit_rule
-from compiler.heads import pool_grid
+from compiler.heads import StridedPool
 
 from .config import ConfigError
 
@@ -59,79 +58,6 @@ def resolve(name: str, device) -> str:
             return "torchscript"
         return "onnxruntime"
     return name
-
-
-# ----- pooling ----------------------------------------------------------------------------------
-def _windows(n: int, k: int) -> List[Tuple[int, int]]:
-    """Adaptive pooling's bins along one axis: [floor(i n / k), ceil((i + 1) n / k))."""
-    return [(i * n // k, -(-(i + 1) * n // k)) for i in range(k)]
-
-
-def _strided(n: int, k: int):
-    """(kernel, stride, gather indices or None) reproducing adaptive pooling's bins along one
-    axis of size ``n`` into ``k``; None when the bins differ in size (no single kernel)."""
-    w = _windows(n, k)
-    sizes = {b - a for a, b in w}
-    if len(sizes) != 1:
-        return None
-    starts = [a for a, _ in w]
-    diffs = [b - a for a, b in zip(starts, starts[1:])]
-    if len(set(diffs)) <= 1:
-        return sizes.pop(), (diffs[0] if diffs else 1), None
-    g = 0
-    for d in diffs:
-        g = math.gcd(g, d)
-    return sizes.pop(), g, [s // g for s in starts]
-
-
-class StridedPool(nn.Module):
-    """A head's pooling (``compiler.heads.Pool``) written with fixed-kernel pooling ops.
-
-    ``avgmax<k>x<k>`` on [B, C, H, W] becomes AveragePool and MaxPool with adaptive pooling's
-    kernel and stride (its bins are equal-sized for all but odd shapes), then a Gather where
-    the bins' starts are not evenly spaced (e.g. 14 -> 4: starts 0, 3, 7, 10); bins of unequal
-    size fall back to one slice per bin. Max is exact; the average sums the same elements, so
-    it matches adaptive pooling to the last bit or two of float32.
-    """
-
-    def __init__(self, mode: str, shape: Sequence[int]):
-        super().__init__()
-        self.mode = mode
-        self.k = pool_grid(mode)
-        self.plan = None
-        self.windows = []
-        if self.k:
-            hgt, wid = int(shape[-2]), int(shape[-1])
-            ph, pw = _strided(hgt, self.k), _strided(wid, self.k)
-            if ph is not None and pw is not None:
-                self.plan = (ph, pw)
-            else:
-                self.windows = [(r0, r1, c0, c1) for r0, r1 in _windows(hgt, self.k)
-                                for c0, c1 in _windows(wid, self.k)]
-
-    def _pool(self, h, fn):
-        (kh, sh, ih), (kw, sw, iw) = self.plan
-        p = fn(h, (kh, kw), (sh, sw))
-        if ih is not None:
-            p = p.index_select(2, torch.tensor(ih))
-        if iw is not None:
-            p = p.index_select(3, torch.tensor(iw))
-        return p.flatten(1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.plan is not None:
-            return torch.cat([self._pool(h, nn.functional.avg_pool2d),
-                              self._pool(h, nn.functional.max_pool2d)], 1).float()
-        if self.windows:
-            parts = [h[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in self.windows]
-            avg = torch.stack([p.mean(dim=(2, 3)) for p in parts], 2).flatten(1)
-            mx = torch.stack([p.amax(dim=(2, 3)) for p in parts], 2).flatten(1)
-            return torch.cat([avg, mx], 1).float()
-        if self.mode == "avgmax":
-            return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1).float()
-        if self.mode == "tokens":
-            return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1).float()
-        return h.flatten(1).float()
 
 
 # ----- onnxruntime ------------------------------------------------------------------------------
@@ -169,13 +95,50 @@ class Plan:
     """One serving state compiled for onnxruntime: segments and their thresholds (immutable).
 
     ``segments[j]`` = (session, exit, threshold as float32); the last has exit None and returns
-    the backbone's output.
+    the backbone's output. ``collecting``: the same segments, each also returning the pooled
+    features of every exit among its stages (on or off), for requests that teach the heads.
+    ``whole``: the state may serve requests with nothing to learn from (the runtime's
+    ``fast_after``); before that, only collecting requests use the plan.
     """
 
-    def __init__(self, segments, num_exits: int, num_classes: int):
+    def __init__(self, segments, collecting, num_exits: int, num_classes: int, whole: bool):
         self.segments = segments
+        self.collecting = collecting
         self.num_exits = num_exits
         self.num_classes = num_classes
+        self.whole = whole
+
+    def run_collect(self, x: np.ndarray):
+        """(logits, exit index, features per exit of the rows that ran the whole backbone,
+        their backbone output); the last two are None when every row left at an exit."""
+        n, E = x.shape[0], self.num_exits
+        idx = np.arange(n)
+        exit_of = np.full(n, E, dtype=np.int64)
+        out, h, feats = None, x, [None] * E
+        for sess, e, thr, fidx in self.collecting[:-1]:
+            h, logits, conf, *fs = sess.run(None, {"x": h})
+            for j, f in zip(fidx, fs):
+                feats[j] = f
+            take = exit_rule.leaves_np(conf, thr)
+            if take.any():
+                if out is None:
+                    out = np.empty((n, logits.shape[1]), dtype=np.float32)
+                rows = idx[take]
+                out[rows] = logits[take]
+                exit_of[rows] = e
+                keep = ~take
+                if not keep.any():
+                    return out, exit_of, None, None
+                h, idx = h[keep], idx[keep]
+                feats = [f[keep] if f is not None else None for f in feats]
+        sess, _, _, fidx = self.collecting[-1]
+        y, *fs = sess.run(None, {"x": h})
+        for j, f in zip(fidx, fs):
+            feats[j] = f
+        if out is None:
+            return y, exit_of, feats, y
+        out[idx] = y
+        return out, exit_of, feats, y
 
     def run(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
@@ -274,37 +237,48 @@ class OnnxRuntimeBackend:
         nodes.append(helper.make_node("Identity", [h], ["y"], name=c.name("Id")))
         return self._finish(c, nodes, ["y"] + outs)
 
-    def _segment(self, start: int, stop: int, exit_: Optional[int], classifier=None):
-        """Stages ``start``..``stop``; then, for an exit, its head: outputs h, logits, conf."""
+    def _segment(self, start: int, stop: int, exit_: Optional[int], classifier=None,
+                 features: bool = False):
+        """Stages ``start``..``stop``; then, for an exit, its head: outputs h, logits, conf
+        (or y, after the last stage); with ``features`` also f<j> for every exit j among the
+        stages (its pooled features)."""
         from compiler.export import confidence_nodes
         from onnx import helper
         c = self._Composer(OPSET)
-        nodes, h = [], "x"
+        nodes, h, pooled = [], "x", {}
         for s in range(start, stop + 1):
             h = c.inline(nodes, self.stage_models[s], f"s{s}/", h, f"stage{s}_out")
+            if s < self.num_exits and (s == exit_ or features):
+                pooled[s] = c.inline(nodes, self.pool_models[s], f"p{s}/", h, f"pool{s}")
+        extra = [(pooled[j], f"f{j}") for j in sorted(pooled)] if features else []
         if exit_ is None:
-            nodes.append(helper.make_node("Identity", [h], ["y"], name=c.name("Id")))
-            return self._finish(c, nodes, ["y"])
-        f = c.inline(nodes, self.pool_models[exit_], f"p{exit_}/", h, f"pool{exit_}")
-        logits = _classifier_nodes(c, nodes, f, classifier, f"head{exit_}")
-        conf = confidence_nodes(c, nodes, logits, f"head{exit_}")
-        for src, dst in ((h, "h"), (logits, "logits"), (conf, "conf")):
+            outs = [(h, "y")] + extra
+        else:
+            logits = _classifier_nodes(c, nodes, pooled[exit_], classifier, f"head{exit_}")
+            conf = confidence_nodes(c, nodes, logits, f"head{exit_}")
+            outs = [(h, "h"), (logits, "logits"), (conf, "conf")] + extra
+        for src, dst in outs:
             nodes.append(helper.make_node("Identity", [src], [dst], name=c.name("Id")))
-        return self._finish(c, nodes, ["h", "logits", "conf"])
+        return self._finish(c, nodes, [dst for _, dst in outs])
 
-    def compile(self, classifiers, thresholds) -> Optional[Plan]:
+    def compile(self, classifiers, thresholds, whole: bool = True) -> Optional[Plan]:
         """The plan for a serving state (None when no exit is on: the backbone session serves)."""
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
         if not on:
             return None
-        segments, start = [], 0
+        segments, collecting, start = [], [], 0
         for e in on:
+            thr = np.float32(thresholds[e])
             sess = _session(self._segment(start, e, e, classifiers[e]), self.threads)
-            segments.append((sess, e, np.float32(thresholds[e])))
+            segments.append((sess, e, thr))
+            sess = _session(self._segment(start, e, e, classifiers[e], True), self.threads)
+            collecting.append((sess, e, thr, list(range(start, e + 1))))
             start = e + 1
         last = _session(self._segment(start, self.num_exits, None), self.threads)
         segments.append((last, None, None))
-        return Plan(segments, self.num_exits, self.num_classes)
+        last = _session(self._segment(start, self.num_exits, None, None, True), self.threads)
+        collecting.append((last, None, None, list(range(start, self.num_exits))))
+        return Plan(segments, collecting, self.num_exits, self.num_classes, whole)
 
     # -- running --
     def run_backbone(self, x: np.ndarray) -> np.ndarray:

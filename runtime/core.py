@@ -134,11 +134,12 @@ class CachedRuntime:
             return None
 
     def _compile(self, classifiers, thresholds, whole: bool):
-        """A state's onnxruntime plan, when it may serve requests whole (else None)."""
-        if self.backend is None or not whole or all(t == INF for t in thresholds):
+        """A state's onnxruntime plan (None: no exit on, or TorchScript); ``whole``: it may
+        serve requests with nothing to learn from (else only those that teach use it)."""
+        if self.backend is None or all(t == INF for t in thresholds):
             return None
         try:
-            return self.backend.compile(classifiers, thresholds)
+            return self.backend.compile(classifiers, thresholds, whole)
         except Exception as e:  # serving goes on with the scripted fast path
             log.warning("onnxruntime plan not built (%s); this state serves with TorchScript", e)
             return None
@@ -207,7 +208,7 @@ class CachedRuntime:
         if (self.drift if self._delegate is None else self._delegate).in_doubt:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
         shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
-        if state.compiled is not None and not shadow and not collect:
+        if state.compiled is not None and state.compiled.whole and not shadow and not collect:
             served = serve_plan(state, x)
         elif state.fast is not None and not shadow and not collect:
             served = serve_fast(state, x)

@@ -37,7 +37,7 @@ class ServingState:
     @property
     def servable_whole(self) -> bool:
         """Requests with nothing to check or learn from may run the cached model whole."""
-        return self.fast is not None or self.compiled is not None
+        return self.fast is not None or (self.compiled is not None and self.compiled.whole)
 
     @property
     def any_enabled(self) -> bool:
@@ -143,9 +143,19 @@ def serve_plan(state: ServingState, x: torch.Tensor) -> Served:
 
 def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
                     collect: bool) -> Served:
-    """The onnxruntime backend's path for requests that teach or are shadowed: every row runs
-    the whole backbone with every exit's pooled features (one session), then the exits route
-    the rows (``exit_rule``) on those features, as ``serve_staged`` does stage by stage."""
+    """The onnxruntime backend's path for requests that teach or are shadowed.
+
+    With a compiled plan and no shadow: the plan's collecting segments (rows leave at exits;
+    the rows that reach the end bring every exit's features), as ``serve_staged`` does. Else
+    every row runs the whole backbone with every exit's pooled features (one session), then
+    the exits route the rows (``exit_rule``) on those features."""
+    if state.compiled is not None and not shadow:
+        out, exit_of, feats, y = state.compiled.run_collect(x.numpy())
+        served = Served(torch.from_numpy(out), torch.from_numpy(exit_of))
+        if collect and y is not None:
+            served.features = [torch.from_numpy(f) for f in feats]
+            served.teacher = torch.from_numpy(y)
+        return served
     y, feats = backend.run_collect(x.numpy())
     y = torch.from_numpy(y)
     feats = [torch.from_numpy(f) for f in feats]

@@ -15,8 +15,8 @@ import torch
 
 import runtime
 from compiler import artifact
-from compiler.heads import Pool
-from runtime.backends import BackendError, StridedPool, resolve
+from compiler.heads import Pool, StridedPool
+from runtime.backends import BackendError, resolve
 from runtime.config import ConfigError
 from runtime.serving import serve_collected, serve_staged
 

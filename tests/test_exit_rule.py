@@ -394,6 +394,16 @@ def test_every_path_follows_the_one_exit_rule(templates, ort_confidence, tmp_pat
             torch.testing.assert_close(torch.from_numpy(np.concatenate([o for o, _ in rows])),
                                        got, rtol=0, atol=1e-6)
         _assert_answers(got, got_exit, logits, owant, f"backend plan, {case}", exact=False)
+        if plan is not None:  # the collecting segments route the same and bring the features
+            cout, cexit, cfeats, cy = plan.run_collect(x.numpy())
+            assert cexit.tolist() == got_exit.tolist(), f"plan collecting, {case}"
+            torch.testing.assert_close(torch.from_numpy(cout), got, rtol=0, atol=1e-6)
+            rest = got_exit == E
+            assert (cy is None) == (not bool(rest.any())), case
+            if cy is not None:   # flat heads: the features are the rows themselves
+                torch.testing.assert_close(torch.from_numpy(cy), logits[E][rest], rtol=0, atol=1e-6)
+                for f in cfeats:
+                    torch.testing.assert_close(torch.from_numpy(f), x[rest], rtol=0, atol=0)
         assert got_exit[same].tolist() == torch.tensor(want)[same].tolist(), case
     assert seen_exits == set(range(max(E for E, _ in CONFIGS) + 1)), "some exit never taken"
     assert ties >= 20, f"only {ties} rows left at a tie: the cases miss the rule's edge"
