@@ -274,7 +274,7 @@ def test_concurrent_clients_get_their_own_rows_in_order(server, rows, reference)
 
 def test_queue_full_is_503_and_deadline_is_504(teacher_artifact, rows):
     # A long wait for the batch to fill keeps the first request queued: the queue (1) is full.
-    srv = start(teacher_artifact, max_batch=64, max_wait_ms=1500, max_queue=1)
+    srv = start(teacher_artifact, max_batch=64, max_wait_ms=1500, max_queue=1, wait_when_idle=True)
     try:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(post, srv, infer_json(rows[:1]))
@@ -542,3 +542,35 @@ def test_foreign_or_corrupt_state_file_is_refused_with_a_log_line(teacher_artifa
             svc.stop()
         for f in state.glob("*.refused-*"):
             f.unlink()
+
+
+@pytest.mark.parametrize("wait_when_idle", [False, True])
+def test_a_lone_request_on_a_quiet_server_runs_at_once_unless_told_to_wait(wait_when_idle):
+    import asyncio
+
+    from runtime.server.batching import DynamicBatcher
+
+    sizes = []
+
+    def predict(x):
+        sizes.append(x.shape[0])
+        return x.sum(1, keepdim=True), torch.zeros(x.shape[0], dtype=torch.long)
+
+    batcher = DynamicBatcher(predict, max_batch=64, max_wait_s=2.0, max_queue=8,
+                             wait_when_idle=wait_when_idle)
+    batcher.start()
+
+    async def one():
+        t0 = time.perf_counter()
+        out, _ = await batcher.submit(torch.ones(1, 3))
+        return time.perf_counter() - t0, float(out[0, 0])
+
+    try:
+        seconds, value = asyncio.run(one())
+    finally:
+        batcher.close()
+    assert value == 3.0 and sizes == [1]
+    if wait_when_idle:
+        assert seconds >= 1.9, "told to wait for company, it must wait max_wait"
+    else:
+        assert seconds < 1.0, "nobody else is queued: the request must not wait for a batch"

@@ -58,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between scheduled checkpoints (rounds checkpoint at once)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per runtime batch")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help="longest wait in the queue for a batch to fill")
+                   help="longest wait in the queue for a batch to fill (busy traffic)")
+    p.add_argument("--wait-when-idle", action="store_true",
+                   help="a lone request on a quiet server waits --max-wait-ms too (Triton's rule)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests waiting before 503")
     p.add_argument("--max-request-rows", type=int, default=d.max_request_rows,
@@ -89,7 +91,7 @@ def config_from(args) -> ServerConfig:
     return ServerConfig(
         artifact=args.artifact, model_name=args.model_name, host=args.host, port=args.port,
         device=args.device, torch_threads=args.threads, max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_wait_ms=args.max_wait_ms, wait_when_idle=args.wait_when_idle, max_queue=args.max_queue,
         max_request_rows=args.max_request_rows, max_body_bytes=int(args.max_body_mb * 2 ** 20),
         request_timeout_s=args.request_timeout, preprocess=args.preprocess,
         image_mean=args.image_mean, image_std=args.image_std, state_dir=args.state_dir,
@@ -160,7 +162,10 @@ def main(argv: Optional[list] = None) -> int:
     log.info("listening on http://%s:%d (model '%s')", host, port, service.name)
     server = uvicorn.Server(uvicorn.Config(
         build_app(service), log_level=cfg.log_level, access_log=cfg.access_log,
-        timeout_graceful_shutdown=cfg.drain_timeout_s, lifespan="on"))
+        timeout_graceful_shutdown=cfg.drain_timeout_s, lifespan="on",
+        # Refuse (503) past this many open connections before reading their bodies, so
+        # overload is shed at the door and not queued in the event loop unseen.
+        limit_concurrency=cfg.max_queue + cfg.max_batch + 16))
     # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal into the handler that was
     # there before: a no-op one, so a graceful stop exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):

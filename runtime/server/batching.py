@@ -1,7 +1,9 @@
 """Dynamic batching: requests from many clients share one ``predict`` call, each gets its rows back.
 
-One worker thread takes the oldest waiting request, waits up to ``max_wait_s`` (from that
-request's arrival) for others until ``max_batch`` rows are queued, runs them as one batch and
+One worker thread takes the oldest waiting request and, when the traffic is busy (the last
+batch gathered more than one request), waits up to ``max_wait_s`` (from that request's arrival)
+for others until ``max_batch`` rows are queued; a lone request on a quiet server runs at once,
+since nobody is coming to share its batch (``wait_when_idle``: wait anyway). It runs them as one batch and
 hands each request its own slice, in order. Requests whose client went away (future cancelled)
 or whose deadline passed are dropped before the batch runs, so they cost nothing. The queue is
 bounded in requests: ``submit`` raises QueueFull at once past it.
@@ -77,7 +79,8 @@ class DynamicBatcher:
     """Gather queued requests into batches for ``predict(x) -> (out, exits)`` on a worker thread."""
 
     def __init__(self, predict: Callable, max_batch: int = 32, max_wait_s: float = 0.005,
-                 max_queue: int = 256, observer: Optional[BatchObserver] = None):
+                 max_queue: int = 256, observer: Optional[BatchObserver] = None,
+                 wait_when_idle: bool = False):
         self.predict = predict
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -89,6 +92,8 @@ class DynamicBatcher:
         self._closing = False
         self._thread: Optional[threading.Thread] = None
         self.batch_seconds = 0.0   # running mean of one batch's time, for Retry-After
+        self._busy = False         # the last batch gathered more than one request
+        self.wait_when_idle = wait_when_idle
 
     @property
     def depth(self) -> int:
@@ -145,7 +150,8 @@ class DynamicBatcher:
                     return None
                 self._cond.wait()
             flush_at = self._queue[0].enqueued + self.max_wait_s
-            while self._queued_rows < self.max_batch and not self._closing:
+            while self._queued_rows < self.max_batch and not self._closing and \
+                    (self._busy or self.wait_when_idle or len(self._queue) > 1):
                 remaining = flush_at - time.monotonic()
                 if remaining <= 0:
                     break
@@ -159,6 +165,7 @@ class DynamicBatcher:
                 self._queued_rows -= item.rows
                 batch.append(item)
                 rows += item.rows
+            self._busy = len(batch) > 1
             return batch
 
     def _run(self):

@@ -26,7 +26,10 @@ class ServerConfig:
     torch_threads:     torch intra-op threads in the server process (0: leave torch's default). One
                        thread by default: two threads on two shared cores spin against each other.
     max_batch:         most rows the batcher hands the runtime in one ``predict`` call.
-    max_wait_ms:       longest a request waits in the queue for others to share its batch.
+    max_wait_ms:       longest a request waits in the queue for others to share its batch, while
+                       traffic is busy (the last batch gathered several requests).
+    wait_when_idle:    also make a lone request on a quiet server wait ``max_wait_ms`` for company
+                       (Triton's rule); off: it runs at once, since nobody is coming to share.
     max_queue:         most requests waiting; past it the server answers 503 + Retry-After at once.
     max_request_rows:  most rows one request may carry (400 past it).
     max_body_bytes:    largest request body accepted (413 past it), after decompression.
@@ -56,6 +59,7 @@ class ServerConfig:
     torch_threads: int = 1
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    wait_when_idle: bool = False
     max_queue: int = 256
     max_request_rows: int = 1024
     max_body_bytes: int = 64 * 1024 * 1024

@@ -77,7 +77,7 @@ class Service:
             self.preprocessor = ImagePreprocessor(cfg.preprocess, rt.input_shape, cfg.image_mean,
                                                   cfg.image_std)
         self.batcher = DynamicBatcher(self._predict, cfg.max_batch, cfg.max_wait_ms / 1e3,
-                                      cfg.max_queue)
+                                      cfg.max_queue, wait_when_idle=cfg.wait_when_idle)
         self.metrics = ServerMetrics(self, depth=lambda: self.batcher.depth)
         self.batcher.observer = self.metrics
         self.batcher.start()
