@@ -1,11 +1,16 @@
 """The load-test tool (tools/load_test.py) counts what it sends: its core loop (locust in a child
 process) against one real server for ~3 s with 2 clients. No timing thresholds."""
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
 
-pytest.importorskip("locust")
+# Never import locust here: it monkey-patches threading and sockets (gevent) for the whole
+# pytest process, and every threaded test after this file would then run on greenlets.
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust not installed (pip install -e '.[test]')", allow_module_level=True)
 pytest.importorskip("fastapi")
 
 from tools import load_test as lt  # noqa: E402
@@ -69,3 +74,7 @@ def test_requests_max_bounds_a_turn(teacher_artifact, fashion_small, tmp_path):
     finally:
         server.stop()
     assert r["requests"] == r["sent"] == 40 and r["seconds"] < 30.0
+
+
+def test_the_tool_does_not_import_locust_into_its_caller():
+    assert "locust" not in sys.modules and "gevent.monkey" not in sys.modules
