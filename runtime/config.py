@@ -59,6 +59,11 @@ class LearningConfig:
     max_train_rows, max_calib_rows: a round uses at most this many of the most recent rows, so
                       its time is bounded whatever the buffer holds.
     epochs, batch_size, lr, weight_decay: distillation of the heads per round (warm-started).
+    yield_until_exits: background mode, before any exit is on: while a round runs, requests are
+                      served one at a time, so the learner gets a core instead of a share of the
+                      GIL and cores among many serving threads (with 8 threads on 2 cores a round
+                      otherwise outlasts thousands of rows and no exit ever switches on). Once an
+                      exit is on, serving never waits for learning.
     """
 
     train_every: int = 1000
@@ -70,6 +75,7 @@ class LearningConfig:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    yield_until_exits: bool = True
 
 
 @dataclass

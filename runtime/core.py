@@ -110,6 +110,7 @@ class CachedRuntime:
         self._learning = False
         self._paused = False
         self._closed = False
+        self._yield_gate = threading.Lock()
         self._delegate = None                  # replica mode: see delegate_learning
         fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" else None
         self._state = ServingState(classifiers, thresholds, fast=fast,
@@ -202,8 +203,15 @@ class CachedRuntime:
         Safe to call from many threads at once.
         """
         x = self._check(x)
-        t0 = time.perf_counter()
         state = self._state
+        if self._learning and self._thread is not None and not state.any_enabled and \
+                self.config.learning.yield_until_exits:
+            with self._yield_gate:   # one request at a time while the first rounds run
+                return self._predict(x, return_exits, self._state)
+        return self._predict(x, return_exits, state)
+
+    def _predict(self, x, return_exits, state):
+        t0 = time.perf_counter()
         rate = self.config.guarantee.shadow_rate
         if (self.drift if self._delegate is None else self._delegate).in_doubt:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
