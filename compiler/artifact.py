@@ -99,6 +99,15 @@ def _umask() -> int:
     return 0o022
 
 
+def fsync_folder(folder: str):
+    """Flush a folder's entries, so a rename into it survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(module: torch.jit.ScriptModule, manifest: dict, path: str):
     """Write ``module`` with ``manifest`` to ``path`` atomically (a crash leaves the old file whole).
 
@@ -117,11 +126,7 @@ def save(module: torch.jit.ScriptModule, manifest: dict, path: str):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_folder(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,12 +8,13 @@ deleted, the learner (checkpointed at every publish) is stopped, exit 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
+
+from runtime.server.__main__ import _option  # KEY=VALUE runtime options, parsed as the server does
 
 
 class _UsageError(Exception):
@@ -23,16 +24,6 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise _UsageError(f"{message} (see --help)")
-
-
-def _option(text: str) -> tuple:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import runtime
+from compiler.artifact import fsync_folder
 
 from .protocol import PublishedState, Report, ServedTotals
 
@@ -50,11 +51,7 @@ def _atomic_torch_save(obj, path: str):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_folder(folder)
 
 
 class LearnerCore:
