@@ -10,6 +10,7 @@ This class only wires them and owns the one lock that orders publishing against 
 state is swapped whole under it, and a round's proposal is dropped if drift struck after the
 round began (``generation``).
 """
+import collections
 import copy
 import io
 import logging
@@ -105,7 +106,7 @@ class CachedRuntime:
         self._rounds_discarded = 0
         self._rounds_failed = 0
         self._last_error = None
-        self._round_seconds = []
+        self._round_seconds = collections.deque(maxlen=100)  # bounded: runs for days
         self._train_seconds = 0.0
         self._learning = False
         self._paused = False
@@ -422,7 +423,7 @@ class CachedRuntime:
         with self._lock:
             state = self._state
             plan = state.plan
-            rounds = list(self._round_seconds[-100:])
+            rounds = list(self._round_seconds)
             out.update({
                 "exit_names": [e["name"] for e in self.exits] + ["backbone"],
                 "backend": "torchscript" if self.backend is None else self.backend.name,
