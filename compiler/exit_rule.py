@@ -26,6 +26,13 @@ def confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, 1).amax(1)
 
 
+def class_confidence(logits: torch.Tensor, cls: int) -> torch.Tensor:
+    """The confidence of an exit that may answer only class ``cls``, [n]: that class's softmax
+    probability. Detection's "nothing here" exits (``compiler/detection.py``) read it with
+    ``cls`` = 0: a frame leaves when it reaches the threshold, and its answer is then "nothing"."""
+    return torch.softmax(logits, 1)[:, cls]
+
+
 def leaves(conf: torch.Tensor, threshold: torch.Tensor, enabled: bool) -> torch.Tensor:
     """Rows (bool [n]) that leave at one exit, given their confidence there."""
     if not enabled:
