@@ -6,6 +6,7 @@ import torch
 
 # Row roles: TRAIN rows teach the heads; CALIB rows (unbiased, held out) choose thresholds.
 TRAIN, CALIB = 0, 1
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class FeatureBuffer:
@@ -21,13 +22,28 @@ class FeatureBuffer:
         self.size = 0
         self.next = 0
         self.added = 0
+        self.rows_rejected = 0
         self.lock = threading.Lock()
 
     def add(self, feats: List[torch.Tensor], teacher: torch.Tensor, role: torch.Tensor):
-        """Append rows (features per exit [n, d_i], teacher logits [n, K], role [n])."""
+        """Append rows (features per exit [n, d_i], teacher logits [n, K], role [n]).
+
+        A row whose features do not fit float16 or whose teacher is not finite is dropped and
+        counted (``rows_rejected``): one such row would make every head's standardisation,
+        and so every head, non-finite."""
         n = teacher.shape[0]
         if n == 0:
             return
+        ok = torch.isfinite(teacher).all(1)
+        for f in feats:
+            ok &= f.abs().amax(1) <= FLOAT16_MAX   # NaN compares False
+        if not bool(ok.all()):
+            with self.lock:
+                self.rows_rejected += int((~ok).sum())
+            feats, teacher, role = [f[ok] for f in feats], teacher[ok], role[ok]
+            n = teacher.shape[0]
+            if n == 0:
+                return
         with self.lock:
             for start in range(0, n, self.capacity):
                 self._add(feats, teacher, role, start, min(n, start + self.capacity))

@@ -1,4 +1,5 @@
 """Settings of the online cache runtime: one documented dataclass per part, gathered in RuntimeConfig."""
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
@@ -130,6 +131,22 @@ class DriftConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The input guard (runtime/guard.py): which requests the heads may answer and learn from.
+
+    A row's scale is its largest absolute input value. A request holding a row more than
+    ``range_factor`` times the median scale of the last ``range_window_rows`` rows is far outside the
+    traffic seen so far: the backbone answers it whole and nothing learns from it (heads were
+    never taught on such rows, and one such row can overflow the buffered features). The first
+    ``range_warmup_rows`` rows are answered and judged but not learned from: the median needs them.
+    """
+
+    range_factor: float = 10.0
+    range_window_rows: int = 1024
+    range_warmup_rows: int = 64
+
+
+@dataclass
 class RuntimeConfig:
     """Every setting of the runtime, one section per part.
 
@@ -145,10 +162,11 @@ class RuntimeConfig:
     learning: LearningConfig = field(default_factory=LearningConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     background: bool = True
     seed: int = 0
 
-    SECTIONS = ("guarantee", "collect", "learning", "serving", "drift")
+    SECTIONS = ("guarantee", "collect", "learning", "serving", "drift", "guard")
 
     def with_overrides(self, **overrides) -> "RuntimeConfig":
         """A copy with fields set by name, whichever section holds them."""
@@ -181,6 +199,21 @@ class RuntimeConfig:
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
             raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
                               f"{self.serving.backend!r}")
+        if not (math.isfinite(self.guard.range_factor) and self.guard.range_factor > 1.0):
+            raise ConfigError(f"range_factor must be a finite number above 1, got "
+                              f"{self.guard.range_factor}")
+        if self.guard.range_window_rows < 1 or self.guard.range_warmup_rows < 0:
+            raise ConfigError(f"range_window_rows must be at least 1 and range_warmup_rows at least 0, got "
+                              f"{self.guard.range_window_rows} and {self.guard.range_warmup_rows}")
+        for name, v, zero_ok in (("lr", self.learning.lr, False),
+                                 ("buffer_mb", self.collect.buffer_mb, False),
+                                 ("weight_decay", self.learning.weight_decay, True)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or zero_ok and v == 0)):
+                raise ConfigError(f"{name} must be a finite number "
+                                  f"{'at least 0' if zero_ok else 'above 0'}, got {v}")
+        if self.learning.lr > 1.0:
+            raise ConfigError(f"lr must be at most 1 (Adam steps that large overflow the heads), "
+                              f"got {self.learning.lr}")
         for name in ("train_every", "min_train", "min_calib", "max_train_rows", "max_calib_rows",
                      "epochs", "batch_size"):
             if getattr(self.learning, name) < 1:

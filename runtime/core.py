@@ -34,7 +34,8 @@ from .config import RuntimeConfig
 from .costs import CostModel, profile
 from .cuda_graphs import GraphedStage
 from .drift import ALARM, DriftMonitor
-from .learner import HeadLearner, RoundCancelled
+from .guard import InputGuard
+from .learner import HeadLearner, NonFiniteRound, RoundCancelled
 from .learning import LearnerThread, LearningLoop
 from .serving import ServingState, serve_collected, serve_fast, serve_plan, serve_staged
 from .stats import Counters
@@ -95,6 +96,8 @@ class CachedRuntime:
         self.loop = LearningLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
                                  scripted_stages, self.device)
         self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget)
+        self.guard = InputGuard(self.config.guard)
+        self.guard.seed(self.manifest.get("runtime", {}).get("input_scale_median"))
         self.counters = Counters(self.num_exits)
 
         self._lock = threading.Lock()          # orders publish, drift and the round counters
@@ -105,6 +108,7 @@ class CachedRuntime:
         self._rounds = 0
         self._rounds_discarded = 0
         self._rounds_failed = 0
+        self._rounds_nonfinite = 0
         self._last_error = None
         self._round_seconds = collections.deque(maxlen=100)  # bounded: runs for days
         self._train_seconds = 0.0
@@ -173,7 +177,9 @@ class CachedRuntime:
         return self._state
 
     # ----- serving ------------------------------------------------------------------------------
-    def _check(self, x) -> torch.Tensor:
+    def _check(self, x):
+        """The batch as float32 on the device, and the guard's verdict on it; a request the
+        runtime will not serve raises ``InputError`` and changes nothing."""
         shape = ", ".join(map(str, self.input_shape))
         if not isinstance(x, torch.Tensor):
             raise InputError(f"expected a torch.Tensor batch of shape [N, {shape}], "
@@ -186,15 +192,12 @@ class CachedRuntime:
                              f"convert it with x.float()")
         if x.shape[0] == 0:
             raise InputError("empty batch: send at least one row")
-        # one reduction: a NaN or Inf anywhere makes the sum non-finite (so may an overflow,
-        # which the per-row check below then clears)
-        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1) \
-            if not math.isfinite(float(x.sum())) else None
-        if finite is not None and not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()
-            raise InputError(f"rows {bad[:10]} contain NaN or Inf; clean or drop them and resend "
-                             f"(nothing was served or learned)")
-        return x.to(self.device, torch.float32)
+        verdict = self.guard.judge(x)
+        if not verdict.finite:
+            raise InputError(f"rows {list(verdict.bad_rows[:10])} contain NaN, Inf or values beyond "
+                             f"float32's range; clean or drop them and resend (nothing was served "
+                             f"or learned)")
+        return x.to(self.device, torch.float32), verdict
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, return_exits: bool = False):
@@ -203,20 +206,43 @@ class CachedRuntime:
         With ``return_exits`` also returns each row's exit index (``num_exits``: the backbone).
         Safe to call from many threads at once.
         """
-        x = self._check(x)
+        x, verdict = self._check(x)
+        if not verdict.inside:
+            return self._predict_outside(x, return_exits)
         state = self._state
         if self._learning and self._thread is not None and not state.any_enabled and \
                 self.config.learning.yield_until_exits:
             with self._yield_gate:   # one request at a time while the first rounds run
-                return self._predict(x, return_exits, self._state)
-        return self._predict(x, return_exits, state)
+                return self._predict(x, return_exits, self._state, verdict.learn)
+        return self._predict(x, return_exits, state, verdict.learn)
 
-    def _predict(self, x, return_exits, state):
+    def _predict_outside(self, x, return_exits):
+        """A request far outside the traffic seen so far (``guard.py``): the backbone answers
+        every row, and nothing learns from it or reads it as drift."""
+        t0 = time.perf_counter()
+        state = self._state
+        off = ServingState(state.classifiers, (INF,) * self.num_exits, state.version,
+                           state.generation)
+        if self.backend is not None:
+            served = serve_collected(self.backend, off, x, False, False)
+        else:
+            served = serve_staged(self.stages, self.heads, off, x, False, False)
+        counts = [0] * self.num_exits + [x.shape[0]]
+        self.counters.record(counts, self.costs.flops_of(counts, off.enabled_key),
+                             (time.perf_counter() - t0) * 1e3, self._learning)
+        k = self.guard.requests_outside
+        if k & (k - 1) == 0:  # 1st, 2nd, 4th, 8th...: never a line per request
+            log.warning("%d request(s) so far outside the traffic seen (row scale above %.3g): "
+                        "answered by the backbone, not learned from", k, self.guard.limit)
+        return (served.out, served.exit_of) if return_exits else served.out
+
+    def _predict(self, x, return_exits, state, learn: bool = True):
         t0 = time.perf_counter()
         rate = self.config.guarantee.shadow_rate
         if (self.drift if self._delegate is None else self._delegate).in_doubt:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
         shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
+        collect = collect and learn
         if state.compiled is not None and state.compiled.whole and not shadow and not collect:
             served = serve_plan(state, x)
         elif state.fast is not None and not shadow and not collect:
@@ -324,6 +350,12 @@ class CachedRuntime:
             try:
                 proposal = self.loop.run(round_index, self._should_stop)
             except RoundCancelled:
+                return False
+            except NonFiniteRound as e:
+                with self._lock:
+                    self._rounds_nonfinite += 1
+                    self._last_error = f"{type(e).__name__}: {e}"
+                log.warning("learning round discarded: %s; exits keep their previous state", e)
                 return False
             except Exception as e:
                 with self._lock:
@@ -436,14 +468,17 @@ class CachedRuntime:
                                                    "lower_bound": plan.lower_bound,
                                                    "calib_rows": plan.n},
                 "learning": {"rounds": self._rounds, "rounds_discarded": self._rounds_discarded,
-                             "rounds_failed": self._rounds_failed, "last_error": self._last_error,
+                             "rounds_failed": self._rounds_failed,
+                             "rounds_nonfinite": self._rounds_nonfinite, "last_error": self._last_error,
                              "paused": self._paused,
                              "round_seconds_last": rounds[-1] if rounds else None,
                              "round_seconds_max": max(rounds) if rounds else None,
                              "rows_trained": self.learner.rows,
                              "train_flops": self.learner.flops, "train_seconds": self._train_seconds,
                              "buffer_rows": self.buffer.size,
-                             "buffer_capacity": self.buffer.capacity},
+                             "buffer_capacity": self.buffer.capacity,
+                             "buffer_rows_rejected": self.buffer.rows_rejected},
+                "guard": self.guard.stats(),
                 "drift_events": self.drift.events,
                 "drift_doubts": self.drift.doubts,
                 "in_doubt": self.drift.in_doubt,
@@ -491,6 +526,7 @@ class CachedRuntime:
                                "agreement_budget": self.config.guarantee.agreement_budget,
                                "thresholds": [None if t == INF else t for t in thresholds],
                                "state_version": state.version,
+                               "input_scale_median": self.guard.stats()["median"],
                                "stats": self.stats()}
         artifact.save(module, manifest, path)
 

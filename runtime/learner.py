@@ -32,6 +32,10 @@ class RoundCancelled(Exception):
     """A learning round was abandoned (the runtime is closing); nothing of it was kept."""
 
 
+class NonFiniteRound(Exception):
+    """A round's heads came out NaN or Inf; they were discarded and the heads keep what they had."""
+
+
 class HeadLearner:
     """Trains copies of the heads' classifiers; the serving ones are swapped in on publish."""
 
@@ -96,7 +100,13 @@ class HeadLearner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        # Kept whole at the end: a cancelled round leaves no trace.
+        bad = [i for i, m in enumerate(work) if not all(bool(torch.isfinite(p).all())
+                                                        for p in m.parameters())]
+        bad += [i for i in range(len(work)) if not (bool(torch.isfinite(mean[i]).all())
+                                                     and bool(torch.isfinite(std[i]).all()))]
+        if bad:
+            raise NonFiniteRound(f"heads {sorted(set(bad))} came out non-finite")
+        # Kept whole at the end: a cancelled or non-finite round leaves no trace.
         self.models, self.mean, self.std = [m.eval() for m in work], mean, std
         self.flops += sum(3 * classifier_flops(m) * n * epochs for m in work)
         self.rows += n * epochs

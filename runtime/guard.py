@@ -1,0 +1,97 @@
+"""The input guard: which requests lie inside the traffic seen so far, so heads may answer and learn."""
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .config import GuardConfig
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One request judged: ``finite`` (False: some row holds NaN or Inf, ``bad_rows`` names them);
+    ``inside``: every row is within range of the traffic seen so far; ``learn``: its rows may be
+    learned from (inside, and past the warm-up)."""
+
+    finite: bool
+    inside: bool
+    learn: bool
+    bad_rows: tuple = ()
+
+
+class InputGuard:
+    """Per-row scale (largest absolute value) against ``range_factor`` x the median scale of the
+    last ``range_window_rows`` rows. Every row enters the window, judged inside or not, so a lasting
+    change of scale becomes the new normal once it is most of the window (the drift monitor
+    then judges it), while a few hostile rows never move the median.
+    """
+
+    RECOMPUTE_EVERY = 32   # rows between median updates (one median per request would cost)
+
+    def __init__(self, config: GuardConfig):
+        self.config = config
+        self._scales = torch.zeros(config.range_window_rows)
+        self._filled = 0
+        self._next = 0
+        self._seen = 0
+        self._since = 0
+        self._limit = math.inf       # no limit until the first median
+        self._median = None
+        self._lock = threading.Lock()
+        self.rows_outside = 0
+        self.requests_outside = 0
+
+    @property
+    def limit(self) -> float:
+        """The scale above which a row is outside (``inf`` until the warm-up has a median)."""
+        return self._limit
+
+    def seed(self, median: float):
+        """Start from a median saved with the artifact (``stats()["median"]``), so a reloaded
+        cache judges its first requests against the traffic it learned from."""
+        if median is not None and math.isfinite(median) and median >= 0:
+            with self._lock:
+                self._limit = self.config.range_factor * max(median, 1e-6)
+
+    def judge(self, x: torch.Tensor) -> Verdict:
+        """Judge a batch [N, ...] of floats; records its rows' scales when they are finite."""
+        n = x.shape[0]
+        scale = x.reshape(n, -1).abs().amax(1) if x[0].numel() else torch.zeros(n)
+        scale = scale.float()       # a float64 value past float32's range serves as Inf
+        top = float(scale.max())
+        if not math.isfinite(top):  # NaN propagates through amax, Inf is the max
+            bad = torch.nonzero(~torch.isfinite(scale)).flatten().tolist()
+            return Verdict(False, False, False, tuple(bad))
+        with self._lock:
+            inside = top <= self._limit
+            warm = self._seen >= self.config.range_warmup_rows
+            if not inside:
+                self.rows_outside += int((scale > self._limit).sum()) if n > 1 else 1
+                self.requests_outside += 1
+            self._record(scale.detach().to("cpu", torch.float32))
+        return Verdict(True, inside, inside and warm)
+
+    def _record(self, scale: torch.Tensor):
+        w = self._scales.shape[0]
+        m = min(scale.shape[0], w)
+        idx = (torch.arange(m) + self._next) % w
+        self._scales[idx] = scale[-m:]
+        self._next = (self._next + m) % w
+        self._filled = min(self._filled + m, w)
+        self._seen += scale.shape[0]
+        self._since += scale.shape[0]
+        if self._seen >= self.config.range_warmup_rows and (self._since >= self.RECOMPUTE_EVERY
+                                                       or self._limit == math.inf):
+            self._since = 0
+            med = float(self._scales[:self._filled].median())
+            # an all-zero window has no scale to compare with: judge against the smallest float
+            self._median = med
+            self._limit = self.config.range_factor * max(med, 1e-6)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"median": self._median,
+                    "limit": None if self._limit == math.inf else self._limit,
+                    "rows_outside": self.rows_outside, "requests_outside": self.requests_outside,
+                    "rows_judged": self._seen}
