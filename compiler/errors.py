@@ -1,9 +1,14 @@
 """Typed errors a user of the compiler can hit; each says what went wrong and what to do."""
+import re
 import sys
 
 
 class CompilerError(Exception):
     """Base class: the CLI prints the message on one line and exits non-zero."""
+
+
+class UsageError(CompilerError):
+    """A command-line value or library setting is out of range; the message names the flag."""
 
 
 class ModelLoadError(CompilerError):
@@ -26,16 +31,50 @@ class ArtifactError(CompilerError):
     """An artifact file is missing, corrupt, or not one of ours."""
 
 
+class ArtifactCorruptError(ArtifactError):
+    """The file's bytes are not what was saved: a bad zip, a CRC or content-hash mismatch."""
+
+
 class ArtifactVersionError(ArtifactError):
     """The artifact was written by another format version."""
+
+
+class ManifestError(ArtifactError):
+    """The manifest lacks a field, holds a value out of range, or disagrees with the model."""
+
+
+class ArtifactWriteError(ArtifactError):
+    """An artifact could not be written; the message names the target path."""
 
 
 class ExportError(CompilerError):
     """The artifact could not be exported (ONNX)."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name when it has none."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(e).__name__
+
+
+def brief(e: BaseException, limit: int = 200) -> str:
+    """One line for an error from running TorchScript: its last ``SomeError: ...`` line (the
+    interpreter puts the cause after a traceback), else ``first_line``; at most ``limit`` chars."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+    line = causes[-1] if causes else first_line(e)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def report(e: Exception) -> int:
     """Print a user-facing error on one line of stderr; returns the CLI exit code (2)."""
-    msg = f"{e.strerror or e}: {e.filename or ''}" if isinstance(e, OSError) else str(e)
+    if isinstance(e, OSError):
+        what = e.strerror or first_line(e)
+        msg = f"{what}: {e.filename}" if e.filename else what
+    else:
+        msg = str(e)
+    msg = " ".join(msg.split()) or type(e).__name__  # one line, whatever the message held
     print(f"error: {msg}", file=sys.stderr)
     return 2

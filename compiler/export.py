@@ -18,7 +18,6 @@ exit's stage::
 
 so no stage ever runs on rows that have left, and an empty remainder never reaches a stage.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -34,7 +33,8 @@ import torch
 from torch import nn
 
 from . import artifact
-from .errors import ArtifactError, CompilerError, ExportError, report
+from .config import ArgumentParser, number
+from .errors import ArtifactWriteError, CompilerError, ExportError, UsageError, first_line, report
 from .heads import ExitHead, HeadSpec, StridedPool
 
 DEFAULT_OPSET = 18
@@ -425,21 +425,6 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
 
 
 # ----- the library entry ----------------------------------------------------------------------
-def _check_manifest(manifest: dict, path) -> None:
-    """The manifest fields the export reads, or an ArtifactError."""
-    try:
-        ok = (isinstance(manifest["input_shape"], list) and len(manifest["input_shape"]) >= 2
-              and all(isinstance(d, int) and d > 0 for d in manifest["input_shape"][1:])
-              and isinstance(manifest["exits"], list)
-              and all({"pool", "feature_dim", "hidden", "num_classes"} <= set(e["head"])
-                      for e in manifest["exits"]))
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise ArtifactError(f"artifact '{path}' has an incomplete manifest (input_shape, exits); "
-                            f"re-create it with python -m compiler.rewrite MODEL")
-
-
 def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
                 exporter: str = "auto") -> dict:
     """Export an artifact with its enabled exits to ``onnx_path``; returns a summary dict.
@@ -454,8 +439,11 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
     if not MIN_OPSET <= opset <= top:
         raise ExportError(f"opset {opset} is not supported; use {MIN_OPSET} to {top} "
                           f"(default {DEFAULT_OPSET})")
+    onnx_path = os.fspath(onnx_path)
+    _check_output(os.fspath(artifact_path), onnx_path)
+    # artifact.load checks the file's content hash, its manifest (compiler.manifest) and the
+    # model against it: every manifest field read below is there and agrees with the model.
     module, manifest = artifact.load(artifact_path, map_location="cpu")
-    _check_manifest(manifest, artifact_path)
     if manifest.get("input_dtype", "float32") != "float32":
         raise ExportError(f"the artifact takes {manifest['input_dtype']} input; ONNX export "
                           f"handles float32 models only")
@@ -497,7 +485,7 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
                 heads[i], how = export_module(eager, h, f"the head of exit {i} '{names[i]}'",
                                               opset, exporter)
                 used.add(how)
-    num_classes = int(manifest.get("num_classes", h.shape[1]))
+    num_classes = int(manifest["num_classes"])
     final_type = stage_models[-1].graph.output[0].type.tensor_type.elem_type
     model = _compose(stage_models, heads, thresholds, num_classes, manifest, opset, final_type)
     model.doc_string = ("layer-cache artifact with early exits; outputs: logits [batch, classes], "
@@ -516,29 +504,30 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
     }
     onnx.helper.set_model_props(model, meta)
 
-    onnx_path = os.fspath(onnx_path)
-    folder = os.path.dirname(os.path.abspath(onnx_path))
-    if not os.path.isdir(folder):
-        raise ExportError(f"output folder '{folder}' does not exist")
-    # Write beside the target, check the written file (the checker takes a path past 2 GiB), then
-    # move it into place: a failed export leaves no file and an older one whole.
+    # Write beside the target (a locked temp file, see artifact.temp_beside), check the written
+    # file (the checker takes a path past 2 GiB), then move it into place: a failed export
+    # leaves no file and an older one whole.
     external = model.ByteSize() > 1_800_000_000  # protobuf's 2 GiB limit
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(onnx_path)}")
-    try:
-        if external:
-            onnx.save(model, tmp, save_as_external_data=True,
-                      location=os.path.basename(onnx_path) + ".data")
-        else:
-            onnx.save(model, tmp)
+    with artifact.temp_beside(onnx_path, ".onnx", "the ONNX model") as tmp:
+        try:
+            if external:
+                onnx.save(model, tmp, save_as_external_data=True,
+                          location=os.path.basename(onnx_path) + ".data")
+            else:
+                onnx.save(model, tmp)
+        except (OSError, ValueError) as e:
+            raise ArtifactWriteError(f"cannot save the ONNX model to '{onnx_path}': "
+                                     f"{getattr(e, 'strerror', None) or first_line(e)}") from None
         try:
             onnx.checker.check_model(tmp, full_check=True)
         except Exception as e:
             raise ExportError(f"the composed ONNX model fails the ONNX checker: "
                               f"{_first_line(e)}; report this artifact") from None
-        os.replace(tmp, onnx_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            os.replace(tmp, onnx_path)
+        except OSError as e:
+            raise ArtifactWriteError(f"cannot save the ONNX model to '{onnx_path}': "
+                                     f"{e.strerror or first_line(e)}") from None
     return {"path": onnx_path, "opset": opset, "bytes": os.path.getsize(onnx_path),
             "num_exits": n, "enabled_exits": enabled, "exit_names": names,
             "thresholds": [thresholds[i] for i in enabled], "num_classes": num_classes,
@@ -550,9 +539,30 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
             f"{n} for every row); learn exits with the runtime first to get early exits"}
 
 
+MAX_CHECK_ROWS = 100_000
+
+
+def _check_output(artifact_path: str, onnx_path: str):
+    """The ONNX path is a file path in an existing folder, and not the artifact itself."""
+    if os.path.isdir(onnx_path):
+        raise UsageError(f"-o/--output '{onnx_path}' is a directory; give a file path such as "
+                         f"{os.path.join(onnx_path, 'model.onnx')}")
+    folder = os.path.dirname(os.path.abspath(onnx_path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"-o/--output '{onnx_path}': folder '{folder}' does not exist; create it "
+                         f"first")
+    if os.path.abspath(onnx_path) == os.path.abspath(artifact_path) or (
+            os.path.exists(onnx_path) and os.path.exists(artifact_path)
+            and os.path.samefile(onnx_path, artifact_path)):
+        raise UsageError(f"-o/--output '{onnx_path}' is the artifact itself; writing there would "
+                         f"overwrite it; give another path, e.g. a .onnx file")
+
+
 def check_onnx(artifact_path: str, onnx_path: str, rows: int = 64, seed: int = 0,
                batch: Optional[int] = None) -> dict:
     """Run ``rows`` random rows through onnxruntime and the artifact; compare logits and exits."""
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= MAX_CHECK_ROWS:
+        raise UsageError(f"--check {rows!r} is out of range; give 0 to {MAX_CHECK_ROWS} rows")
     ort = _import_ort()
     module, manifest = artifact.load(artifact_path, map_location="cpu")
     g = torch.Generator().manual_seed(seed)
@@ -574,52 +584,66 @@ def check_onnx(artifact_path: str, onnx_path: str, rows: int = 64, seed: int = 0
 
 # ----- CLI ------------------------------------------------------------------------------------
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m compiler.export",
+    p = ArgumentParser(prog="python -m compiler.export",
                                 description="Export an artifact with its enabled exits as one ONNX "
                                             "model: dynamic batch, outputs logits and exit_index "
                                             "(int64). See docs/onnx.md.")
     p.add_argument("artifact", help="artifact from python -m compiler.rewrite (or a runtime save)")
     p.add_argument("-o", "--output", help="ONNX path (default: <artifact stem>.onnx)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+    p.add_argument("--opset", type=number(int), default=DEFAULT_OPSET,
                    help=f"ONNX (ai.onnx) opset to target (default {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch exporter for stages and heads: torchscript (the TorchScript-based "
                         "one), dynamo (torch.export-based) or auto (torchscript, dynamo if it fails)")
-    p.add_argument("--check", type=int, default=0, metavar="N",
-                   help="compare onnxruntime with the artifact on N random rows")
+    p.add_argument("--check", type=number(int, 0, MAX_CHECK_ROWS), default=0, metavar="N",
+                   help=f"compare onnxruntime with the artifact on N random rows (0 to "
+                        f"{MAX_CHECK_ROWS}; 0: no check)")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = args.output or os.path.splitext(args.artifact)[0] + ".onnx"
+    """The CLI: 0 on success, 1 when --check finds a mismatch, 2 with one ``error: ...`` line
+    on stderr for any bad input."""
     try:
-        summary = export_onnx(args.artifact, out, args.opset, args.exporter)
-        n = summary["num_exits"]
-        if not summary["enabled_exits"]:
-            print(f"notice: {summary['notice']}", file=sys.stderr)
-            exits = "no exits (plain backbone)"
-        else:
-            exits = ", ".join(f"{i} '{summary['exit_names'][i]}' >= {t:.4g}"
-                              for i, t in zip(summary["enabled_exits"], summary["thresholds"]))
-            exits = f"{len(summary['enabled_exits'])} of {n} exits enabled: {exits}"
-        print(f"wrote {out}: ONNX opset {summary['opset']}, {summary['bytes'] / 1024:.1f} KiB, "
-              f"{exits}; inputs {INPUT} {summary['input_shape']}, outputs {LOGITS} "
-              f"[{BATCH}, {summary['num_classes']}], {EXIT_INDEX} [{BATCH}] int64 "
-              f"({n} = whole model); exporter {'+'.join(summary['exporter'])}")
-        if args.check > 0:
-            r = check_onnx(args.artifact, out, args.check)
-            ok = r["exit_agreement"] == 1.0 and r["max_logit_diff"] <= 1e-3
-            print(f"check on {r['rows']} random rows: max logit diff {r['max_logit_diff']:.3g}, "
-                  f"exit agreement {r['exit_agreement']:.2%}, argmax agreement "
-                  f"{r['argmax_agreement']:.2%}, rows per exit onnx {r['exits_onnx']} torch "
-                  f"{r['exits_torch']}{'' if ok else '  MISMATCH'}")
-            if not ok:
-                print("error: the ONNX model does not match the artifact; report this artifact",
-                      file=sys.stderr)
-                return 1
+        return _main(argv)
     except (CompilerError, OSError) as e:
         return report(e)
+    except MemoryError:
+        print("error: out of memory; try a smaller --check", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, and what to report
+        print(f"error: unexpected {type(e).__name__}: {first_line(e)}; please report this with "
+              f"the command line", file=sys.stderr)
+        return 1
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    out = args.output or os.path.splitext(args.artifact)[0] + ".onnx"
+    summary = export_onnx(args.artifact, out, args.opset, args.exporter)
+    n = summary["num_exits"]
+    if not summary["enabled_exits"]:
+        print(f"notice: {summary['notice']}", file=sys.stderr)
+        exits = "no exits (plain backbone)"
+    else:
+        exits = ", ".join(f"{i} '{summary['exit_names'][i]}' >= {t:.4g}"
+                          for i, t in zip(summary["enabled_exits"], summary["thresholds"]))
+        exits = f"{len(summary['enabled_exits'])} of {n} exits enabled: {exits}"
+    print(f"wrote {out}: ONNX opset {summary['opset']}, {summary['bytes'] / 1024:.1f} KiB, "
+          f"{exits}; inputs {INPUT} {summary['input_shape']}, outputs {LOGITS} "
+          f"[{BATCH}, {summary['num_classes']}], {EXIT_INDEX} [{BATCH}] int64 "
+          f"({n} = whole model); exporter {'+'.join(summary['exporter'])}")
+    if args.check > 0:
+        r = check_onnx(args.artifact, out, args.check)
+        ok = r["exit_agreement"] == 1.0 and r["max_logit_diff"] <= 1e-3
+        print(f"check on {r['rows']} random rows: max logit diff {r['max_logit_diff']:.3g}, "
+              f"exit agreement {r['exit_agreement']:.2%}, argmax agreement "
+              f"{r['argmax_agreement']:.2%}, rows per exit onnx {r['exits_onnx']} torch "
+              f"{r['exits_torch']}{'' if ok else '  MISMATCH'}")
+        if not ok:
+            print("error: the ONNX model does not match the artifact; report this artifact",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 SUPPORTED = ("a torch.export program (.pt2), a state dict with --arch NAME (a torchvision model), "
              "or a pickled nn.Module with --allow-pickle")
@@ -67,16 +67,19 @@ def _quiet_torch_logs():
 
 
 def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
+    return first_line(e)
 
 
 def load_model(path: str, arch: Optional[str] = None, num_classes: Optional[int] = None,
                allow_pickle: bool = False) -> LoadedModel:
     """Load ``path``; raise ModelLoadError naming the supported forms when it is none of them."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ModelLoadError(f"model '{path}' is a directory, not a model file; pass {SUPPORTED}")
+    if not os.path.exists(path):
         raise ModelLoadError(f"model file '{path}' does not exist; pass {SUPPORTED}")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"model '{path}' is not a regular file; pass {SUPPORTED}")
     digest = sha256_of(path)
     names = _zip_names(path)
     if names is not None and any(n.endswith("constants.pkl") for n in names) and \
@@ -147,10 +150,14 @@ def build_arch(arch: str, state_dict: dict, num_classes: Optional[int]) -> torch
     if arch not in names:
         raise ModelLoadError(f"unknown --arch '{arch}'; use a torchvision classification model "
                              f"such as {', '.join(n for n in ('resnet18', 'mobilenet_v2', 'vit_b_16'))}")
+    # The last 2-D weight in the state dict is the classifier's: its rows are the classes.
+    mats = [v for v in state_dict.values() if v.dim() == 2]
     if num_classes is None:
-        # The last 2-D weight in the state dict is the classifier's: its rows are the classes.
-        mats = [v for v in state_dict.values() if v.dim() == 2]
         num_classes = mats[-1].shape[0] if mats else 1000
+    elif mats and mats[-1].shape[0] != num_classes:
+        # Checked before building: a huge --num-classes would allocate a huge classifier first.
+        raise ModelLoadError(f"the state dict's classifier has {mats[-1].shape[0]} classes, not "
+                             f"--num-classes {num_classes}; drop --num-classes or fix it")
     kwargs = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     try:

@@ -16,8 +16,9 @@ from . import artifact
 from .analysis.cutpoints import CutPoint, choose_exits, find_cut_points, score
 from .analysis.flops import FlopCounter
 from .analysis.trace import annotate, clean_exported, info, trace_module
-from .config import RewriteConfig
-from .errors import CompilerError, NoCutPointError, ShapeError, report
+from .config import MAX_EXITS, ArgumentParser, RewriteConfig, check_shape, number
+from .errors import (CompilerError, NoCutPointError, ShapeError, UsageError, brief, first_line,
+                     report)
 from .heads import ExitHead, HeadSpec, plan_heads
 from .loading import LoadedModel, load_model
 from .split import split_stages
@@ -43,9 +44,12 @@ class Analysis:
 def analyse(model: torch.nn.Module, input_shape, config: RewriteConfig,
             exported: bool = False) -> Analysis:
     """Trace ``model``, annotate shapes and FLOPs, and list its scored cut points."""
+    config.validate()
     if input_shape is None:
         raise ShapeError("no example input shape is known for this model; pass --input-shape "
                          "e.g. 1,3,224,224")
+    check_shape(tuple(input_shape))
+    check_leaf_modules(model, config.leaf_modules, exported)
     gm = clean_exported(model) if exported else trace_module(model.eval(), config.leaf_modules)
     gm.eval()
     g = torch.Generator().manual_seed(config.seed)
@@ -77,6 +81,46 @@ def analyse(model: torch.nn.Module, input_shape, config: RewriteConfig,
     return Analysis(gm, example, out, total, params, cuts, unsupported)
 
 
+def check_leaf_modules(model: torch.nn.Module, names, exported: bool):
+    """Each ``--leaf-module`` names a submodule (qualified name) or a class of ``model``."""
+    if not names:
+        return
+    if exported:
+        raise UsageError("--leaf-module applies to models torch.fx traces (a state dict with "
+                         "--arch, a pickled module); a torch.export program is not traced "
+                         "again, so drop --leaf-module")
+    known, example = set(), None
+    for qual, m in model.named_modules():
+        known.update((qual, type(m).__name__))
+        if qual and example is None:
+            example = (qual, type(m).__name__)
+    for name in names:
+        if name not in known:
+            hint = f"e.g. '{example[0]}' or '{example[1]}'" if example else "it has none"
+            raise UsageError(f"--leaf-module '{name}' names no submodule or class of the model; "
+                             f"give a qualified name or class name ({hint})")
+
+
+def check_program_input(loaded: LoadedModel, input_shape):
+    """A torch.export program checks its input against the shapes it was exported for: run it
+    on one example of ``input_shape`` (at the batch size it was exported with), so a wrong
+    --input-shape is a ShapeError here and not a silently different model once its guards are
+    stripped for tracing."""
+    if not loaded.exported or not loaded.input_shape or input_shape is None:
+        return
+    shape = (loaded.input_shape[0],) + tuple(input_shape[1:])
+    fmt = ",".join(str(d) for d in input_shape)
+    want = ",".join(str(d) for d in (1,) + tuple(loaded.input_shape[1:]))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded.module(torch.zeros(shape))
+    except Exception as e:  # the guards raise AssertionError, the ops RuntimeError, ...
+        raise ShapeError(f"--input-shape {fmt} does not fit the program ({brief(e)}); it was "
+                         f"exported for {want}: pass --input-shape {want} or leave it out") \
+            from None
+
+
 def head_flops(spec: HeadSpec, shape) -> int:
     """FLOPs of one head on one row."""
     head = ExitHead(spec).eval()
@@ -99,7 +143,12 @@ def select_cuts(an: Analysis, config: RewriteConfig) -> List[CutPoint]:
             raise CompilerError(f"not cut points: {', '.join(unknown)}; run with --report to list "
                                 f"them")
         return sorted((by_name[e] for e in set(config.exits)), key=lambda c: c.position)
-    return choose_exits(an.cuts, config.num_exits, config.min_fraction, config.max_fraction)
+    chosen = choose_exits(an.cuts, config.num_exits, config.min_fraction, config.max_fraction)
+    if not chosen:
+        raise NoCutPointError(f"no cut point lies in the FLOPs range {config.min_fraction:g} to "
+                              f"{config.max_fraction:g} of the model; name exits with --exits "
+                              f"(see --report)")
+    return chosen
 
 
 def _script_stage(stage: fx.GraphModule, example: torch.Tensor):
@@ -147,8 +196,7 @@ def check_equal(module, an: Analysis, config: RewriteConfig):
                 want = an.gm(x)
                 got = module(x)
             except Exception as e:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise CompilerError(f"the staged model fails at batch size {batch} ({msg}). "
+                raise CompilerError(f"the staged model fails at batch size {batch} ({brief(e)}). "
                                     f"{DYNAMIC_BATCH_HINT}") from None
             if got.shape != want.shape or got.dtype != want.dtype or \
                     not torch.allclose(got, want, atol=config.atol, rtol=config.rtol):
@@ -191,6 +239,8 @@ def rewrite_module(model, input_shape, config: RewriteConfig = None, exported=Fa
                    loaded: Optional[LoadedModel] = None):
     """Library entry: returns (scripted artifact module, manifest, analysis)."""
     config = config or RewriteConfig()
+    if loaded is not None:
+        check_program_input(loaded, input_shape)
     an = analyse(model, input_shape, config, exported)
     cuts = select_cuts(an, config)
     module, specs, stage_flops = build(an, cuts, config)
@@ -222,27 +272,68 @@ def parse_shape(text: str):
         shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError:
         shape = ()
-    if len(shape) < 2 or min(shape) < 1:
+    if len(shape) < 2:
         raise argparse.ArgumentTypeError(f"bad shape '{text}': give batch,dims... e.g. 1,3,224,224")
-    return shape
+    try:
+        return check_shape(shape)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--input-shape ", "", 1)) from None
+
+
+def parse_exits(text: str) -> List[str]:
+    names = [e.strip() for e in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty name; give comma-separated cut "
+                                         f"point names (see --report)")
+    return names
+
+
+MAX_CLASSES = 1_000_000
+
+
+def check_paths(args, out_path: str):
+    """Fail fast, before any work, on paths that cannot be right."""
+    if os.path.isdir(args.model):
+        raise UsageError(f"MODEL '{args.model}' is a directory; give the model file")
+    for flag, path in (("-o/--output", out_path), ("--json", args.json)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} '{path}' is a directory; give a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"{flag} '{path}': folder '{folder}' does not exist; create it first")
+    if os.path.abspath(out_path) == os.path.abspath(args.model) or (
+            os.path.exists(out_path) and os.path.samefile(out_path, args.model)):
+        raise UsageError(f"-o/--output '{out_path}' is the model file itself; writing there would "
+                         f"overwrite the model; give another path")
+    if args.json is not None and os.path.abspath(args.json) in (os.path.abspath(args.model),
+                                                                os.path.abspath(out_path)):
+        raise UsageError(f"--json '{args.json}' would overwrite the model or the artifact; give "
+                         f"another path")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m compiler.rewrite", description=__doc__)
+    p = ArgumentParser(prog="python -m compiler.rewrite", description=__doc__)
     p.add_argument("model", help="a .pt2 (torch.export), a state dict with --arch, or a pickled "
                                  "module with --allow-pickle")
     p.add_argument("-o", "--output", help="artifact path (default: <stem>.cached.pt beside MODEL)")
     p.add_argument("--arch", help="torchvision architecture of a state dict, e.g. resnet18")
-    p.add_argument("--num-classes", type=int, help="classes of a state dict's model")
+    p.add_argument("--num-classes", type=number(int, 1, MAX_CLASSES),
+                   help="classes of a state dict's model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a whole pickled nn.Module (unpickling runs code: trusted files only)")
     p.add_argument("--input-shape", type=parse_shape, help="example input, e.g. 1,3,224,224")
     p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="submodule (qualified or class name) fx must not trace into; repeatable")
-    p.add_argument("--num-exits", type=int, default=RewriteConfig.num_exits)
-    p.add_argument("--exits", help="comma-separated cut point names to use (see --report)")
-    p.add_argument("--head-budget", type=float, default=RewriteConfig.head_budget,
-                   help="max heads' parameters as a fraction of the backbone's")
+    p.add_argument("--num-exits", type=number(int, 1, MAX_EXITS), default=RewriteConfig.num_exits,
+                   help=f"how many exits to place, 1 to {MAX_EXITS} (default "
+                        f"{RewriteConfig.num_exits}; fewer where the model has fewer cut points)")
+    p.add_argument("--exits", type=parse_exits,
+                   help="comma-separated cut point names to use (see --report)")
+    p.add_argument("--head-budget", type=number(float, 0, 1, lo_open=True),
+                   default=RewriteConfig.head_budget,
+                   help="max heads' parameters as a fraction of the backbone's, in (0, 1]")
     p.add_argument("--report", action="store_true", help="print the cut point table")
     p.add_argument("--json", metavar="PATH", help="write the analysis and manifest as JSON")
     p.add_argument("--dry-run", action="store_true", help="analyse only; write no artifact")
@@ -250,40 +341,58 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    """The CLI: 0 on success; 2 with one ``error: ...`` line on stderr for any bad input."""
+    try:
+        return _main(argv)
+    except (CompilerError, OSError) as e:
+        return report(e)
+    except MemoryError:
+        print("error: out of memory; try a smaller --input-shape or a machine with more memory",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, and what to report
+        print(f"error: unexpected {type(e).__name__}: {first_line(e)}; please report this with "
+              f"the command line", file=sys.stderr)
+        return 1
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     config = RewriteConfig(input_shape=args.input_shape, leaf_modules=args.leaf_module,
                            num_exits=args.num_exits, head_budget=args.head_budget,
-                           exits=[e.strip() for e in (args.exits or "").split(",") if e.strip()])
+                           exits=args.exits or []).validate()
     out_path = args.output or os.path.splitext(args.model)[0] + ".cached.pt"
-    try:
-        loaded = load_model(args.model, args.arch, args.num_classes, args.allow_pickle)
-        shape = config.input_shape or loaded.input_shape
-        an = analyse(loaded.module, shape, config, loaded.exported)
-        cuts = select_cuts(an, config)
-        if args.report or args.dry_run:
-            print(format_report(an, [c.name for c in cuts]))
-        manifest = None
-        if not args.dry_run:
-            module, specs, stage_flops = build(an, cuts, config)
-            check_equal(module, an, config)
-            manifest = make_manifest(an, cuts, specs, stage_flops, loaded, config)
-            artifact.save(module, manifest, out_path)
-            heads = sum(e["head"]["params"] for e in manifest["exits"])
-            print(f"wrote {out_path}: {len(cuts)} exits at "
-                  f"{', '.join(f'{c.name} ({c.fraction:.0%})' for c in cuts)}; heads "
-                  f"{heads} params ({heads / max(an.params, 1):.1%} of the backbone); "
-                  f"exits start inactive")
-            if manifest["head_budget_exceeded"]:
-                print(f"notice: the model is too small for heads within --head-budget "
-                      f"{config.head_budget:g}; the smallest heads were used", file=sys.stderr)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"total_flops": an.total_flops, "params": an.params,
-                           "unsupported_ops": dict(an.unsupported),
-                           "cut_points": [c.to_dict() for c in an.cuts],
-                           "chosen": [c.name for c in cuts], "manifest": manifest}, f, indent=1)
-    except (CompilerError, OSError) as e:
-        return report(e)
+    check_paths(args, out_path)
+    loaded = load_model(args.model, args.arch, args.num_classes, args.allow_pickle)
+    shape = config.input_shape or loaded.input_shape
+    check_program_input(loaded, shape)
+    an = analyse(loaded.module, shape, config, loaded.exported)
+    cuts = select_cuts(an, config)
+    if args.report or args.dry_run:
+        print(format_report(an, [c.name for c in cuts]))
+    manifest = None
+    if not args.dry_run:
+        module, specs, stage_flops = build(an, cuts, config)
+        check_equal(module, an, config)
+        manifest = make_manifest(an, cuts, specs, stage_flops, loaded, config)
+        artifact.save(module, manifest, out_path)
+        heads = sum(e["head"]["params"] for e in manifest["exits"])
+        print(f"wrote {out_path}: {len(cuts)} exits at "
+              f"{', '.join(f'{c.name} ({c.fraction:.0%})' for c in cuts)}; heads "
+              f"{heads} params ({heads / max(an.params, 1):.1%} of the backbone); "
+              f"exits start inactive")
+        if manifest["head_budget_exceeded"]:
+            print(f"notice: the model is too small for heads within --head-budget "
+                  f"{config.head_budget:g}; the smallest heads were used", file=sys.stderr)
+        if not config.exits and len(cuts) < config.num_exits:
+            print(f"notice: placed {len(cuts)} exits, not {config.num_exits}: the model has "
+                  f"no more cut points far enough apart (see --report; --exits names them)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"total_flops": an.total_flops, "params": an.params,
+                       "unsupported_ops": dict(an.unsupported),
+                       "cut_points": [c.to_dict() for c in an.cuts],
+                       "chosen": [c.name for c in cuts], "manifest": manifest}, f, indent=1)
     return 0
 
 

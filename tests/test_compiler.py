@@ -541,16 +541,28 @@ def test_other_format_version_is_refused(seq_artifact, tmp_path):
         assert "compiler.rewrite" in msg  # says how to fix it
 
 
-def test_version_1_artifacts_still_load(seq_artifact, tmp_path):
-    """Version 2 only added poolings; a version-1 file (2x2 or global pooling) reads as before."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_artifacts_still_load(seq_artifact, tmp_path, caplog, version):
+    """Version 2 only added poolings, version 3 the content hash: a version 1 or 2 file (no
+    hash, written as the code of its day wrote it) reads as before, with a warning; saving it
+    again writes version 3."""
     model, module, manifest, _ = seq_artifact
-    path = tmp_path / "v1.cached.pt"
-    artifact.save(module, dict(manifest, format_version=1), path)
-    loaded, m = artifact.load(path)
-    assert m["format_version"] == 1
+    path = tmp_path / f"v{version}.cached.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(module, str(path), _extra_files={
+            artifact.MANIFEST_FILE: json.dumps(dict(manifest, format_version=version))})
+    with caplog.at_level("WARNING", logger="layer_cache.artifact"):
+        loaded, m = artifact.load(path)
+    assert m["format_version"] == version and artifact.content_sha256(path) is None
+    assert "no content hash" in caplog.text
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+    again = tmp_path / "again.cached.pt"
+    artifact.save(loaded, m, again)
+    assert artifact.read_manifest(again)["format_version"] == artifact.FORMAT_VERSION
+    assert artifact.content_sha256(again) is not None
 
 
 def test_artifact_errors(tmp_path):
