@@ -48,7 +48,7 @@ from .heads import ExitHead, HeadSpec
 TASK = "detection"
 NOTHING = 0              # the head's class for "the detector finds nothing here"
 HEAD_CLASSES = 2
-OUTPUT_KEYS = ("boxes", "labels", "scores")
+OUTPUT_KEYS = ("boxes", "scores", "labels")   # torchvision's order
 
 
 @dataclass
@@ -201,8 +201,8 @@ class CachedDetector(nn.Module):
     def empty(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """A frame with no detection, in the detector's format."""
         return {"boxes": torch.zeros([0, 4], dtype=x.dtype, device=x.device),
-                "labels": torch.zeros([0], dtype=torch.long, device=x.device),
-                "scores": torch.zeros([0], dtype=x.dtype, device=x.device)}
+                "scores": torch.zeros([0], dtype=x.dtype, device=x.device),
+                "labels": torch.zeros([0], dtype=torch.long, device=x.device)}
 
     @torch.jit.export
     def forward_with_exits(self, x: torch.Tensor) -> Tuple[List[Dict[str, torch.Tensor]], torch.Tensor]:

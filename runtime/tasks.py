@@ -1,0 +1,128 @@
+"""The task interface: what differs between classification and detection, and nothing else.
+
+A task says what the backbone's output is and what a head learns from it (``teacher``), how
+confident an exit is (``confidence``, always a ``compiler.exit_rule`` function), when an exit's
+answer agrees with the backbone's (``agrees``), and how a request's answer is put together from
+the rows that left at exits and the rows that ran the whole model (``assemble``). The budget,
+calibration and its bound, shadow checks, drift and the cost model read only these, so they
+are the same code for both tasks (``head_confidences`` below is what calibration consumes).
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from compiler import exit_rule
+
+
+class Task:
+    """The interface; ``ClassificationTask`` and ``DetectionTask`` implement it."""
+
+    name = "task"
+
+    def teacher(self, output) -> torch.Tensor:
+        """What the heads learn from, [n, head classes] logits, given the backbone's output for
+        n rows."""
+        raise NotImplementedError
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """An exit's confidence per row, [n] (a row leaves when it reaches the threshold)."""
+        raise NotImplementedError
+
+    def agrees(self, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """bool [n]: would an exit whose head gave ``logits`` answer what the backbone did."""
+        raise NotImplementedError
+
+    def assemble(self, n: int, exited: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                 rest: torch.Tensor, backbone_out, like: torch.Tensor):
+        """The answer for n rows in input order: ``exited`` holds (rows, head logits) per exit
+        that took rows, ``rest`` the rows that ran the whole model and ``backbone_out`` its
+        output for them (in that order); ``like``: a tensor on the right device and dtype."""
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """The backbone returns logits [n, K]; an exit answers a class; it agrees on the same class."""
+
+    name = "classification"
+
+    def teacher(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        return exit_rule.confidence(logits)
+
+    def agrees(self, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1) == teacher.argmax(1)
+
+    def assemble(self, n, exited, rest, backbone_out, like):
+        k = backbone_out.shape[1] if backbone_out is not None else exited[0][1].shape[1]
+        out = torch.empty((n, k), dtype=like.dtype, device=like.device)
+        for rows, logits in exited:
+            out[rows] = logits.to(out.dtype)
+        if backbone_out is not None and rest.numel():
+            out[rest] = backbone_out.to(out.dtype)
+        return out
+
+
+class DetectionTask(Task):
+    """The backbone (a detector) returns one dict of boxes, labels and scores per frame.
+
+    A head has two classes, 0 = nothing here, 1 = something; it learns whether the detector
+    returns any detection scoring at least ``min_score`` (the service's score threshold). An
+    exit answers only "nothing" (``exit_rule.class_confidence`` of class 0), so it agrees
+    exactly when the detector found nothing at or above ``min_score``; a frame that leaves gets
+    an empty result in the detector's format.
+    """
+
+    name = "detection"
+    NOTHING = 0
+    MARGIN_SCALE = 10.0   # teacher logit per unit of score above/below the threshold
+    MARGIN_CAP = 4.0      # |teacher logit| at most (p = 0.98): no frame is infinitely sure
+
+    def __init__(self, min_score: float):
+        self.min_score = float(min_score)
+
+    def found(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """bool [n]: frames where the detector returned a detection scoring >= min_score."""
+        return torch.tensor([bool((d["scores"] >= self.min_score).any()) for d in dets],
+                            dtype=torch.bool)
+
+    def teacher(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """[n, 2] logits (nothing, something): the sign says which, the size how far the best
+        score lies from the threshold (soft targets for distillation)."""
+        best = torch.tensor([float(d["scores"].max()) if d["scores"].numel() else 0.0
+                             for d in dets], dtype=torch.float32)
+        z = (best - self.min_score) * self.MARGIN_SCALE
+        hit = self.found(dets)
+        z = torch.where(hit, z.clamp(0.5, self.MARGIN_CAP), z.clamp(-self.MARGIN_CAP, -0.5))
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        return exit_rule.class_confidence(logits, self.NOTHING)
+
+    def agrees(self, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return teacher.argmax(1) == self.NOTHING
+
+    @staticmethod
+    def empty(like: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """No detection, in torchvision's format."""
+        return {"boxes": torch.zeros((0, 4), dtype=like.dtype, device=like.device),
+                "scores": torch.zeros((0,), dtype=like.dtype, device=like.device),
+                "labels": torch.zeros((0,), dtype=torch.int64, device=like.device)}
+
+    def assemble(self, n, exited, rest, backbone_out, like):
+        out = [None] * n
+        for r, d in zip(rest.tolist(), backbone_out or []):
+            out[r] = d
+        return [d if d is not None else self.empty(like) for d in out]
+
+
+def head_confidences(task: Task, head_logits, feats: List[torch.Tensor], teacher: torch.Tensor):
+    """(confidence, agrees) [E, n] of each head on held-out rows, as calibration consumes them."""
+    confs, agrees = [], []
+    with torch.no_grad():
+        for e, f in enumerate(feats):
+            logits = head_logits(e, f).float().cpu()
+            confs.append(task.confidence(logits))
+            agrees.append(task.agrees(logits, teacher))
+    return torch.stack(confs).double(), torch.stack(agrees)
