@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 log = logging.getLogger("runtime.server")
@@ -37,7 +38,7 @@ class DeadlineExceeded(Exception):
 
 @dataclass
 class _Item:
-    x: torch.Tensor
+    x: object               # rows: a numpy array or a torch tensor, first dimension the batch
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float
@@ -61,18 +62,43 @@ class BatchObserver:
         pass
 
 
+def _apply(item: _Item, result, error: Optional[BaseException]):
+    if item.future.done():  # cancelled: the client went away, or its deadline passed
+        return
+    if error is not None:
+        item.future.set_exception(error)
+    else:
+        item.future.set_result(result)
+
+
+def _apply_all(answers: list):
+    for item, result, error in answers:
+        _apply(item, result, error)
+
+
+def _resolve_all(answers: list):
+    """Hand ``[(item, result, error)]`` to their event loops: one wake-up per loop, not per item."""
+    by_loop: dict = {}
+    for a in answers:
+        by_loop.setdefault(a[0].loop, []).append(a)
+    for loop, mine in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_apply_all, mine)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+
 def _resolve(item: _Item, result=None, error: Optional[BaseException] = None):
-    def apply():
-        if item.future.done():  # cancelled: the client went away
-            return
-        if error is not None:
-            item.future.set_exception(error)
-        else:
-            item.future.set_result(result)
-    try:
-        item.loop.call_soon_threadsafe(apply)
-    except RuntimeError:  # the event loop is closed: nobody is waiting any more
-        pass
+    _resolve_all([(item, result, error)])
+
+
+def _concat(xs: list):
+    """One batch from the requests' rows: numpy arrays stay numpy, anything else becomes torch."""
+    if len(xs) == 1:
+        return xs[0]
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.concatenate(xs)
+    return torch.cat([torch.as_tensor(x) for x in xs])
 
 
 class DynamicBatcher:
@@ -104,10 +130,13 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._run, name="layer-cache-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, x: torch.Tensor, deadline: Optional[float] = None) -> asyncio.Future:
-        """Queue ``x`` (rows already checked); await the returned future for ``(out, exits)``.
+    def submit(self, x, deadline: Optional[float] = None) -> asyncio.Future:
+        """Queue ``x`` (rows already checked; numpy or torch); await the returned future for
+        ``(out, exits)``, each the request's own rows of what ``predict`` returned.
 
-        Call from the event loop. ``deadline`` is a ``time.monotonic()`` instant.
+        Call from the event loop. ``deadline`` is a ``time.monotonic()`` instant. Nothing here
+        runs torch: its calls release the GIL, and the event loop would then wait for the
+        batcher thread to hand it back.
         """
         loop = asyncio.get_running_loop()
         item = _Item(x, loop.create_future(), loop, time.monotonic(), deadline)
@@ -131,9 +160,9 @@ class DynamicBatcher:
         with self._cond:
             self._closing = True
             if not drain:
-                while self._queue:
-                    item = self._queue.popleft()
-                    _resolve(item, error=ShuttingDown("the server shut down before running it"))
+                _resolve_all([(item, None, ShuttingDown("the server shut down before running it"))
+                              for item in self._queue])
+                self._queue.clear()
                 self._queued_rows = 0
             self._cond.notify_all()
         if self._thread is not None:
@@ -174,24 +203,26 @@ class DynamicBatcher:
             if batch is None:
                 return
             now = time.monotonic()
-            live = []
+            live, expired = [], []
             for item in batch:
                 if item.future.done():
                     self.observer.on_dropped("cancelled", item.rows)
                 elif item.deadline is not None and now > item.deadline:
                     self.observer.on_dropped("deadline", item.rows)
-                    _resolve(item, error=DeadlineExceeded(
-                        f"deadline passed after {now - item.enqueued:.3f} s in the queue"))
+                    expired.append((item, None, DeadlineExceeded(
+                        f"deadline passed after {now - item.enqueued:.3f} s in the queue")))
                 else:
                     self.observer.on_queue_wait(now - item.enqueued)
                     live.append(item)
+            if expired:
+                _resolve_all(expired)
             if live:
                 self._serve(live)
 
     def _serve(self, items: list):
         t0 = time.perf_counter()
         try:
-            x = items[0].x if len(items) == 1 else torch.cat([i.x for i in items])
+            x = _concat([i.x for i in items])
             out, exits = self.predict(x)
         except Exception as e:  # noqa: BLE001 - one bad request must not fail its neighbours
             if len(items) > 1:
@@ -205,8 +236,9 @@ class DynamicBatcher:
         self.batch_seconds = 0.9 * self.batch_seconds + 0.1 * seconds if self.batch_seconds \
             else seconds
         self.observer.on_batch(int(x.shape[0]), len(items), seconds)
-        start = 0
+        answers, start = [], 0
         for item in items:
             stop = start + item.rows
-            _resolve(item, (out[start:stop], exits[start:stop]))
+            answers.append((item, (out[start:stop], exits[start:stop]), None))
             start = stop
+        _resolve_all(answers)

@@ -120,21 +120,32 @@ class ServerMetrics(BatchObserver):
                             registry=r)
         depth_gauge.labels(self.model).set_function(lambda: float(depth()))
         r.register(_RuntimeCollector(service))
+        # Children looked up once: labels() takes a lock and hashes its tuple on every call.
+        self._latency = self.latency.labels(self.model)
+        self._queue_wait = self.queue_wait.labels(self.model)
+        self._batch_rows = self.batch_rows.labels(self.model)
+        self._batch_requests = self.batch_requests.labels(self.model)
+        self._batch_seconds = self.batch_seconds.labels(self.model)
+        self._by_status: dict = {}
 
     def observe_request(self, status: int, rows: int, seconds: float):
-        self.requests.labels(self.model, str(status)).inc()
+        children = self._by_status.get(status)
+        if children is None:
+            children = self._by_status[status] = (self.requests.labels(self.model, str(status)),
+                                                  self.rows.labels(self.model, str(status)))
+        children[0].inc()
         if rows:
-            self.rows.labels(self.model, str(status)).inc(rows)
-        self.latency.labels(self.model).observe(seconds)
+            children[1].inc(rows)
+        self._latency.observe(seconds)
 
     # BatchObserver
     def on_batch(self, rows: int, requests: int, seconds: float):
-        self.batch_rows.labels(self.model).observe(rows)
-        self.batch_requests.labels(self.model).observe(requests)
-        self.batch_seconds.labels(self.model).observe(seconds)
+        self._batch_rows.observe(rows)
+        self._batch_requests.observe(requests)
+        self._batch_seconds.observe(seconds)
 
     def on_queue_wait(self, seconds: float):
-        self.queue_wait.labels(self.model).observe(seconds)
+        self._queue_wait.observe(seconds)
 
     def on_dropped(self, reason: str, rows: int):
         self.dropped.labels(self.model, reason).inc()

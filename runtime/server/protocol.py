@@ -16,6 +16,11 @@ from typing import Optional
 
 import numpy as np
 
+try:   # 5-10x faster than the json module both ways (the serve extra installs it)
+    import orjson
+except ImportError:  # pragma: no cover - the stdlib does the same, slower
+    orjson = None
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 DTYPES = {
@@ -83,6 +88,27 @@ def decompress(body: bytes, encoding: Optional[str], limit: int) -> bytes:
         raise ProtocolError(f"decompressed body over the limit of {limit} bytes; send fewer rows "
                             f"per request", 413)
     return out
+
+
+def loads(raw: bytes):
+    """JSON to Python: orjson when installed; the json module for what orjson refuses (``NaN``
+    and ``Infinity`` literals, integers past 64 bits) and for its error messages."""
+    if orjson is not None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
+def dumps(doc) -> bytes:
+    """Compact JSON bytes (orjson when installed; NaN as the json module writes it otherwise)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(doc)
+        except TypeError:   # an integer past 64 bits
+            pass
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _split(body: bytes, header_length) -> tuple:
@@ -184,8 +210,8 @@ def _tensor(spec, binary: bytes, offset: int) -> tuple:
                 raise ProtocolError(f"input '{name}': BYTES data in JSON must be strings")
             data = flat
         else:
-            if not all(isinstance(v, (int, float)) for v in flat) or \
-                    (dt != "BOOL" and any(isinstance(v, bool) for v in flat)):
+            kinds = set(map(type, flat))   # exact types: True is not a number here
+            if not kinds <= ({bool, int, float} if dt == "BOOL" else {int, float}):
                 raise ProtocolError(f"input '{name}': {dt} data must be numbers")
             try:
                 data = np.asarray(flat, dtype=DTYPES[dt])
@@ -201,7 +227,7 @@ def parse_request(body: bytes, header_length=None) -> InferRequest:
     """Decode an infer request body; ProtocolError (400) names what is wrong."""
     head, binary = _split(body, header_length)
     try:
-        doc = json.loads(head)
+        doc = loads(head)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"request is not valid JSON ({e}); send "
                             f'{{"inputs": [{{"name", "shape", "datatype", "data"}}]}}') from None
@@ -271,7 +297,7 @@ def encode_response(model_name: str, version: str, request: InferRequest, output
             t["data"] = arr.reshape(-1).tolist()
         tensors.append(t)
     doc["outputs"] = tensors
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = dumps(doc)
     if not chunks:
         return head, {"Content-Type": "application/json"}
     return head + b"".join(chunks), {"Content-Type": "application/octet-stream",

@@ -109,8 +109,11 @@ class Service:
             self.rt.close()
             log.info("model '%s' stopped", self.name)
 
-    def _predict(self, x: torch.Tensor):
-        return self.rt.predict(x, return_exits=True)
+    def _predict(self, x):
+        """On the batcher thread: rows in, numpy out, so the event loop never calls torch."""
+        out, exits = self.rt.predict(torch.as_tensor(x), return_exits=True)
+        return (out.detach().cpu().float().numpy(),
+                exits.detach().cpu().to(torch.int64).numpy())
 
     # ----- metadata -----------------------------------------------------------------------------
     def input_specs(self) -> list:
@@ -177,8 +180,13 @@ class Service:
         return True
 
     # ----- inference ----------------------------------------------------------------------------
-    def prepare(self, req: InferRequest) -> torch.Tensor:
-        """The request's rows as a float batch; ProtocolError (400) says what to send instead."""
+    def runs_long(self, req: InferRequest) -> bool:
+        """Whether ``prepare`` decodes images (slow: run it off the event loop)."""
+        return any(t.name == IMAGE for t in req.inputs)
+
+    def prepare(self, req: InferRequest):
+        """The request's rows as a float batch (numpy FP32 for tensors, torch for decoded images);
+        ProtocolError (400) says what to send instead."""
         want = f"'{INPUT}' (FP32, shape [N, {', '.join(map(str, self.rt.input_shape))}])"
         if self.preprocessor is not None:
             want += f" or '{IMAGE}' (BYTES, shape [N], encoded PNG/JPEG)"
@@ -207,7 +215,7 @@ class Service:
                 bad = np.flatnonzero(~finite).tolist()
                 raise ProtocolError(f"rows {bad[:10]} contain NaN or Inf; clean or drop them "
                                     f"and resend (nothing was served or learned)")
-            return torch.from_numpy(x)
+            return x
         if t.name == IMAGE and self.preprocessor is not None:
             if t.datatype != "BYTES":
                 raise ProtocolError(f"input '{IMAGE}' must be BYTES (encoded PNG/JPEG), got "
@@ -246,28 +254,38 @@ class Service:
         limits = [s for s in (req.timeout_s, self.config.request_timeout_s or None) if s]
         return time.monotonic() + min(limits) if limits else None
 
-    async def infer(self, x: torch.Tensor, deadline: Optional[float] = None,
+    async def infer(self, x, deadline: Optional[float] = None,
                     gone: Optional[asyncio.Future] = None) -> dict:
         """Batch ``x`` with other requests; {output name: numpy array}.
 
         Raises QueueFull / ShuttingDown (503), DeadlineExceeded (504), ClientGone when ``gone``
         (a future set when the client disconnects) finishes first; the queued request is then
-        dropped before it runs.
+        dropped before it runs. Callbacks, not ``asyncio.wait``: no task or set per request.
         """
         fut = self.batcher.submit(x, deadline)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        waiting = {fut} if gone is None else {fut, gone}
+        why = []
+
+        def stop(reason):
+            if not fut.done():
+                why.append(reason)
+                fut.cancel()
+
+        timer = None
+        if deadline is not None:
+            timeout = max(0.0, deadline - time.monotonic())
+            timer = asyncio.get_running_loop().call_later(timeout, stop, "deadline")
+        if gone is not None:
+            gone.add_done_callback(lambda _: stop("gone"))
         try:
-            done, _ = await asyncio.wait(waiting, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            out, exits = await fut
         except asyncio.CancelledError:
-            fut.cancel()
-            raise
-        if fut not in done:
-            fut.cancel()
-            if gone is not None and gone in done:
-                raise ClientGone()
-            raise DeadlineExceeded(f"deadline of {timeout:.3f} s passed before the answer")
-        out, exits = fut.result()
-        return {OUTPUT: out.detach().cpu().float().numpy(),
-                EXIT: exits.detach().cpu().to(torch.int64).numpy()}
+            if not why:        # this task itself was cancelled (shutdown)
+                raise
+            if why[0] == "gone":
+                raise ClientGone() from None
+            raise DeadlineExceeded(f"deadline of {timeout:.3f} s passed before the answer") \
+                from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return {OUTPUT: out, EXIT: exits}
