@@ -411,6 +411,8 @@ def _read_open(f, path: str) -> Tuple[dict, Optional[str]]:
             HASHED_SINCE <= version <= FORMAT_VERSION:
         raise _corrupt(path, f"a version {version} artifact must hold a content hash, and this "
                              f"one has none")
+    if not isinstance(manifest, dict):
+        schema.check(manifest, path)  # raises: not a JSON object
     if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise _version_error(path, version)
     schema.check(manifest, path)

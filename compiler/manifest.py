@@ -12,6 +12,7 @@ Fields (R: required, O: optional; the rest of a manifest is kept as is, unchecke
 - O ``input_dtype`` a torch dtype name (default float32)
 - R ``num_classes`` int >= 1;  O ``output_shape`` [-1, num_classes]
 - R ``total_flops`` int >= 0;  R ``stage_flops`` len(exits) + 1 ints >= 0 summing to total_flops
+  (up to one FLOP of rounding per stage)
 - R ``exits`` a non-empty list; each: R ``name`` (unique str), R ``head`` {R ``pool`` (a
   pooling ``compiler.heads`` knows), R ``feature_dim`` >= 1, R ``hidden`` >= 0, R ``num_classes``
   = num_classes, O ``params`` (= what pool/feature_dim/hidden imply), O ``flops`` >= 0};
@@ -19,7 +20,8 @@ Fields (R: required, O: optional; the rest of a manifest is kept as is, unchecke
 - O ``backbone_params``, ``head_params`` int >= 0; ``source_sha256`` null or 64 hex digits;
   ``source_kind``, ``created``, ``torch_version``, ``flops_note`` str; ``unsupported_ops``
   {str: int}; ``config`` dict; ``runtime`` dict (its ``thresholds``: one per exit, null or a
-  number, as ``runtime.core.CachedRuntime.save`` writes)
+  number, as ``runtime.core.CachedRuntime.save`` writes); ``task`` str, "classification" when
+  absent (``compiler.detection`` writes "detection": its model is checked for structure only)
 """
 import math
 import re
@@ -71,8 +73,7 @@ def check(manifest, where: str) -> dict:
     one-line ManifestError naming the field and saying how to get a good file."""
     c = _Checker(where)
     if not isinstance(manifest, dict):
-        raise ManifestError(f"artifact '{where}' has a bad manifest: it is {_show(manifest)}, not "
-                            f"a JSON object; {FIX}")
+        c.fail("manifest", f"is {_show(manifest)}, not a JSON object")
     for key in ("format_version", "input_shape", "num_classes", "total_flops", "stage_flops",
                 "exits"):
         if key not in manifest:
@@ -150,12 +151,13 @@ def check(manifest, where: str) -> dict:
     total = c.int(manifest["total_flops"], "total_flops")
     for i, s in enumerate(stages):
         c.int(s, f"stage_flops[{i}]")
-    if sum(stages) != total:
+    slack = len(stages)  # each stage's FLOPs may have been rounded to an int on its own
+    if abs(sum(stages) - total) > slack:
         c.fail("total_flops", f"is {total}, but stage_flops sum to {sum(stages)}")
     before = 0
     for i, e in enumerate(exits):
         before += stages[i]
-        if "flops_before" in e and e["flops_before"] != before:
+        if "flops_before" in e and abs(e["flops_before"] - before) > slack:
             c.fail(f"exits[{i}].flops_before", f"is {e['flops_before']}, but stage_flops put "
                                                f"{before} before it")
 
@@ -165,7 +167,7 @@ def check(manifest, where: str) -> dict:
     sha = manifest.get("source_sha256")
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         c.fail("source_sha256", f"is {_show(sha)}, not null or 64 hex digits")
-    for key in ("source_kind", "created", "torch_version", "flops_note"):
+    for key in ("source_kind", "created", "torch_version", "flops_note", "task"):
         if key in manifest:
             c.type(manifest[key], str, key, "a string")
     if "unsupported_ops" in manifest:
@@ -196,8 +198,8 @@ def check_structure(module, manifest: dict, where: str):
     c = _Checker(where)
     for attr in ("blocks", "final", "forward_with_exits"):
         if not hasattr(module, attr):
-            raise ManifestError(f"artifact '{where}' holds no staged model (no '{attr}'); it is "
-                                f"not a layer-cache artifact; {FIX}")
+            c.fail("exits", f"describe a staged model, but the file holds none (no '{attr}'): it "
+                            f"is not a layer-cache artifact")
     n = len(_children(module.blocks))
     exits = manifest["exits"]
     if n != len(exits):
@@ -209,8 +211,8 @@ def check_structure(module, manifest: dict, where: str):
             state = {k: tuple(v.shape) for k, v in blk.head.classifier.state_dict().items()}
             threshold, enabled = blk.threshold, blk.enabled
         except (AttributeError, RuntimeError):
-            raise ManifestError(f"artifact '{where}': exit block {i} lacks its head, threshold or "
-                                f"enabled flag; {FIX}") from None
+            c.fail(f"exits[{i}]", "has no exit block with a head, threshold and enabled flag in "
+                                  "the model")
         width = head["hidden"] or head["num_classes"]
         want = {"0.weight": (width, head["feature_dim"]), "0.bias": (width,)}
         if head["hidden"]:
@@ -220,14 +222,17 @@ def check_structure(module, manifest: dict, where: str):
             c.fail(f"exits[{i}].head", f"describes a classifier of {want}, but the model's "
                                        f"holds {state}")
         if threshold.numel() != 1 or enabled.numel() != 1 or bool(torch.isnan(threshold).any()):
-            raise ManifestError(f"artifact '{where}': exit block {i} has a bad threshold or "
-                                f"enabled flag; {FIX}")
+            c.fail(f"exits[{i}]", "has an exit block whose threshold or enabled flag is not one "
+                                  "number")
 
 
 def check_module(module, manifest: dict, where: str):
     """``check_structure``, then one zero row of ``input_shape`` through every stage and head:
-    each head and the final stage must return [1, num_classes]."""
+    each head and the final stage must return [1, num_classes]. Models of another ``task``
+    (detection: stages carry more than one tensor) get ``check_structure`` only."""
     check_structure(module, manifest, where)
+    if manifest.get("task", "classification") != "classification":
+        return
     c = _Checker(where)
     k = manifest["num_classes"]
     exits = manifest["exits"]
