@@ -221,3 +221,101 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     single = choose_global_threshold(conf, agree, stage_cost, head_cost, budget, confidence,
                                      should_stop=should_stop)
     return per_exit if per_exit.saving >= single.saving else single
+
+
+def binomial_tail(errors: int, n: int, risk: float) -> float:
+    """P(Binomial(n, risk) <= errors): the p-value of "the true disagreement rate is at least
+    ``risk``" having seen ``errors`` disagreements in ``n`` rows (exact, in log space)."""
+    if n <= 0:
+        return 1.0
+    if risk <= 0.0:
+        return 1.0 if errors >= 0 else 0.0
+    k = torch.arange(0, min(errors, n) + 1, dtype=torch.float64)
+    logc = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) \
+        - torch.lgamma(n - k + 1)
+    logp = logc + k * math.log(risk) + (n - k) * math.log1p(-risk)
+    return min(1.0, float(torch.logsumexp(logp, 0).exp()))
+
+
+def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int = 48,
+                   should_stop=None) -> List[List[float]]:
+    """An ordered family of threshold settings, most cautious first: the greedy search's moves
+    (best saving per new disagreement), continued until agreement on these rows falls below
+    ``floor``, merged with the single global threshold swept from high to low; sorted by the
+    saving they give on these rows. Chosen on rows that will not test it."""
+    E, n = conf.shape
+    qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
+    cands = [torch.unique(torch.quantile(conf[e], qs)).flip(0).tolist() for e in range(E)]
+    pos, t = [-1] * E, [INF] * E
+    saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, t)
+    path = [(saving, list(t))]
+    while True:
+        _poll(should_stop)
+        moves = []
+        for e in range(E):
+            ahead = len(cands[e]) if pos[e] < 0 else 3
+            moves += [(e, k) for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e])))]
+        if not moves:
+            break
+        trials = [list(t) for _ in moves]
+        for trial, (e, k) in zip(trials, moves):
+            trial[e] = cands[e][k]
+        best = None
+        for (e, k), s_, a in zip(moves, *evaluate_many(conf, agree, stage_cost, head_cost, trials)):
+            if s_ <= saving or a < floor * n:
+                continue
+            ratio = (s_ - saving) / (max(agreeing - a, 0) + 1.0)
+            if best is None or ratio > best[0]:
+                best = (ratio, e, k, s_, a)
+        if best is None:
+            break
+        _, e, k, saving, agreeing = best
+        pos[e], t[e] = k, cands[e][k]
+        path.append((saving, list(t)))
+    glob = torch.unique(torch.quantile(conf.flatten().float(), torch.linspace(0, 1, 4 * grid)))
+    T = [[c] * E for c in glob.flip(0).tolist()]
+    s_all, a_all = evaluate_many(conf, agree, stage_cost, head_cost, T)
+    path += [(s_, tt) for tt, s_, a in zip(T, s_all, a_all) if a >= floor * n]
+    path.sort(key=lambda p: p[0])
+    return [tt for _, tt in path]
+
+
+def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
+                          head_cost: torch.Tensor, budget: float, confidence: float,
+                          seed: int = 0, fit_share: float = 0.3, should_stop=None) -> Plan:
+    """Learn-then-Test with fixed-sequence testing (Angelopoulos et al. 2021; CALM).
+
+    A seeded ``fit_share`` of the rows orders a family of settings (``threshold_path``); the
+    other rows test them in that order, most cautious first: a setting passes when the binomial
+    p-value of "its disagreement is at least 1 - budget" is at most 1 - ``confidence``, and the
+    testing stops at the first that fails. The last one passing is served. Each test is at the
+    full level, with no union bound: the ordering never looked at the testing rows, so with
+    probability ``confidence`` the served setting's disagreement is below 1 - budget.
+    """
+    E, n = conf.shape
+    risk = 1.0 - budget
+    delta = 1.0 - confidence
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    cut = int(n * fit_share)
+    fit, test = perm[:cut], perm[cut:]
+    off = Plan([INF] * E, 0.0, 1.0, 1.0, n)
+    if cut < 1 or len(test) < 1:
+        return off
+    floor = max(0.0, budget - 2 * (1 - budget))   # walk a little past the budget on the fit rows
+    family = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
+                            should_stop=should_stop)
+    m = len(test)
+    chosen = None
+    saving_c = agreeing_c = None
+    s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, family)
+    for t, s_, a in zip(family, s_all, a_all):
+        if binomial_tail(m - int(a), m, risk) > delta:
+            break
+        if all(x == INF for x in t):
+            continue
+        chosen, saving_c, agreeing_c = t, s_, a
+    if chosen is None or saving_c <= 0:
+        return off
+    saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, chosen)
+    return Plan(list(chosen), saving, agreeing / n, wilson_lower(agreeing_c, m, z_of(confidence)), n)

@@ -16,14 +16,20 @@ class GuaranteeConfig:
                       confidence bound (not a point estimate), e.g. 0.99. Shadow rows are answered
                       by the backbone, so the exits themselves are held to ``plan_budget``; an
                       artifact written by ``save`` (served with no shadow rows) is held to this.
-    confidence:       one-sided confidence of that bound (Wilson score interval).
+    confidence:       one-sided confidence of that bound.
     shadow_rate:      share of requests that run the whole backbone once exits are on, so live
                       agreement is known and calibration rows keep arriving unbiased.
+    threshold_rule:   how held-out rows choose thresholds (runtime/calibrate.py): "ltt"
+                      (Learn-then-Test: part of the rows orders the candidate settings, the rest
+                      tests them in order with an exact binomial test; valid by construction) or
+                      "crossfit" (greedy search against a Wilson bound raised by cross-fitted
+                      search optimism, or one global threshold; a heuristic, a little bolder).
     """
 
     agreement_budget: float = 0.99
     confidence: float = 0.95
     shadow_rate: float = 0.05
+    threshold_rule: str = "crossfit"
 
     @property
     def plan_budget(self) -> float:
@@ -196,6 +202,8 @@ class RuntimeConfig:
                         ("doubt_shadow_rate", self.drift.doubt_shadow_rate)):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if g.threshold_rule not in ("ltt", "crossfit"):
+            raise ConfigError(f"threshold_rule must be 'ltt' or 'crossfit', got {g.threshold_rule!r}")
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
             raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
                               f"{self.serving.backend!r}")

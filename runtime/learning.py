@@ -13,7 +13,7 @@ from compiler import artifact
 from compiler.heads import ExitHead, HeadSpec
 
 from .buffer import CALIB, TRAIN, FeatureBuffer
-from .calibrate import INF, Plan, choose_thresholds_corrected, exit_shares
+from .calibrate import INF, Plan, choose_thresholds_corrected, choose_thresholds_ltt, exit_shares
 from .config import RuntimeConfig
 from .costs import CostModel
 from .learner import HeadLearner
@@ -65,9 +65,10 @@ class LearningLoop:
                should_stop=None) -> Plan:
         """Thresholds meeting ``budget`` on held-out rows (feats, teacher)."""
         conf, agree = head_confidences(head_logits, feats, teacher)
-        return choose_thresholds_corrected(conf, agree, self.costs.stage_cost, self.costs.head_cost,
-                                           budget, self.config.guarantee.confidence, round_seed,
-                                           should_stop=should_stop)
+        g = self.config.guarantee
+        rule = choose_thresholds_ltt if g.threshold_rule == "ltt" else choose_thresholds_corrected
+        return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
+                    round_seed, should_stop=should_stop)
 
     def calib_rows(self):
         return self.buffer.snapshot(CALIB, self.config.learning.max_calib_rows)

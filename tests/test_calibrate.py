@@ -63,3 +63,53 @@ def test_a_subsample_can_keep_the_margin_of_all_rows():
     scaled = choose_thresholds(*half, stage, head, 0.998, 0.95, bound_rows=2000)
     assert any(t != INF for t in scaled.thresholds) and scaled.saving > 0
 
+
+
+def test_binomial_tail_matches_the_sum_of_the_mass_function():
+    from math import comb
+    from runtime.calibrate import binomial_tail
+    for errors, n, p in [(0, 10, 0.1), (3, 50, 0.05), (12, 300, 0.01), (300, 300, 0.2)]:
+        want = sum(comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(errors + 1))
+        assert abs(binomial_tail(errors, n, p) - min(want, 1.0)) < 1e-9
+    assert binomial_tail(5, 0, 0.01) == 1.0
+
+
+def test_ltt_keeps_its_guarantee_on_rows_it_never_saw():
+    """Draw calibration rows, choose, measure on a large fresh sample of the same traffic: the
+    agreement falls below the budget in at most about 1 - confidence of the draws."""
+    from runtime.calibrate import choose_thresholds_ltt
+    conf, agree, stage, head = _traffic(n=60000, seed=1)
+    budget, confidence, draws, below, saved = 0.99, 0.9, 60, 0, []
+    for d in range(draws):
+        perm = torch.randperm(conf.shape[1], generator=torch.Generator().manual_seed(d))
+        cal, fresh = perm[:1500], perm[1500:]
+        plan = choose_thresholds_ltt(conf[:, cal], agree[:, cal], stage, head, budget,
+                                     confidence, seed=d)
+        s, a = evaluate(conf[:, fresh], agree[:, fresh], stage, head, plan.thresholds)
+        below += a / len(fresh) < budget
+        saved.append(s)
+    # 10% allowed; binomial(60, 0.1) exceeds 12 with probability < 1%
+    assert below <= 12, f"{below} of {draws} draws broke the budget"
+    assert sum(saved) / draws > 0.05, "it must still take the easy rows"
+
+
+def test_ltt_switches_everything_off_when_rows_cannot_prove_the_budget():
+    from runtime.calibrate import choose_thresholds_ltt
+    conf, agree, stage, head = _traffic(n=200)   # 140 test rows cannot show 1% at 95%
+    plan = choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95)
+    assert plan.thresholds == [INF] * conf.shape[0] and plan.saving == 0.0
+
+
+def test_ltt_fixed_sequence_stops_at_the_first_failure(monkeypatch):
+    """A later setting that would pass on its own is not reached once an earlier one fails."""
+    from runtime import calibrate
+    E, n = 1, 1000
+    conf = torch.linspace(0, 1, n, dtype=torch.float64)[None]
+    agree = torch.ones(1, n, dtype=torch.bool)
+    agree[0, 500:520] = False                                  # a middle band disagrees
+    stage = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    head = torch.tensor([0.0], dtype=torch.float64)
+    family = [[INF], [0.99], [0.5], [0.9]]   # [0.5] takes the bad band; [0.9] alone would pass
+    monkeypatch.setattr(calibrate, "threshold_path", lambda *a, **k: family)
+    plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95)
+    assert plan.thresholds == [0.99]

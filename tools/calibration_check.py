@@ -1,0 +1,122 @@
+"""Is the calibration's guarantee honest, and what does it cost? Threshold rules compared on many draws.
+
+Heads are learned online on the first ``--learn-rows`` rows of the Fashion-MNIST test stream
+(the demo's backbone and runtime, synchronous, seeded). The rest of the stream is a pool: each
+draw takes ``--calib-rows`` of it at random to choose thresholds with each rule, then measures
+agreement and FLOPs saved on the pool rows it did not take. A rule is honest when agreement falls
+below the budget in at most ``1 - confidence`` of the draws (binomial noise of the measurement
+aside: the pool is finite). Usage::
+
+    python -m tools.calibration_check --draws 200 --calib-rows 600,1500,3000
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from runtime import calibrate as C
+
+RULES = {
+    "wilson+crossfit": lambda conf, agree, sc, hc, b, c, seed: C.choose_thresholds_corrected(
+        conf, agree, sc, hc, b, c, seed),
+    "ltt": lambda conf, agree, sc, hc, b, c, seed: C.choose_thresholds_ltt(
+        conf, agree, sc, hc, b, c, seed),
+}
+
+
+def pool_scores(artifact: str, learn_rows: int, seed: int):
+    """(conf, agree, stage_cost, head_cost) [E, n] of heads learned online on the first
+    ``learn_rows`` test rows, scored on the rest."""
+    import runtime
+    from tools.data import load_fashion_mnist
+    x, _ = load_fashion_mnist("test", size=28, channels=1)
+    gen = torch.Generator().manual_seed(seed)
+    x = x[torch.randperm(len(x), generator=gen)]
+    rt = runtime.load(artifact, background=False, seed=seed, latency_weight=0.0,
+                      backend="torchscript")
+    for i in range(0, learn_rows, 16):
+        rt.predict(x[i:i + 16])
+    pool = x[learn_rows:]
+    feats, teach = [[] for _ in range(rt.num_exits)], []
+    with torch.no_grad():
+        for i in range(0, len(pool), 256):
+            h = pool[i:i + 256]
+            for e in range(rt.num_exits):
+                h = rt.stages[e](h)
+                feats[e].append(rt.heads[e].features(h))
+            teach.append(rt.stages[-1](h))
+    feats = [torch.cat(f) for f in feats]
+    teacher = torch.cat(teach)
+    from runtime.learning import head_confidences
+    conf, agree = head_confidences(lambda e, f: rt.learner.predict(e, f), feats, teacher)
+    rt.close()
+    return conf, agree, rt.costs.stage_cost, rt.costs.head_cost
+
+
+def run(conf, agree, sc, hc, budgets, confidence, calib_rows, draws, seed):
+    E, n = conf.shape
+    out = []
+    for budget in budgets:
+        for m in calib_rows:
+            per_rule = {r: {"agreement": [], "saving": [], "seconds": []} for r in RULES}
+            for d in range(draws):
+                gen = torch.Generator().manual_seed(seed * 100003 + d)
+                perm = torch.randperm(n, generator=gen)
+                cal, held = perm[:m], perm[m:]
+                for name, rule in RULES.items():
+                    t0 = time.perf_counter()
+                    plan = rule(conf[:, cal], agree[:, cal], sc, hc, budget, confidence, d)
+                    per_rule[name]["seconds"].append(time.perf_counter() - t0)
+                    s, a = C.evaluate(conf[:, held], agree[:, held], sc, hc, plan.thresholds)
+                    per_rule[name]["agreement"].append(a / len(held))
+                    per_rule[name]["saving"].append(s)
+            for name, r in per_rule.items():
+                ag = torch.tensor(r["agreement"])
+                sv = torch.tensor(r["saving"])
+                out.append({"rule": name, "budget": budget, "calib_rows": m, "draws": draws,
+                            "violations": int((ag < budget).sum()),
+                            "violation_rate": float((ag < budget).double().mean()),
+                            "agreement_median": float(ag.median()),
+                            "saving_median": float(sv.median()), "saving_mean": float(sv.mean()),
+                            "seconds_median": float(torch.tensor(r["seconds"]).median())})
+                print(f"{name:16s} budget {budget} calib {m:5d}: saving median {100 * out[-1]['saving_median']:.1f}% "
+                      f"agreement median {100 * out[-1]['agreement_median']:.2f}%  below budget in "
+                      f"{out[-1]['violations']}/{draws} draws  ({out[-1]['seconds_median']:.2f} s/choice)",
+                      flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--artifact", default=None, help="compiled artifact (default: the demo's)")
+    ap.add_argument("--learn-rows", type=int, default=3000)
+    ap.add_argument("--calib-rows", default="600,1500,3000")
+    ap.add_argument("--budgets", default="0.99,0.995")
+    ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--draws", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out/calibration_check.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    artifact = args.artifact
+    if artifact is None:
+        from compiler.rewrite import main as rewrite
+        artifact = "out/calibration_check/demo.cached.pt"
+        Path(artifact).parent.mkdir(parents=True, exist_ok=True)
+        if rewrite(["tools/assets/demo_backbone.pt2", "-o", artifact]) != 0:
+            return 2
+    conf, agree, sc, hc = pool_scores(artifact, args.learn_rows, args.seed)
+    print(f"pool: {conf.shape[1]} rows, {conf.shape[0]} exits; head agreement "
+          f"{[round(float(a), 3) for a in agree.double().mean(1)]}", flush=True)
+    res = run(conf, agree, sc, hc, [float(b) for b in args.budgets.split(",")], args.confidence,
+              [int(m) for m in args.calib_rows.split(",")], args.draws, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
+                                          "results": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
