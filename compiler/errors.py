@@ -43,8 +43,9 @@ class ManifestError(ArtifactError):
     """The manifest lacks a field, holds a value out of range, or disagrees with the model."""
 
 
-class ArtifactWriteError(ArtifactError):
-    """An artifact could not be written; the message names the target path."""
+class ArtifactWriteError(ArtifactError, OSError):
+    """An artifact could not be written; the message names the target path. Also an OSError,
+    as the failures it wraps are, so callers that catch OSError around a save still do."""
 
 
 class ExportError(CompilerError):
