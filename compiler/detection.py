@@ -631,10 +631,16 @@ def compile_cli(loaded, args, out_path: str) -> int:
     import json
     import sys
 
+    from .config import RewriteConfig
+    exits = args.exits or []
+    if isinstance(exits, str):
+        exits = exits.split(",")
+    # --num-exits left at the classifier default: the detector default (a body has few cuts)
+    num_exits = DetectionConfig.num_exits if args.num_exits == RewriteConfig.num_exits \
+        else args.num_exits
     config = DetectionConfig(
-        input_shape=args.input_shape or loaded.input_shape,
-        num_exits=min(args.num_exits, 8) if args.num_exits else 3,
-        exits=[e.strip() for e in (args.exits or "").split(",") if e.strip()],
+        input_shape=args.input_shape or loaded.input_shape, num_exits=num_exits,
+        exits=[e.strip() for e in exits if e.strip()],
         score_threshold=getattr(args, "score_threshold", None))
     an = analyse_detector(loaded.module, config)
     cuts = select_cuts(an, config)

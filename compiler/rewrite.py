@@ -319,6 +319,9 @@ def build_parser():
                                  "module with --allow-pickle")
     p.add_argument("-o", "--output", help="artifact path (default: <stem>.cached.pt beside MODEL)")
     p.add_argument("--arch", help="torchvision architecture of a state dict, e.g. resnet18")
+    p.add_argument("--score-threshold", type=number(float, 0.0, 1.0), default=None,
+                   help="detectors: the service's score threshold the 'nothing here' exits "
+                        "answer for (default: the detector's own)")
     p.add_argument("--num-classes", type=number(int, 1, MAX_CLASSES),
                    help="classes of a state dict's model")
     p.add_argument("--allow-pickle", action="store_true",
@@ -363,7 +366,13 @@ def _main(argv) -> int:
                            exits=args.exits or []).validate()
     out_path = args.output or os.path.splitext(args.model)[0] + ".cached.pt"
     check_paths(args, out_path)
-    loaded = load_model(args.model, args.arch, args.num_classes, args.allow_pickle)
+    from . import detection  # torchvision detectors: compiler/detection.py
+    if detection.is_detector_arch(args.arch):
+        loaded = detection.load_detector(args.model, args.arch, args.num_classes)
+    else:
+        loaded = load_model(args.model, args.arch, args.num_classes, args.allow_pickle)
+    if detection.is_detector(loaded.module):
+        return detection.compile_cli(loaded, args, out_path)
     shape = config.input_shape or loaded.input_shape
     check_program_input(loaded, shape)
     an = analyse(loaded.module, shape, config, loaded.exported)

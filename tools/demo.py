@@ -2,6 +2,7 @@
 runtime prequentially, and report savings, agreement, accuracy and latency (plus a PNG plot).
 
     python -m tools.demo [--backbone tools/assets/demo_backbone.pt2] [--out out/demo]
+    python -m tools.demo --task detection      (the detector demo: tools/detection_demo.py)
 """
 import argparse
 import json
@@ -64,6 +65,16 @@ def main(argv=None) -> int:
     p.add_argument("--head-budget", type=float, default=None,
                    help="heads' share of the backbone's parameters (default: the compiler's)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification",
+                   help="detection: the scene-detector demo (tools/detection_demo.py, its own "
+                        "options)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", default="classification")
+    known, rest = task.parse_known_args(argv)
+    if known.task == "detection":
+        from tools.detection_demo import main as detection_main
+        return detection_main(rest)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if (os.cpu_count() or 1) <= 2:

@@ -1,0 +1,206 @@
+"""Detection: the compiler's detector artifacts and the detection runtime, on a tiny random FCOS.
+
+Fast (well under a minute on 2 CPU cores): a detector with a few thousand parameters at 64 px.
+"""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from compiler import artifact, exit_rule
+from compiler.detection import (DetectionConfig, outputs_equal, rewrite_detector,
+                                select_cuts)
+from compiler.errors import CompilerError
+
+torchvision = pytest.importorskip("torchvision")
+
+SIZE = 96
+
+
+def tiny_detector(score_thresh=0.05, seed=0):
+    from tools.train_detector import build_detector
+    torch.manual_seed(seed)
+    return build_detector("fcos", size=SIZE, widths=(8, 8, 16, 16, 16), fpn_channels=32,
+                          head_convs=1, score_thresh=score_thresh).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    warnings.filterwarnings("ignore")
+    det = tiny_detector()
+    module, manifest, an = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, SIZE, SIZE)))
+    path = tmp_path_factory.mktemp("det") / "tiny.cached.pt"
+    artifact.save(module, manifest, path)
+    return det, path, manifest, an
+
+
+def frames(n, seed=0):
+    return torch.rand((n, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(seed))
+
+
+def plain_load(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path)).eval()
+
+
+def test_cut_points_carry_the_live_set(compiled):
+    _, _, manifest, an = compiled
+    by_name = {c.name: c for c in an.cuts}
+    assert [c.name for c in an.cuts] == ["stem", "layer1", "layer2", "layer3"]
+    assert by_name["stem"].carries[0].startswith("newest")
+    assert len(by_name["layer3"].carries) == 2            # taps '0' and '1' (layer3 is a tap)
+    assert all(c.carries[0].startswith("tap") for c in an.cuts[2:])
+    assert sum(manifest["stage_flops"]) == manifest["total_flops"]
+    assert manifest["task"] == "detection" and manifest["num_classes"] == 2
+    fr = [e["fraction"] for e in manifest["exits"]]
+    assert fr == sorted(fr) and 0 < fr[0] < fr[-1] < 1
+
+
+def test_plain_jit_load_equals_detector(compiled):
+    det, path, _, _ = compiled
+    m = plain_load(path)
+    x = frames(3)
+    with torch.no_grad():
+        want = det(list(x))
+        got = m(x)
+        got_exits = m.forward_with_exits(x)[1]
+    assert any(len(d["boxes"]) for d in want), "the tiny detector should find something"
+    assert outputs_equal(got, want)
+    assert got_exits.tolist() == [len(_blocks(m))] * 3
+
+
+def _blocks(m):
+    return list(m.blocks.children())
+
+
+def test_forced_exit_returns_empties_in_the_detectors_format(compiled):
+    det, path, _, _ = compiled
+    m = plain_load(path)
+    artifact.set_exit(_blocks(m)[0], 0.0)       # every frame is confident enough
+    x = frames(4, seed=1)
+    with torch.no_grad():
+        got, exits = m.forward_with_exits(x)
+        want = det(list(x))
+    assert exits.tolist() == [0] * 4
+    for g, w in zip(got, want):
+        assert list(g) == list(w)                # same keys, same order
+        for k in w:
+            assert g[k].dtype == w[k].dtype and g[k].shape[1:] == w[k].shape[1:]
+            assert g[k].shape[0] == 0
+
+
+def test_frames_that_go_on_get_exactly_the_detectors_output(compiled):
+    det, path, _, _ = compiled
+    m = plain_load(path)
+    x = frames(8, seed=2)
+    blk = _blocks(m)[1]
+    with torch.no_grad():
+        h, taps = m.prepare(x)[0], []
+        for b in _blocks(m)[:2]:
+            h, taps = b.stage(h, taps)
+        conf = exit_rule.class_confidence(blk.head(h), 0)
+    artifact.set_exit(blk, float(conf.median()))   # about half the frames leave at exit 1
+    with torch.no_grad():
+        got, exits = m.forward_with_exits(x)
+        want = det(list(x))
+    left = exits == 1
+    assert 0 < int(left.sum()) < 8
+    for i in range(8):
+        if left[i]:
+            assert all(v.shape[0] == 0 for v in got[i].values())
+        else:
+            assert outputs_equal([got[i]], [want[i]])
+
+
+def test_runtime_predict_order_shadow_and_bad_input(compiled):
+    from runtime.core import InputError
+    from runtime.detection import load
+    from runtime.serving import ServingState
+    det, path, _, _ = compiled
+    rt = load(path, background=False, shadow_rate=1.0)
+    x = frames(6, seed=3)
+    with torch.no_grad():
+        want = det(list(x))
+    out = rt.predict(x)
+    assert outputs_equal(out, want)
+    out = rt.predict(list(x))                   # a list of images of one size
+    assert outputs_equal(out, want)
+    # Every exit on at threshold 0 and every request shadowed: answers are the detector's, and a
+    # frame agrees exactly when the detector found nothing at the score threshold.
+    st = rt.state
+    rt._state = ServingState(st.classifiers, (0.0,) + st.thresholds[1:], st.version + 1)
+    out, exits = rt.predict(x, return_exits=True)
+    assert outputs_equal(out, want) and exits.tolist() == [rt.num_exits] * 6
+    nothing = rt.task.found(want).logical_not()
+    s = rt.stats()
+    assert s["shadow_rows"] == 6 and s["live_agreement"] == pytest.approx(nothing.float().mean().item())
+    # Off shadow: every frame leaves at exit 0 with an empty answer.
+    rt.config.guarantee.shadow_rate = 0.0
+    out, exits = rt.predict(x, return_exits=True)
+    assert exits.tolist() == [0] * 6 and all(d["boxes"].shape == (0, 4) for d in out)
+
+    before = (rt.buffer.added, rt.counters.requests)
+    bad = [torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 1, 64, 64), [], torch.rand(1, SIZE, SIZE),
+           torch.full((2, 1, SIZE, SIZE), float("nan")), [torch.rand(1, SIZE, SIZE),
+                                                           torch.rand(1, SIZE, 90)],
+           torch.zeros((0, 1, SIZE, SIZE)), torch.zeros((2, 1, SIZE, SIZE), dtype=torch.uint8),
+           "frames"]
+    for b in bad:
+        with pytest.raises(InputError) as e:
+            rt.predict(b)
+        assert "\n" not in str(e.value) and str(e.value)
+    assert (rt.buffer.added, rt.counters.requests) == before, "bad input was served or learned"
+
+
+def test_runtime_learns_from_a_scene_stream(compiled):
+    from runtime.detection import load
+    from tools.scenes import SceneConfig, make_stream
+    _, path, _, _ = compiled
+    stream = make_stream(SceneConfig(frames=240, size=SIZE, min_side=16, max_side=32,
+                                     empty_share=0.7, seed=7))
+    rt = load(path, background=False, min_train=64, min_calib=48, train_every=80, epochs=2)
+    n_out = 0
+    for s in range(0, 240, 16):
+        out, exits = rt.predict(stream.frames[s:s + 16], return_exits=True)
+        n_out += len(out)
+        assert len(out) == exits.shape[0] == min(16, 240 - s)
+    st = rt.stats()
+    assert n_out == st["rows"] == sum(st["rows_per_exit"]) == 240
+    assert st["learning"]["rounds"] >= 2 and st["learning"]["rounds_failed"] == 0
+    saved = path.parent / "tiny.learned.pt"
+    rt.save(saved)
+    m = plain_load(saved)
+    assert len(m(stream.frames[:3])) == 3
+
+
+def test_select_and_bad_exits(compiled):
+    _, _, _, an = compiled
+    assert [c.name for c in select_cuts(an, DetectionConfig(exits=["layer2"]))] == ["layer2"]
+    with pytest.raises(CompilerError, match="not cut points of the body: nope"):
+        select_cuts(an, DetectionConfig(exits=["nope"]))
+
+
+def test_unsupported_detectors_get_one_line_errors():
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+    ssd = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+    with pytest.raises(CompilerError, match="SSD detectors are not supported"):
+        rewrite_detector(ssd, DetectionConfig(input_shape=(1, 3, 320, 320)))
+    with pytest.raises(CompilerError, match="input shape"):
+        rewrite_detector(tiny_detector(), DetectionConfig())
+
+
+def test_cli_compiles_a_pickled_detector(tmp_path):
+    path = tmp_path / "det.pkl"
+    torch.save(tiny_detector(), path)
+    out = tmp_path / "det.cached.pt"
+    cmd = [sys.executable, "-m", "compiler.rewrite", str(path), "--allow-pickle", "--input-shape",
+           f"1,1,{SIZE},{SIZE}", "-o", str(out), "--score-threshold", "0.2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "'nothing here' exits" in r.stdout and out.exists()
+    assert artifact.read_manifest(out)["score_threshold"] == pytest.approx(0.2)
+    r = subprocess.run(cmd[:-2] + ["--exits", "nope"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr

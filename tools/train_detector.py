@@ -1,0 +1,199 @@
+"""Train the demo detector: torchvision's FCOS on a tiny convolutional backbone with an FPN,
+on scene streams of Fashion-MNIST items (``tools.scenes``), on the CPU in minutes.
+
+    python -m tools.train_detector [--minutes 8] [--out tools/assets/demo_detector.pt]
+
+Writes a state dict (``build_detector(**meta["build"])`` rebuilds the module) and a ``.json``
+beside it with the architecture, training settings, mAP@0.5 on held-out scenes and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from tools.scenes import NUM_CLASSES, SceneConfig, make_stream
+
+ASSET = Path(__file__).resolve().parent / "assets" / "demo_detector.pt"
+# Grey frames in [0, 1]; the detector's own transform normalises them.
+IMAGE_MEAN, IMAGE_STD = [0.25], [0.2]
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def tiny_body(widths=(16, 32, 48, 64, 96), in_channels: int = 1) -> nn.Sequential:
+    """Five stride-2 stages: 96 px frames give 48, 24, 12, 6 and 3 px maps."""
+    layers, cin = OrderedDict(), in_channels
+    for i, w in enumerate(widths):
+        layers["stem" if i == 0 else f"layer{i}"] = _block(cin, w, 2)
+        cin = w
+    return nn.Sequential(layers)
+
+
+def build_detector(arch: str = "fcos", size: int = 96, widths=(16, 32, 48, 64, 96),
+                   fpn_channels: int = 64, head_convs: int = 2, num_classes: int = NUM_CLASSES,
+                   score_thresh: float = 0.3, in_channels: int = 1) -> nn.Module:
+    """The demo detector (``arch`` fcos or retinanet) with random weights.
+
+    The FPN taps the last three stages (strides 8, 16, 32) and adds a max-pooled level.
+    """
+    body = tiny_body(widths, in_channels)
+    names = list(body._modules)
+    backbone = BackboneWithFPN(body, {n: str(i) for i, n in enumerate(names[-3:])},
+                               list(widths[-3:]), fpn_channels, extra_blocks=LastLevelMaxPool())
+    common = dict(min_size=size, max_size=size, image_mean=IMAGE_MEAN[:1] * in_channels,
+                  image_std=IMAGE_STD[:1] * in_channels, score_thresh=score_thresh,
+                  detections_per_img=20)
+    if arch == "fcos":
+        anchors = AnchorGenerator(((4,), (8,), (16,), (32,)), ((1.0,),) * 4)
+        head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
+        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    if arch == "retinanet":
+        anchors = AnchorGenerator(((16, 24), (32, 48), (64, 96), (128, 192)), ((0.5, 1.0, 2.0),) * 4)
+        head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
+        return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    raise ValueError(f"unknown demo detector arch {arch!r}: fcos or retinanet")
+
+
+def _flip(frames: torch.Tensor, targets: List[dict], gen: torch.Generator):
+    """Random horizontal flips of a batch, boxes flipped with their frames."""
+    w = frames.shape[-1]
+    flip = torch.rand(frames.shape[0], generator=gen) < 0.5
+    frames = torch.where(flip[:, None, None, None], frames.flip(-1), frames)
+    out = []
+    for f, t in zip(flip.tolist(), targets):
+        b = t["boxes"]
+        if f and b.numel():
+            b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)
+        out.append({"boxes": b, "labels": t["labels"]})
+    return frames, out
+
+
+@torch.no_grad()
+def detect(model: nn.Module, frames: torch.Tensor, batch: int = 64) -> List[dict]:
+    """The model's detections per frame (eval mode)."""
+    model.eval()
+    out = []
+    for s in range(0, len(frames), batch):
+        out += model(list(frames[s:s + batch]))
+    return out
+
+
+def map50(preds: List[dict], targets: List[dict]) -> float:
+    """mAP@0.5 (COCO-style 101-point interpolation, classes averaged) via torchmetrics."""
+    from torchmetrics.detection import MeanAveragePrecision
+    m = MeanAveragePrecision(iou_thresholds=[0.5], box_format="xyxy")
+    m.update([{k: p[k].detach().cpu() for k in ("boxes", "scores", "labels")} for p in preds],
+             [{k: t[k] for k in ("boxes", "labels")} for t in targets])
+    return float(m.compute()["map"])
+
+
+def train(arch: str = "fcos", minutes: float = 8.0, batch_size: int = 32, lr: float = 2e-3,
+          seed: int = 0, train_frames: int = 12000, eval_frames: int = 1000,
+          log=print, **build) -> tuple:
+    """Train on training scenes for about ``minutes``; returns (model, meta)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_detector(arch, **build)
+    size = build.get("size", 96)
+    data = make_stream(SceneConfig(frames=train_frames, size=size, empty_share=0.3, split="train",
+                                   seed=1000 + seed))
+    held = make_stream(SceneConfig(frames=eval_frames, size=size, empty_share=0.3, split="test",
+                                   seed=2000 + seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    budget = minutes * 60.0
+    t0, step, losses = time.time(), 0, []
+    # Cosine decay over the time budget (steps are not known in advance on a shared machine).
+    model.train()
+    while True:
+        elapsed = time.time() - t0
+        if elapsed >= budget:
+            break
+        frac = elapsed / budget
+        for g in opt.param_groups:
+            g["lr"] = lr * (min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(len(data), (batch_size,), generator=gen)
+        frames, targets = _flip(data.frames[idx], [data.targets[i] for i in idx.tolist()], gen)
+        loss_d = model(list(frames), targets)
+        loss = sum(loss_d.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        losses.append(float(loss))
+        step += 1
+        if step % 50 == 0 and log:
+            log(f"step {step} ({elapsed:.0f} s): loss {sum(losses[-50:]) / 50:.3f}")
+    train_s = time.time() - t0
+    model.eval()
+    t1 = time.time()
+    score = map50(detect(model, held.frames), held.targets)
+    meta = {
+        "arch": arch, "build": dict(build, arch=arch), "steps": step, "batch_size": batch_size,
+        "lr": lr, "seed": seed, "minutes": minutes, "train_seconds": round(train_s, 1),
+        "train_scenes": {"frames": train_frames, "empty_share": 0.3, "split": "train",
+                         "seed": 1000 + seed},
+        "heldout_scenes": {"frames": eval_frames, "empty_share": 0.3, "split": "test",
+                           "seed": 2000 + seed},
+        "map50_heldout": round(score, 4), "eval_seconds": round(time.time() - t1, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "score_thresh": build.get("score_thresh", 0.3),
+        "torch_version": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return model, meta
+
+
+def load_demo_detector(path: Optional[str] = None) -> tuple:
+    """(detector in eval mode, meta) from a state dict this tool wrote (default: the asset)."""
+    path = Path(path or ASSET)
+    meta = json.loads(Path(str(path) + ".json").read_text())
+    model = build_detector(**meta["build"])
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.train_detector",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="fcos", choices=["fcos", "retinanet"])
+    p.add_argument("--minutes", type=float, default=8.0, help="training time budget")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ASSET))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, meta = train(args.arch, args.minutes, args.batch_size, args.lr, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    meta["command"] = "python -m tools.train_detector " + " ".join(argv or [])
+    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"mAP@0.5 on {meta['heldout_scenes']['frames']} held-out frames: "
+          f"{meta['map50_heldout']:.3f}; {meta['steps']} steps in {meta['train_seconds']:.0f} s; "
+          f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
