@@ -304,7 +304,8 @@ def check_paths(args, out_path: str):
         if not os.path.isdir(folder):
             raise UsageError(f"{flag} '{path}': folder '{folder}' does not exist; create it first")
     if os.path.abspath(out_path) == os.path.abspath(args.model) or (
-            os.path.exists(out_path) and os.path.samefile(out_path, args.model)):
+            os.path.exists(out_path) and os.path.exists(args.model)
+            and os.path.samefile(out_path, args.model)):
         raise UsageError(f"-o/--output '{out_path}' is the model file itself; writing there would "
                          f"overwrite the model; give another path")
     if args.json is not None and os.path.abspath(args.json) in (os.path.abspath(args.model),
@@ -395,7 +396,8 @@ def _main(argv) -> int:
                   f"{config.head_budget:g}; the smallest heads were used", file=sys.stderr)
         if not config.exits and len(cuts) < config.num_exits:
             print(f"notice: placed {len(cuts)} exits, not {config.num_exits}: the model has "
-                  f"no more cut points far enough apart (see --report; --exits names them)", file=sys.stderr)
+                  f"no more cut points far enough apart (see --report; --exits names them)",
+                  file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"total_flops": an.total_flops, "params": an.params,
