@@ -90,7 +90,7 @@ class CachedModel(nn.Module):
         """
         n = x.size(0)
         if n == 0:
-            h = torch.zeros([1] + x.shape[1:], dtype=x.dtype, device=x.device)
+            h = torch.zeros([1] + list(x.shape[1:]), dtype=x.dtype, device=x.device)
             for blk in self.blocks:
                 h = blk.stage(h)
             return self.final(h)[:0], torch.zeros([0], dtype=torch.long, device=x.device)

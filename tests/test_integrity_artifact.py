@@ -585,3 +585,18 @@ def test_cli_processes_print_one_line_and_exit_2(models, built, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
             (argv, r.stderr)
         assert word in lines[0] and "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_empty_batch_through_the_eager_model():
+    """The same routine unscripted (benchmarks run it eagerly)."""
+    from compiler.artifact import CachedModel, ExitBlock
+    from compiler.heads import ExitHead, HeadSpec
+
+    torch.manual_seed(0)
+    stage = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    final = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, K))
+    block = ExitBlock(stage, ExitHead(HeadSpec("avgmax", 8, 0, K)))
+    artifact.set_exit(block, 0.0)
+    with torch.no_grad():
+        out, exits = CachedModel([block], final).eval().forward_with_exits(_rows(2)[:0])
+    assert tuple(out.shape) == (0, K) and tuple(exits.shape) == (0,)
