@@ -142,7 +142,7 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
 
 def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                             head_cost: torch.Tensor, budget: float, confidence: float,
-                            grid: int = 256, should_stop=None) -> Plan:
+                            grid: int = 256, should_stop=None, effective_rows: float = 0) -> Plan:
     """One threshold for every exit (SDN-style), then exits that do not pay switched off.
 
     A single free parameter barely overfits the rows it is chosen on, so with few held-out
@@ -150,6 +150,11 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
     """
     E, n = conf.shape
     z = z_of(confidence)
+    scale = effective_rows / n if effective_rows and n else 1.0
+
+    def bound(a, n_):  # over the effective rows (correlated traffic)
+        return wilson_lower(a * scale, n_ * scale, z)
+
     cands = torch.unique(torch.quantile(conf.flatten().float(), torch.linspace(0, 1, grid))).tolist()
     best = Plan([INF] * E, *_score(conf, agree, stage_cost, head_cost, [INF] * E, z), n)
     _poll(should_stop)
@@ -157,7 +162,7 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
     # off exits whose saving does not pay for their head.
     T = [[c] * E for c in cands]
     s, a = evaluate_many(conf, agree, stage_cost, head_cost, T)
-    live = [k for k in range(len(T)) if wilson_lower(a[k], n, z) >= budget]
+    live = [k for k in range(len(T)) if bound(a[k], n) >= budget]
     for e in range(E):
         _poll(should_stop)
         if not live:
@@ -167,11 +172,11 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
             trial[e] = INF
         s2, a2 = evaluate_many(conf, agree, stage_cost, head_cost, trials)
         for j, k in enumerate(live):
-            if s2[j] >= s[k] and wilson_lower(a2[j], n, z) >= budget:
+            if s2[j] >= s[k] and bound(a2[j], n) >= budget:
                 T[k], s[k], a[k] = trials[j], s2[j], a2[j]
     for k in live:
         if s[k] > best.saving:
-            best = Plan(T[k], s[k], a[k] / max(n, 1), wilson_lower(a[k], n, z), n)
+            best = Plan(T[k], s[k], a[k] / max(n, 1), bound(a[k], n), n)
     return best
 
 
@@ -188,7 +193,8 @@ def _score(conf, agree, stage_cost, head_cost, t, z):
 
 def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                                 head_cost: torch.Tensor, budget: float, confidence: float,
-                                seed: int = 0, splits: int = 3, should_stop=None) -> Plan:
+                                seed: int = 0, splits: int = 3, should_stop=None,
+                                effective_rows: float = 0) -> Plan:
     """choose_thresholds with its search optimism measured and paid for.
 
     Returns the better of that and the single global threshold (choose_global_threshold).
@@ -198,8 +204,12 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     that optimism (agreement where the thresholds were chosen minus agreement on the other half,
     averaged before it is clipped at zero, so noise does not inflate it); the final search on all
     rows then targets the budget raised by that optimism, scaled to the full number of rows.
+
+    ``effective_rows``: the rows' worth as independent rows (``runtime/correlation.py``; 0:
+    all of them); every bound is computed as if the agreement seen held over that many.
     """
     n = conf.shape[1]
+    n_eff = effective_rows or n
     gen = torch.Generator().manual_seed(seed)
     gaps = []
     for _ in range(splits):
@@ -209,7 +219,7 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
             # Each half is held to the margin of the full search: with the margin of half the
             # rows a strict budget is often out of reach there, and the optimism would read 0.
             p = choose_thresholds(conf[:, fit], agree[:, fit], stage_cost, head_cost, budget,
-                                  confidence, bound_rows=n, should_stop=should_stop)
+                                  confidence, bound_rows=n_eff, should_stop=should_stop)
             _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
             _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost,
                                  p.thresholds)
@@ -217,9 +227,9 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     # Optimism shrinks like 1/sqrt(rows): a fit on all rows has about 1/sqrt(2) of a half's.
     optimism = max(0.0, sum(gaps) / len(gaps)) / math.sqrt(2)
     per_exit = choose_thresholds(conf, agree, stage_cost, head_cost, min(budget + optimism, 1.0),
-                                 confidence, should_stop=should_stop)
+                                 confidence, bound_rows=n_eff, should_stop=should_stop)
     single = choose_global_threshold(conf, agree, stage_cost, head_cost, budget, confidence,
-                                     should_stop=should_stop)
+                                     should_stop=should_stop, effective_rows=n_eff)
     return per_exit if per_exit.saving >= single.saving else single
 
 
@@ -282,7 +292,8 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
 
 def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                           head_cost: torch.Tensor, budget: float, confidence: float,
-                          seed: int = 0, fit_share: float = 0.3, should_stop=None) -> Plan:
+                          seed: int = 0, fit_share: float = 0.3, should_stop=None,
+                          effective_rows: float = 0) -> Plan:
     """Learn-then-Test with fixed-sequence testing (Angelopoulos et al. 2021; CALM).
 
     A seeded ``fit_share`` of the rows orders a family of settings (``threshold_path``); the
@@ -291,6 +302,8 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     testing stops at the first that fails. The last one passing is served. Each test is at the
     full level, with no union bound: the ordering never looked at the testing rows, so with
     probability ``confidence`` the served setting's disagreement is below 1 - budget.
+    ``effective_rows`` (0: all): the test counts rows and errors scaled to that many
+    independent rows (correlated traffic, ``runtime/correlation.py``), errors rounded up.
     """
     E, n = conf.shape
     risk = 1.0 - budget
@@ -309,8 +322,10 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     chosen = None
     saving_c = agreeing_c = None
     s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, family)
+    shrink = min(1.0, effective_rows / n) if effective_rows else 1.0
+    m_eff = int(m * shrink)
     for t, s_, a in zip(family, s_all, a_all):
-        if binomial_tail(m - int(a), m, risk) > delta:
+        if binomial_tail(math.ceil((m - int(a)) * shrink), m_eff, risk) > delta:
             break
         if all(x == INF for x in t):
             continue

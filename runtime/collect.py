@@ -33,12 +33,15 @@ class Collector:
 
         Once exits take the easy rows, only shadow rows are an unbiased sample of the traffic,
         so all of them calibrate and the rows that reached the end (hard ones) train; before
-        that, a seeded ``calib_fraction`` of rows is held out.
+        that, a seeded ``calib_fraction`` of requests is held out. Whole requests, not rows:
+        a request often holds frames of one scene, and a scene on both sides of the split
+        would make the held-out rows look easier than new traffic.
         """
         n = teacher.shape[0]
         if any_enabled:
-            calib = torch.full((n,), shadow, dtype=torch.bool)
+            held = shadow
         else:
             with self._lock:
-                calib = torch.rand(n, generator=self._gen) < self.config.calib_fraction
+                held = torch.rand(1, generator=self._gen).item() < self.config.calib_fraction
+        calib = torch.full((n,), held, dtype=torch.bool)
         self.buffer.add(features, teacher, torch.where(calib, CALIB, TRAIN))

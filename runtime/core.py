@@ -33,6 +33,7 @@ from .collect import Collector
 from .config import RuntimeConfig
 from .costs import CostModel, profile
 from .cuda_graphs import GraphedStage
+from .correlation import DesignEffect
 from .drift import ALARM, DriftMonitor
 from .guard import InputGuard
 from .learner import HeadLearner, NonFiniteRound, RoundCancelled
@@ -93,9 +94,11 @@ class CachedRuntime:
         self.buffer = FeatureBuffer([s["feature_dim"] for s in specs], self.manifest["num_classes"],
                                     self.config.collect.buffer_mb)
         self.collector = Collector(self.buffer, self.config.collect, self.config.seed)
+        self.design = DesignEffect(int(self.manifest["num_classes"]))
         self.loop = LearningLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
-                                 scripted_stages, self.device)
-        self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget)
+                                 scripted_stages, self.device, self.design)
+        self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget,
+                                  self.design)
         self.guard = InputGuard(self.config.guard)
         self.guard.seed(self.manifest.get("runtime", {}).get("input_scale_median"))
         self.counters = Counters(self.num_exits)
@@ -254,6 +257,7 @@ class CachedRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         latency = (time.perf_counter() - t0) * 1e3
+        self.design.observe(served.out)
         if served.features is not None:
             self.collector.add(served.features, served.teacher, shadow, state.any_enabled)
         self._account(state, served, latency)
@@ -479,6 +483,7 @@ class CachedRuntime:
                              "buffer_capacity": self.buffer.capacity,
                              "buffer_rows_rejected": self.buffer.rows_rejected},
                 "guard": self.guard.stats(),
+                "design_effect": self.design.value,
                 "drift_events": self.drift.events,
                 "drift_doubts": self.drift.doubts,
                 "in_doubt": self.drift.in_doubt,

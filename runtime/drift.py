@@ -28,11 +28,18 @@ class DriftMonitor:
     - Shadow rows: a one-sided CUSUM of the log-likelihood ratio of disagreement at
       ``shift_factor`` x the budget's rate (+ ``shift_margin``) against the budget's rate. It
       alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
+
+    Both count rows as independent only as far as the traffic allows: with ``design`` (a
+    ``runtime/correlation.py`` estimate) the chi-square statistic and each shadow row's
+    log-likelihood ratio are divided by the design effect, so a camera's run of alike frames
+    weighs as the few independent rows it is worth (shadow checks take whole requests, whose
+    rows are often one scene).
     """
 
-    def __init__(self, config: DriftConfig, budget: float):
+    def __init__(self, config: DriftConfig, budget: float, design=None):
         self.config = config
         self.budget = budget
+        self.design = design
         d0 = min(max(1.0 - budget, 1e-4), 0.5)
         d1 = min(config.shift_factor * d0 + config.shift_margin, 0.9)
         self.llr_disagree = math.log(d1 / d0)
@@ -69,8 +76,10 @@ class DriftMonitor:
             self._test_shares(exit_counts)
             if shadow_ok is not None:
                 ok = shadow_ok.cpu().tolist()
+                w = 1.0 / self._deff()
                 for a in ok:
-                    self._cusum = max(0.0, self._cusum + (self.llr_agree if a else self.llr_disagree))
+                    self._cusum = max(0.0, self._cusum + w * (self.llr_agree if a else
+                                                              self.llr_disagree))
                 self._judged += len(ok)
                 self._disagreed += len(ok) - sum(ok)
                 self._doubt_left = max(0, self._doubt_left - len(ok))
@@ -81,6 +90,9 @@ class DriftMonitor:
                                                 f"shadow rows (disagreement {live:.3f})")
             return Verdict(DOUBT if self._doubt_left else OK)
 
+    def _deff(self) -> float:
+        return 1.0 if self.design is None else max(1.0, self.design.value)
+
     def _test_shares(self, exit_counts):
         c = torch.tensor(list(exit_counts), dtype=torch.float64)
         self._counts = c if self._counts is None else self._counts + c
@@ -88,7 +100,7 @@ class DriftMonitor:
         if n < self.config.window_rows:
             return
         exp = self._expected * n
-        chi2 = float(((self._counts - exp) ** 2 / exp).sum())
+        chi2 = float(((self._counts - exp) ** 2 / exp).sum()) / self._deff()
         df = len(self._expected) - 1
         p = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
                                           torch.tensor(chi2 / 2, dtype=torch.float64))) if df else 1.0

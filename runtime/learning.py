@@ -52,7 +52,8 @@ class LearningLoop:
     recent ``max_calib_rows`` held-out rows choose thresholds, and a serving state is proposed."""
 
     def __init__(self, learner: HeadLearner, buffer: FeatureBuffer, costs: CostModel,
-                 config: RuntimeConfig, exits: list, scripted_stages: list, device):
+                 config: RuntimeConfig, exits: list, scripted_stages: list, device,
+                 design=None):
         self.learner = learner
         self.buffer = buffer
         self.costs = costs
@@ -60,6 +61,7 @@ class LearningLoop:
         self.exits = exits
         self.scripted_stages = scripted_stages
         self.device = device
+        self.design = design   # runtime/correlation.py: held-out rows count as n / deff
 
     def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
                should_stop=None) -> Plan:
@@ -67,8 +69,9 @@ class LearningLoop:
         conf, agree = head_confidences(head_logits, feats, teacher)
         g = self.config.guarantee
         rule = choose_thresholds_ltt if g.threshold_rule == "ltt" else choose_thresholds_corrected
+        deff = 1.0 if self.design is None else max(1.0, self.design.value)
         return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
-                    round_seed, should_stop=should_stop)
+                    round_seed, should_stop=should_stop, effective_rows=conf.shape[1] / deff)
 
     def calib_rows(self):
         return self.buffer.snapshot(CALIB, self.config.learning.max_calib_rows)

@@ -113,3 +113,16 @@ def test_ltt_fixed_sequence_stops_at_the_first_failure(monkeypatch):
     monkeypatch.setattr(calibrate, "threshold_path", lambda *a, **k: family)
     plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95)
     assert plan.thresholds == [0.99]
+
+
+def test_rows_repeated_count_as_the_rows_they_are_worth():
+    """200 distinct rows, each seen 16 times (a camera's runs): as 3,200 rows they prove the
+    budget; as the 200 they are worth, no rule may switch an exit on."""
+    from runtime.calibrate import choose_thresholds_ltt
+    conf, agree, stage, head = _traffic(n=200)
+    conf, agree = conf.repeat_interleave(16, 1), agree.repeat_interleave(16, 1)
+    n = conf.shape[1]
+    for rule in (choose_thresholds_ltt, choose_thresholds_corrected):
+        assert rule(conf, agree, stage, head, 0.99, 0.95).saving > 0, rule.__name__
+        plan = rule(conf, agree, stage, head, 0.99, 0.95, effective_rows=n / 16)
+        assert plan.thresholds == [INF] * conf.shape[0], rule.__name__

@@ -1,0 +1,60 @@
+"""The design effect: how many independent rows correlated traffic is worth, and what reads it."""
+import torch
+
+from runtime.config import DriftConfig
+from runtime.correlation import DesignEffect, design_effect
+from runtime.drift import ALARM, DriftMonitor
+
+
+def _onehot(classes, k=10):
+    return torch.nn.functional.one_hot(torch.as_tensor(classes), k).float()
+
+
+def test_independent_rows_have_a_design_effect_near_one():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.stack([torch.bincount(torch.randint(10, (16,), generator=g), minlength=10)
+                          for _ in range(400)]).double()
+    assert 0.9 < design_effect(counts) < 1.1
+
+
+def test_blocks_of_one_scene_are_worth_one_row_each():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(400, 10, dtype=torch.float64)
+    counts[torch.arange(400), torch.randint(10, (400,), generator=g)] = 16
+    assert 15.0 < design_effect(counts) < 17.0
+
+
+def test_runs_across_single_row_requests_are_seen():
+    """A camera served one frame per request: blocks span consecutive requests."""
+    d = DesignEffect(10, block_rows=16)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        c = int(torch.randint(10, (1,), generator=g))
+        for _ in range(16):
+            d.observe(_onehot([c]))
+    assert d.value > 10
+    shuffled = DesignEffect(10, block_rows=16)
+    for c in torch.randint(10, (3200,), generator=g).tolist():
+        shuffled.observe(_onehot([c]))
+    assert shuffled.value < 1.5
+
+
+class _Fixed:
+    def __init__(self, value):
+        self.value = value
+
+
+def test_cusum_weighs_correlated_shadow_rows_as_the_rows_they_are_worth():
+    """One shadow request of 16 frames of a scene the heads get wrong: 16 disagreements. As
+    independent rows that is an alarm; as one scene (deff 16) it is one disagreement."""
+    ok = torch.zeros(16, dtype=torch.bool)
+    counts = [16, 0]
+    naive = DriftMonitor(DriftConfig(), 0.99)
+    naive.reset([0.5, 0.5])
+    assert naive.observe(counts, ok).state == ALARM
+    blocked = DriftMonitor(DriftConfig(), 0.99, _Fixed(16.0))
+    blocked.reset([0.5, 0.5])
+    assert blocked.observe(counts, ok).state != ALARM
+    for _ in range(12):   # a real shift: scene after scene disagrees
+        v = blocked.observe(counts, ok)
+    assert v.state == ALARM
