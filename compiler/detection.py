@@ -565,6 +565,21 @@ def format_report(an: DetectorAnalysis, chosen: List[str]) -> str:
     return "\n".join(lines)
 
 
+# ----- ONNX ---------------------------------------------------------------------------------------
+ONNX_UNSUPPORTED = (
+    "detection artifacts do not export to ONNX: their exits drop frames from the batch "
+    "mid-network (data-dependent control flow in a scripted model), which torch.onnx cannot "
+    "trace, and torchvision's own ONNX path exports only whole detectors; serve the TorchScript "
+    "artifact (plain torch.jit.load after import torchvision)")
+
+
+def check_exportable(manifest: dict):
+    """Raise ExportError with the one-line reason when ``manifest`` is a detection artifact's."""
+    from .errors import ExportError
+    if manifest.get("task") == TASK:
+        raise ExportError(ONNX_UNSUPPORTED)
+
+
 # ----- loading and the CLI hook -----------------------------------------------------------------
 def detector_archs() -> List[str]:
     import torchvision

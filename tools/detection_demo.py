@@ -18,6 +18,7 @@ from typing import List
 import torch
 
 from compiler import exit_rule
+from tools.scenes import SceneConfig, make_stream
 
 SECOND_HALF = "second half of the stream: every frame was answered before anything learned from it"
 
@@ -130,6 +131,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="frames per request")
     p.add_argument("--budget", type=float, default=0.99, help="agreement budget")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scene-seed", type=int, default=500, help="seed of the first scene stream")
+    p.add_argument("--fragments", type=int, default=SceneConfig.fragments,
+                   help="clutter fragments per background")
+    p.add_argument("--max-items", type=int, default=SceneConfig.max_items)
+    p.add_argument("--noise", type=float, default=SceneConfig.noise)
+    p.add_argument("--train-every", type=int, default=500,
+                   help="frames between learning rounds (also the first round's minimum)")
+    p.add_argument("--min-calib", type=int, default=400, help="held-out frames before exits")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -140,7 +149,6 @@ def main(argv=None) -> int:
     from compiler import artifact
     from compiler.detection import DetectionConfig, rewrite_detector
     from runtime.detection import load as load_runtime
-    from tools.scenes import SceneConfig, make_stream
     from tools.train_detector import load_demo_detector
 
     out = Path(args.out)
@@ -159,9 +167,12 @@ def main(argv=None) -> int:
     results = {}
     for k, share in enumerate(float(s) for s in args.empty.split(",")):
         stream = make_stream(SceneConfig(frames=args.frames, size=size, empty_share=share,
-                                         split="test", seed=500 + k + 10 * args.seed))
+                                         split="test", seed=args.scene_seed + k,
+                                         fragments=args.fragments, max_items=args.max_items,
+                                         noise=args.noise))
         rt = load_runtime(cached_path, background=False, seed=args.seed,
-                          agreement_budget=args.budget)
+                          agreement_budget=args.budget, train_every=args.train_every,
+                          min_train=args.train_every, min_calib=args.min_calib)
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))

@@ -1,7 +1,7 @@
 """Train the demo detector: torchvision's FCOS on a tiny convolutional backbone with an FPN,
 on scene streams of Fashion-MNIST items (``tools.scenes``), on the CPU in minutes.
 
-    python -m tools.train_detector [--minutes 8] [--out tools/assets/demo_detector.pt]
+    python -m tools.train_detector [--steps 400] [--out tools/assets/demo_detector.pt]
 
 Writes a state dict (``build_detector(**meta["build"])`` rebuilds the module) and a ``.json``
 beside it with the architecture, training settings, mAP@0.5 on held-out scenes and the date.
@@ -39,7 +39,7 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def tiny_body(widths=(16, 32, 48, 64, 96), in_channels: int = 1) -> nn.Sequential:
+def tiny_body(widths=(8, 24, 32, 48, 64), in_channels: int = 1) -> nn.Sequential:
     """Five stride-2 stages: 96 px frames give 48, 24, 12, 6 and 3 px maps."""
     layers, cin = OrderedDict(), in_channels
     for i, w in enumerate(widths):
@@ -48,8 +48,8 @@ def tiny_body(widths=(16, 32, 48, 64, 96), in_channels: int = 1) -> nn.Sequentia
     return nn.Sequential(layers)
 
 
-def build_detector(arch: str = "fcos", size: int = 96, widths=(16, 32, 48, 64, 96),
-                   fpn_channels: int = 64, head_convs: int = 2, num_classes: int = NUM_CLASSES,
+def build_detector(arch: str = "fcos", size: int = 96, widths=(8, 24, 32, 48, 64),
+                   fpn_channels: int = 32, head_convs: int = 2, num_classes: int = NUM_CLASSES,
                    score_thresh: float = 0.3, in_channels: int = 1) -> nn.Module:
     """The demo detector (``arch`` fcos or retinanet) with random weights.
 
@@ -106,10 +106,11 @@ def map50(preds: List[dict], targets: List[dict]) -> float:
     return float(m.compute()["map"])
 
 
-def train(arch: str = "fcos", minutes: float = 8.0, batch_size: int = 32, lr: float = 2e-3,
+def train(arch: str = "fcos", steps: int = 400, batch_size: int = 24, lr: float = 3e-3,
           seed: int = 0, train_frames: int = 12000, eval_frames: int = 1000,
-          log=print, **build) -> tuple:
-    """Train on training scenes for about ``minutes``; returns (model, meta)."""
+          max_minutes: Optional[float] = None, log=print, **build) -> tuple:
+    """Train on training scenes for ``steps`` steps (seeded: the same steps give the same
+    model), stopping early after ``max_minutes`` if given; returns (model, meta)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_detector(arch, **build)
@@ -119,17 +120,16 @@ def train(arch: str = "fcos", minutes: float = 8.0, batch_size: int = 32, lr: fl
     held = make_stream(SceneConfig(frames=eval_frames, size=size, empty_share=0.3, split="test",
                                    seed=2000 + seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    budget = minutes * 60.0
+    budget = float("inf") if max_minutes is None else max_minutes * 60.0
     t0, step, losses = time.time(), 0, []
-    # Cosine decay over the time budget (steps are not known in advance on a shared machine).
     model.train()
-    while True:
+    while step < steps:
         elapsed = time.time() - t0
         if elapsed >= budget:
             break
-        frac = elapsed / budget
+        frac = step / steps   # linear warm-up, then cosine decay to 0
         for g in opt.param_groups:
-            g["lr"] = lr * (min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = lr * (min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * frac)))
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         frames, targets = _flip(data.frames[idx], [data.targets[i] for i in idx.tolist()], gen)
         loss_d = model(list(frames), targets)
@@ -138,7 +138,7 @@ def train(arch: str = "fcos", minutes: float = 8.0, batch_size: int = 32, lr: fl
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if step % 50 == 0 and log:
             log(f"step {step} ({elapsed:.0f} s): loss {sum(losses[-50:]) / 50:.3f}")
@@ -146,9 +146,14 @@ def train(arch: str = "fcos", minutes: float = 8.0, batch_size: int = 32, lr: fl
     model.eval()
     t1 = time.time()
     score = map50(detect(model, held.frames), held.targets)
+    import inspect
+    full = {k: v.default for k, v in inspect.signature(build_detector).parameters.items()}
+    full.update(build, arch=arch)
+    full["widths"] = list(full["widths"])
     meta = {
-        "arch": arch, "build": dict(build, arch=arch), "steps": step, "batch_size": batch_size,
-        "lr": lr, "seed": seed, "minutes": minutes, "train_seconds": round(train_s, 1),
+        "arch": arch, "build": full, "steps": step, "batch_size": batch_size,
+        "lr": lr, "seed": seed, "steps_asked": steps, "max_minutes": max_minutes,
+        "train_seconds": round(train_s, 1),
         "train_scenes": {"frames": train_frames, "empty_share": 0.3, "split": "train",
                          "seed": 1000 + seed},
         "heldout_scenes": {"frames": eval_frames, "empty_share": 0.3, "split": "test",
@@ -175,15 +180,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.train_detector",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="fcos", choices=["fcos", "retinanet"])
-    p.add_argument("--minutes", type=float, default=8.0, help="training time budget")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=400, help="optimiser steps (frames: x batch)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
+    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ASSET))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, meta = train(args.arch, args.minutes, args.batch_size, args.lr, args.seed)
+    model, meta = train(args.arch, args.steps, args.batch_size, args.lr, args.seed,
+                        max_minutes=args.max_minutes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
