@@ -204,3 +204,27 @@ def test_cli_compiles_a_pickled_detector(tmp_path):
     assert artifact.read_manifest(out)["score_threshold"] == pytest.approx(0.2)
     r = subprocess.run(cmd[:-2] + ["--exits", "nope"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
+
+
+def test_classification_task_matches_the_classification_runtime():
+    """The task interface's classification half reads rows as runtime.learning does."""
+    from runtime import learning
+    from runtime.tasks import ClassificationTask, DetectionTask, head_confidences
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(50, 6, generator=g) for _ in range(3)]
+    teacher = torch.randn(50, 4, generator=g)
+    heads = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    logits = lambda e, f: f @ heads[e]   # noqa: E731
+    want = learning.head_confidences(logits, feats, teacher)
+    got = head_confidences(ClassificationTask(), logits, feats, teacher)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    # Detection: confidence is P(nothing); an exit agrees exactly where the detector found nothing.
+    task = DetectionTask(0.5)
+    dets = [{"scores": torch.tensor([0.2, 0.7])}, {"scores": torch.tensor([0.49])},
+            {"scores": torch.zeros(0)}, {"scores": torch.tensor([0.5])}]
+    t = task.teacher(dets)
+    assert task.found(dets).tolist() == [True, False, False, True]
+    assert (t.argmax(1) == 1).tolist() == [True, False, False, True]
+    z = torch.tensor([[3.0, 0.0]] * 4)
+    assert task.agrees(z, t).tolist() == [False, True, True, False]
+    assert torch.allclose(task.confidence(z), torch.softmax(z, 1)[:, 0])
