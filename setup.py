@@ -22,7 +22,10 @@ setup(
     ],
     extras_require={
         # The inference server (python -m runtime.server); the library itself does not need it.
-        "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow"],
+        # httptools + uvloop (uvicorn picks them up) and orjson halve the server's per-request
+        # CPU (docs/load_test.md); without them it runs the same, slower.
+        "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow", "orjson", "httptools",
+                  "uvloop; sys_platform != 'win32'"],
         "test": ["pytest", "httpx", "tritonclient[http]", "locust"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
         # mAP@0.5 of the detection demo and benchmarks (tools.train_detector.map50).

@@ -49,7 +49,7 @@ class Running:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        app = build_app(service, stop_on_shutdown)
+        app = self.app = build_app(service, stop_on_shutdown)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
@@ -312,6 +312,54 @@ def test_queue_full_is_503_and_deadline_is_504(teacher_artifact, rows):
         srv.stop()
 
 
+def test_past_the_in_flight_limit_is_503_with_retry_after(server, rows):
+    """Inference sheds load itself, before reading the body, with JSON and Retry-After (uvicorn's
+    own connection limit answers a bare 503)."""
+    endpoint = server.app.infer_endpoint
+    limit = endpoint.max_in_flight
+    endpoint.max_in_flight = 0
+    try:
+        r = post(server, infer_json(rows[:1]))
+    finally:
+        endpoint.max_in_flight = limit
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+    assert "in flight" in r.json()["error"]
+    assert endpoint.in_flight == 0
+    assert post(server, infer_json(rows[:1])).status_code == 200
+
+
+def test_the_infer_route_answers_other_methods_and_prefixed_paths(server, rows):
+    r = httpx.get(f"{server.url}/v2/models/{MODEL}/infer")
+    assert r.status_code == 405 and r.json()["error"]
+    # The same handler behind FastAPI's router (the app mounted under a prefix).
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    outer = Starlette(routes=[Mount("/prefix", app=server.app)])
+    import asyncio
+    sent = []
+    body = json.dumps(infer_json(rows[:2])).encode()
+
+    async def call():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": f"/prefix/v2/models/{MODEL}/infer",
+                 "raw_path": b"", "query_string": b"", "root_path": "", "headers": [],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await outer(scope, receive, send)
+    asyncio.run(call())
+    assert sent[0]["status"] == 200, sent
+    doc = json.loads(sent[1]["body"])
+    assert doc["outputs"][0]["shape"] == [2, 10]
+
+
 # ----- bad input ------------------------------------------------------------------------------------
 
 def _bad(server, body, status=400, **kw):
@@ -330,6 +378,9 @@ def test_bad_input_is_4xx_with_a_message_and_reaches_nothing(server, rows):
     wrong_type["inputs"][0]["datatype"] = "INT32"
     wrong_type["inputs"][0]["data"] = [0] * x.numel()
     assert "must be FP32" in _bad(server, wrong_type)
+    bools = infer_json(x)
+    bools["inputs"][0]["data"][0] = True   # a bool is not a number, even among numbers
+    assert "FP32 data must be numbers" in _bad(server, bools)
     assert "unknown datatype" in _bad(server, {"inputs": [{"name": "input", "shape": [1],
                                                            "datatype": "FLOAT", "data": [1]}]})
     assert "send [N, 1, 14, 14]" in _bad(server, infer_json(torch.zeros(2, 1, 14, 13)))

@@ -163,9 +163,10 @@ def main(argv: Optional[list] = None) -> int:
     server = uvicorn.Server(uvicorn.Config(
         build_app(service), log_level=cfg.log_level, access_log=cfg.access_log,
         timeout_graceful_shutdown=cfg.drain_timeout_s, lifespan="on",
-        # Refuse (503) past this many open connections before reading their bodies, so
-        # overload is shed at the door and not queued in the event loop unseen.
-        limit_concurrency=cfg.max_queue + cfg.max_batch + 16))
+        # Inference sheds load itself (503 + Retry-After past max_queue + 2 * max_batch requests
+        # in flight, before reading bodies); uvicorn's limit, which counts open connections and
+        # answers a bare 503, is only the backstop against a flood of connections.
+        limit_concurrency=max(4 * (cfg.max_queue + 2 * cfg.max_batch), 1024)))
     # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal into the handler that was
     # there before: a no-op one, so a graceful stop exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):

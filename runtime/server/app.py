@@ -89,12 +89,27 @@ class InferEndpoint:
 
     def __init__(self, service: Service):
         self.service = service
+        self.in_flight = 0
+        cfg = service.config
+        # Requests between arrival and answer: what the queue holds, a batch being run and one
+        # being decoded. Past it: 503 + Retry-After before the body is read.
+        self.max_in_flight = cfg.max_queue + 2 * cfg.max_batch
 
     async def __call__(self, scope, receive, send):
         service = self.service
         cfg = service.config
         t0 = time.perf_counter()
         rows, status = 0, 500
+        if self.in_flight >= self.max_in_flight:
+            status = 503
+            try:
+                await _send(send, 503, _error_body(
+                    f"server busy ({self.in_flight} requests in flight); retry later"),
+                    headers={"Retry-After": service.batcher.retry_after_s()})
+            finally:
+                service.metrics.observe_request(status, rows, time.perf_counter() - t0)
+            return
+        self.in_flight += 1
         try:
             m = _INFER_PATH.search(scope["path"])
             name, version = (m.group(1), m.group(2)) if m else ("", None)
@@ -161,6 +176,7 @@ class InferEndpoint:
             with contextlib.suppress(Exception):   # the answer may have started already
                 await _send(send, 500, _error_body(f"internal error: {type(e).__name__}: {e}"))
         finally:
+            self.in_flight -= 1
             service.metrics.observe_request(status, rows, time.perf_counter() - t0)
 
     def _decode(self, body: bytes, encoding, hlen, req):

@@ -195,7 +195,9 @@ def _tensor(spec, binary: bytes, offset: int) -> tuple:
             if size != count * DTYPES[dt].itemsize:
                 raise ProtocolError(f"input '{name}': shape {list(shape)} of {dt} needs "
                                     f"{count * DTYPES[dt].itemsize} bytes, got {size}")
-            data = np.frombuffer(raw, dtype=DTYPES[dt])
+            # bytearray: a writable copy made holding the GIL (numpy releases it to copy more
+            # than 500 elements, and getting it back waits on the batcher thread)
+            data = np.frombuffer(bytearray(raw), dtype=DTYPES[dt])
     else:
         if "data" not in spec:
             raise ProtocolError(f"input '{name}' has neither 'data' nor "

@@ -209,7 +209,9 @@ class Service:
                                     f"(batch dimension first)")
             rows = t.shape[0]
             self._check_rows(rows)
-            x = np.array(t.data, dtype=np.float32).reshape(t.shape)
+            x = t.data if t.data.dtype == np.float32 and t.data.flags.writeable else \
+                np.array(t.data, dtype=np.float32)
+            x = x.reshape(t.shape)
             finite = np.isfinite(x.reshape(rows, -1)).all(1)
             if not finite.all():
                 bad = np.flatnonzero(~finite).tolist()
