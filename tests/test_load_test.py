@@ -71,9 +71,28 @@ def test_requests_max_bounds_a_turn(teacher_artifact, fashion_small, tmp_path):
     try:
         r = lt.drive(server.url, server.model, lt.encode_bodies(xte[:8].numpy()), users=2,
                      seconds=30.0, requests_max=40)
+        # two locust processes, one user each, started together: the bound is shared
+        r2 = lt.drive(server.url, server.model, lt.encode_bodies(xte[:8].numpy()), users=2,
+                      seconds=30.0, requests_max=41, procs=2)
     finally:
         server.stop()
     assert r["requests"] == r["sent"] == 40 and r["seconds"] < 30.0
+    assert r2["locust_procs"] == 2 and r2["requests"] == r2["sent"] == 41
+    assert r2["locust"]["num_requests"] == 41 and r2["errors"] == {}
+
+
+def test_records_of_several_locust_processes_merge():
+    a = {"t_done": [0.1, 0.2], "lat_ms": [1.0, 2.0], "status": [200, 503], "retry_after": [True],
+         "t_stop": 2.0, "sent": 2, "client_cpu_s": 0.1,
+         "locust": {"num_requests": 2, "num_failures": 1, "p50_ms": 1, "p99_ms": 2}}
+    b = {"t_done": [0.3], "lat_ms": [3.0], "status": [200], "retry_after": [], "t_stop": 2.1,
+         "sent": 2, "client_cpu_s": 0.2,
+         "locust": {"num_requests": 1, "num_failures": 0, "p50_ms": 3, "p99_ms": 3}}
+    m = lt.merge_records([a, b])
+    assert m["status"] == [200, 503, 200] and m["lat_ms"] == [1.0, 2.0, 3.0]
+    assert m["t_stop"] == 2.1 and m["sent"] == 4 and m["client_cpu_s"] == pytest.approx(0.3)
+    assert m["locust"] == {"num_requests": 3, "num_failures": 1, "p50_ms": 3, "p99_ms": 3}
+    assert lt.merge_records([a]) is a
 
 
 def test_the_tool_does_not_import_locust_into_its_caller():

@@ -113,7 +113,7 @@ def _worker(spec_path: str) -> int:
     t0 = [0.0]
 
     def on_request(response_time=None, response=None, exception=None, **_):
-        t_done.append(time.perf_counter() - t0[0])
+        t_done.append(time.monotonic() - t0[0])
         lat_ms.append(float(response_time))
         code = getattr(response, "status_code", 0) or 0
         status.append(int(code))
@@ -123,13 +123,20 @@ def _worker(spec_path: str) -> int:
 
     env.events.request.add_listener(on_request)
     runner = env.create_local_runner()
+    # Start together with the other locust processes of this turn: say ready, wait for "go"
+    # (a time.monotonic() instant: one clock for every process on Linux).
+    Path(spec["result"] + ".ready").touch()
+    while not os.path.exists(spec["go"]):
+        time.sleep(0.005)
+    start_at = float(Path(spec["go"]).read_text())
+    time.sleep(max(0.0, start_at - time.monotonic()))
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0[0] = time.perf_counter()
+    t0[0] = start_at
     runner.start(spec["users"], spawn_rate=max(spec["users"], 1))
     deadline = t0[0] + spec["seconds"]
-    while time.perf_counter() < deadline and len(status) < spec["requests_max"]:
+    while time.monotonic() < deadline and len(status) < spec["requests_max"]:
         gevent.sleep(0.02)
-    t_stop = time.perf_counter() - t0[0]
+    t_stop = time.monotonic() - t0[0]
     runner.stop()       # users are killed: requests in flight are not counted
     runner.quit()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -146,34 +153,82 @@ def _worker(spec_path: str) -> int:
 
 
 def drive(url: str, model: str, bodies: list, users: int, seconds: float, requests_max: int,
-          user_rate: float | None = None, timeout: float = 60.0, server_pid: int | None = None):
+          user_rate: float | None = None, timeout: float = 60.0, server_pid: int | None = None,
+          procs: int = 1):
     """One turn: ``users`` locust users against ``url`` for ``seconds`` (or ``requests_max``
-    requests); returns the summary of ``summarise`` (plus server CPU / RSS if ``server_pid``)."""
+    requests), spread over ``procs`` locust processes (one gevent thread each: on a busy machine
+    one process gets one thread's share of the CPU, and the load generator, not the server,
+    would set the pace) started together; returns the summary of ``summarise`` (plus server CPU
+    / RSS if ``server_pid``)."""
+    k = max(1, min(procs, users))
+    share = lambda total, i: total // k + (1 if i < total % k else 0)   # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {"url": url, "model": model, "bodies": bodies, "users": users, "seconds": seconds,
-                "requests_max": requests_max, "user_rate": user_rate, "timeout": timeout,
-                "result": os.path.join(tmp, "result.pkl")}
-        spec_path = os.path.join(tmp, "spec.pkl")
-        with open(spec_path, "wb") as f:
-            pickle.dump(spec, f)
-        sampler = RssSampler(server_pid) if server_pid else None
-        cpu0 = proc_cpu_s(server_pid) if server_pid else None
-        proc = subprocess.run([sys.executable, "-m", "tools.load_test", "--_worker", spec_path],
-                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                              capture_output=True, text=True, timeout=seconds + 120)
-        cpu1 = proc_cpu_s(server_pid) if server_pid else None
-        if sampler:
-            sampler.stop()
-        if proc.returncode != 0:
-            raise RuntimeError(f"locust worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        with open(spec["result"], "rb") as f:
-            rec = pickle.load(f)
+        specs = []
+        for i in range(k):
+            spec = {"url": url, "model": model, "bodies": bodies[i::k] or bodies,
+                    "users": share(users, i), "seconds": seconds,
+                    "requests_max": share(requests_max, i), "user_rate": user_rate,
+                    "timeout": timeout, "result": os.path.join(tmp, f"result-{i}.pkl"),
+                    "go": os.path.join(tmp, "go")}
+            spec_path = os.path.join(tmp, f"spec-{i}.pkl")
+            with open(spec_path, "wb") as f:
+                pickle.dump(spec, f)
+            specs.append((spec, spec_path))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        workers = [subprocess.Popen([sys.executable, "-m", "tools.load_test", "--_worker", path],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _, path in specs]
+        try:
+            ready_by = time.monotonic() + 120
+            while not all(os.path.exists(sp["result"] + ".ready") for sp, _ in specs):
+                dead = [w for w in workers if w.poll() is not None]
+                if dead or time.monotonic() > ready_by:
+                    raise RuntimeError("locust worker did not start: " +
+                                       (dead[0].stderr.read()[-3000:] if dead else "timeout"))
+                time.sleep(0.02)
+            sampler = RssSampler(server_pid) if server_pid else None
+            cpu0 = proc_cpu_s(server_pid) if server_pid else None
+            Path(specs[0][0]["go"]).write_text(repr(time.monotonic() + 0.2))
+            errs = [w.communicate(timeout=seconds + 120)[1] for w in workers]
+            cpu1 = proc_cpu_s(server_pid) if server_pid else None
+            if sampler:
+                sampler.stop()
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                    w.wait()
+        for w, err in zip(workers, errs):
+            if w.returncode != 0:
+                raise RuntimeError(f"locust worker failed (exit {w.returncode}):\n{err[-3000:]}")
+        recs = []
+        for spec, _ in specs:
+            with open(spec["result"], "rb") as f:
+                recs.append(pickle.load(f))
+    rec = merge_records(recs)
     out = summarise(rec, seconds)
-    out.update(users=users)
+    out.update(users=users, locust_procs=k)
     if server_pid:
         out["server_cpu_cores"] = round((cpu1 - cpu0) / rec["t_stop"], 2)
         out["server_rss_max_mb"] = sampler.max_mb
     return out
+
+
+def merge_records(recs: list) -> dict:
+    """One turn's record from its locust processes' (same clock, same start)."""
+    if len(recs) == 1:
+        return recs[0]
+    rec = {key: [v for r in recs for v in r[key]] for key in ("t_done", "lat_ms", "status",
+                                                                "retry_after")}
+    rec.update(t_stop=max(r["t_stop"] for r in recs), sent=sum(r["sent"] for r in recs),
+               client_cpu_s=sum(r["client_cpu_s"] for r in recs))
+    # locust's own figures, kept to cross-check the count: its percentiles are rounded and per
+    # process, so the largest of them
+    rec["locust"] = {"num_requests": sum(r["locust"]["num_requests"] for r in recs),
+                     "num_failures": sum(r["locust"]["num_failures"] for r in recs),
+                     "p50_ms": max(r["locust"]["p50_ms"] or 0 for r in recs),
+                     "p99_ms": max(r["locust"]["p99_ms"] or 0 for r in recs)}
+    return rec
 
 
 def summarise(rec: dict, seconds: float) -> dict:
@@ -432,7 +487,7 @@ def run(args) -> dict:
             for rep in range(args.select_reps):
                 for (kind, b), s in cands.items():
                     r = drive(s.url, s.model, bodies, max(clients), args.select_seconds,
-                              args.requests_max, server_pid=s.pid)
+                              args.requests_max, server_pid=s.pid, procs=args.locust_procs)
                     selection.append({"kind": kind, "backend": b, "rep": rep, **r})
                     say(f"  select {kind:8s} {b:11s} {max(clients):3d} clients: "
                         f"{r['rows_per_s']:8.1f} rows/s  p99 {r['p99_ms']} ms")
@@ -462,7 +517,7 @@ def run(args) -> dict:
                 for kind in ("cached", "backbone"):
                     s = servers[kind]
                     r = drive(s.url, s.model, bodies, n, args.seconds, args.requests_max,
-                              server_pid=s.pid)
+                              server_pid=s.pid, procs=args.locust_procs)
                     turns.append({"kind": kind, "rep": rep, **r})
                     say(f"  rep {rep} {kind:8s} {n:3d} clients: {r['rows_per_s']:8.1f} rows/s  "
                         f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}")
@@ -476,7 +531,7 @@ def run(args) -> dict:
         rss_before = proc_rss_mb(s.pid)
         r = drive(s.url, s.model, bodies, args.overload_users, args.overload_seconds,
                   args.requests_max * 4, user_rate=rate / args.overload_users,
-                  timeout=args.overload_timeout, server_pid=s.pid)
+                  timeout=args.overload_timeout, server_pid=s.pid, procs=args.locust_procs)
         time.sleep(1.0)
         alive = s.proc.poll() is None and s.ready()
         if alive:
@@ -496,7 +551,8 @@ def run(args) -> dict:
               "settings": {"clients": clients, "seconds": args.seconds, "reps": args.reps,
                            "requests_max": args.requests_max, "learning": "paused",
                            "torch_threads": 1, "request": "1 row, OIP binary tensor",
-                           "load_tool": "locust (library API, FastHttpUser, closed loop)"},
+                           "load_tool": "locust (library API, FastHttpUser, closed loop)",
+                           "locust_procs": args.locust_procs},
               "backends": chosen, "selection": selection, "turns": turns, "summary": agg,
               "overload": overload, "server_stats_after": stats_after}
     c32, b32 = agg[f"cached@{max(clients)}"], agg[f"backbone@{max(clients)}"]
@@ -631,7 +687,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.load_test", description=__doc__.splitlines()[0])
     p.add_argument("--clients", default="1,8,32", help="concurrent clients per turn, comma-separated")
     p.add_argument("--seconds", type=float, default=20.0, help="length of one turn")
-    p.add_argument("--reps", type=int, default=2, help="repetitions of the interleaved turns")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the interleaved turns")
     p.add_argument("--requests-max", type=int, default=200_000, help="requests per turn at most")
     p.add_argument("--select-seconds", type=float, default=8.0, help="length of a backend-selection turn")
     p.add_argument("--select-reps", type=int, default=1)
@@ -639,6 +695,8 @@ def main(argv=None) -> int:
     p.add_argument("--overload-users", type=int, default=512)
     p.add_argument("--overload-seconds", type=float, default=20.0)
     p.add_argument("--overload-timeout", type=float, default=2.0, help="client timeout (s) in overload")
+    p.add_argument("--locust-procs", type=int, default=2,
+                   help="locust processes per turn (users split among them; at most one per user)")
     p.add_argument("--demo-dir", default="out/demo")
     p.add_argument("--out", default="out/load")
     p.add_argument("--write-md", action="store_true", help="write docs/load_test.md from the runs in --out")
