@@ -26,11 +26,12 @@ from torch import nn
 from compiler import artifact, exit_rule
 from compiler.errors import ArtifactError
 
-from .buffer import FeatureBuffer
-from .calibrate import INF, choose_thresholds_corrected, exit_shares
+from .buffer import CALIB, TRAIN, FeatureBuffer
+from .calibrate import INF, choose_thresholds_corrected, choose_thresholds_ltt, exit_shares
 from .collect import Collector
 from .config import RuntimeConfig
 from .core import InputError
+from .correlation import DesignEffect
 from .costs import CostModel
 from .drift import ALARM, DriftMonitor
 from .learner import HeadLearner, RoundCancelled
@@ -141,6 +142,44 @@ def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torc
     return served
 
 
+class BlockCollector(Collector):
+    """``Collector`` for camera streams: before any exit is on, whole blocks of ``block``
+    consecutive frames are held out for calibration, not single rows.
+
+    Consecutive frames of a camera are near-copies; a row-level split puts the neighbours of
+    every calibration frame into training, and the calibration bound then describes frames the
+    heads have as good as seen. Blocks longer than a typical visit keep whole visits on one side.
+    Once exits are on, shadow requests calibrate, as for classification.
+    """
+
+    def __init__(self, buffer: FeatureBuffer, config, seed: int, block: int):
+        super().__init__(buffer, config, seed)
+        self.block = max(int(block), 1)
+        self._seen = 0
+        self._roles = {}
+
+    def _held_out(self, b: int) -> bool:
+        if b not in self._roles:
+            g = torch.Generator().manual_seed(self._gen.initial_seed() * 1_000_003 + b)
+            self._roles = {b: bool(torch.rand(1, generator=g).item() < self.config.calib_fraction)}
+        return self._roles[b]
+
+    def add(self, features, teacher: torch.Tensor, shadow: bool, any_enabled: bool,
+            frames: int = None):
+        """Buffer the rows that ran the whole detector; ``frames``: the request's size (rows
+        that left at exits still advance the block clock)."""
+        n = teacher.shape[0]
+        with self._lock:
+            start = self._seen
+            self._seen += n if frames is None else frames
+            if any_enabled:
+                calib = torch.full((n,), shadow, dtype=torch.bool)
+            else:
+                calib = torch.tensor([self._held_out((start + i) // self.block) for i in range(n)],
+                                     dtype=torch.bool)
+        self.buffer.add(features, teacher, torch.where(calib, CALIB, TRAIN))
+
+
 class DetectionLoop(LearningLoop):
     """``LearningLoop`` with the task's confidences: distil, calibrate, propose (no fused path)."""
 
@@ -150,10 +189,14 @@ class DetectionLoop(LearningLoop):
 
     def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
                should_stop=None):
+        """``LearningLoop.choose`` with the task's confidence and agreement: the same rule, the
+        same bound, held-out frames counted as frames / design effect."""
         conf, agree = head_confidences(self.task, head_logits, feats, teacher)
-        return choose_thresholds_corrected(conf, agree, self.costs.stage_cost, self.costs.head_cost,
-                                           budget, self.config.guarantee.confidence, round_seed,
-                                           should_stop=should_stop)
+        g = self.config.guarantee
+        rule = choose_thresholds_ltt if g.threshold_rule == "ltt" else choose_thresholds_corrected
+        deff = 1.0 if self.design is None else max(1.0, self.design.value)
+        return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
+                    round_seed, should_stop=should_stop, effective_rows=conf.shape[1] / deff)
 
     def run(self, round_index: int, should_stop) -> Optional[Proposal]:
         cfg = self.config.learning
@@ -180,7 +223,8 @@ class DetectionRuntime:
     """A detection artifact in production: ``predict`` answers per frame, the exits learn from
     what it serves (no labels), within the agreement budget."""
 
-    def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None):
+    def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None,
+                 calib_block: int = 64):
         self.config = config or RuntimeConfig()
         self.config.validate()
         self.device = torch.device(device)
@@ -203,10 +247,15 @@ class DetectionRuntime:
             self.learner.adopt([c.cpu() for c in classifiers])
         self.buffer = FeatureBuffer([s["feature_dim"] for s in specs], 2,
                                     self.config.collect.buffer_mb)
-        self.collector = Collector(self.buffer, self.config.collect, self.config.seed)
+        self.collector = BlockCollector(self.buffer, self.config.collect, self.config.seed,
+                                        calib_block)
+        # How correlated the frames are (a camera's runs of alike frames), over the frames'
+        # answers nothing/something: calibration and the drift tests count frames / deff.
+        self.design = DesignEffect(2)
         self.loop = DetectionLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
-                                  self.stages, self.device, task=self.task)
-        self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget)
+                                  self.stages, self.device, self.design, task=self.task)
+        self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget,
+                                  self.design)
         self.counters = Counters(self.num_exits)
         self._lock = threading.Lock()
         self._learn_lock = threading.Lock()
@@ -292,8 +341,10 @@ class DetectionRuntime:
         served = serve_staged(self.module, self.stages, self.heads, self.task, state, x, shadow,
                               collect)
         latency = (time.perf_counter() - t0) * 1e3
+        self.design.observe(torch.nn.functional.one_hot(self.task.found(served.out).long(), 2))
         if served.features is not None:
-            self.collector.add(served.features, served.teacher, shadow, state.any_enabled)
+            self.collector.add(served.features, served.teacher, shadow, state.any_enabled,
+                               frames=x.shape[0])
         self._account(state, served, latency)
         self._maybe_learn(x.shape[0])
         return (served.out, served.exit_of) if return_exits else served.out
@@ -417,6 +468,7 @@ class DetectionRuntime:
                              "buffer_rows": self.buffer.size},
                 "drift_events": self.drift.events,
                 "in_doubt": self.drift.in_doubt,
+                "design_effect": self.design.value,
             })
         return out
 
@@ -468,7 +520,8 @@ class DetectionRuntime:
 
 
 def load(path: str, device="cpu", background: bool = True, config: Optional[RuntimeConfig] = None,
-         **overrides) -> DetectionRuntime:
-    """Open a detection artifact for serving; ``overrides`` set RuntimeConfig fields by name."""
+         calib_block: int = 64, **overrides) -> DetectionRuntime:
+    """Open a detection artifact for serving; ``overrides`` set RuntimeConfig fields by name;
+    ``calib_block``: consecutive frames held out together for calibration (``BlockCollector``)."""
     config = (config or RuntimeConfig()).with_overrides(background=background, **overrides)
-    return DetectionRuntime(path, device, config)
+    return DetectionRuntime(path, device, config, calib_block)
