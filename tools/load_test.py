@@ -188,7 +188,9 @@ def drive(url: str, model: str, bodies: list, users: int, seconds: float, reques
                 time.sleep(0.02)
             sampler = RssSampler(server_pid) if server_pid else None
             cpu0 = proc_cpu_s(server_pid) if server_pid else None
-            Path(specs[0][0]["go"]).write_text(repr(time.monotonic() + 0.2))
+            go = specs[0][0]["go"]
+            Path(go + ".tmp").write_text(repr(time.monotonic() + 0.2))
+            os.replace(go + ".tmp", go)   # whole or absent: a worker never reads it half-written
             errs = [w.communicate(timeout=seconds + 120)[1] for w in workers]
             cpu1 = proc_cpu_s(server_pid) if server_pid else None
             if sampler:
