@@ -608,28 +608,55 @@ def table(result: dict) -> str:
 
 
 def write_md(out_dir: Path, md: Path):
-    """docs/load_test.md from every run-*.json in ``out_dir``, newest first."""
+    """docs/load_test.md from every run-*.json in ``out_dir``, newest first, after the runs the
+    file already holds whose JSON is not in ``out_dir`` (kept as written, with their numbers)."""
     runs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("run-*.json"), reverse=True)]
+    text = md.read_text() if md.is_file() else ""
+    body, notes = (text.split(NOTES, 1) + [None])[:2] if NOTES in text else (text, None)
+    have = {f"{r['machine']['date']}, commit {r['machine']['commit']}" for r in runs}
+    kept = [(int(m.group(1)), m.group(0).rstrip() + "\n")
+            for m in re.finditer(r"^## Run (\d+): (.*?)$.*?(?=^## Run \d+: |\Z)", body, re.M | re.S)
+            if m.group(2).strip() not in have]
+    first = max((n for n, _ in kept), default=0) + 1
     parts = [MD_HEAD]
     for i, r in enumerate(runs):
         m = r["machine"]
         v = ", ".join(f"{k} {val}" for k, val in m["versions"].items())
         sel = [f"{t['kind']}/{t['backend']} {t['rows_per_s']:.0f}" for t in r["selection"]
                if "rows_per_s" in t]
+        procs = r["settings"].get("locust_procs", 1)
         parts.append(
-            f"## Run {len(runs) - i}: {m['date']}, commit {m['commit']}\n\n"
+            f"## Run {first + len(runs) - 1 - i}: {m['date']}, commit {m['commit']}\n\n"
             f"`{r['command']}`\n\n"
             f"Machine: {m['cpu']}, {m['cores']} cores (shared; load average at start "
-            f"{' '.join(m['loadavg_start'])}). Versions: {v}.\n\n"
+            f"{' '.join(m['loadavg_start'])}). Versions: {v}. Load: locust in {procs} "
+            f"process{'es' if procs > 1 else ''}.\n\n"
             f"Backends chosen (fastest at {max(r['settings']['clients'])} clients): cached in "
             f"**{r['backends']['cached']}**, backbone in **{r['backends']['backbone']}** "
             f"(selection turns, rows/s: {', '.join(sel) or 'no backend setting'}).\n\n"
             + table(r) + "\n\n"
+            + _reps_line(r) + "\n\n"
             + _cpu_line(r) + "\n")
-    notes = ""
-    if md.is_file() and NOTES in md.read_text():   # hand-written reading of the figures: kept
-        notes = NOTES + md.read_text().split(NOTES, 1)[1]
-    md.write_text("\n".join(parts) + ("\n" + notes if notes else ""))
+    parts += [section for _, section in sorted(kept, reverse=True)]
+    md.write_text("\n".join(parts) + ("\n" + NOTES + notes if notes is not None else ""))
+
+
+def _reps_line(r) -> str:
+    """Each repetition at the largest client count: the figures the medians come from."""
+    n = max(r["settings"]["clients"])
+    by = {}
+    for t in r["turns"]:
+        if t["users"] == n:
+            by.setdefault(t["rep"], {})[t["kind"]] = t
+    bits = []
+    for rep in sorted(by):
+        c, b = by[rep].get("cached"), by[rep].get("backbone")
+        if c and b:
+            bits.append(f"rep {rep + 1}: cached {c['rows_per_s']:.0f} rows/s (p50 {c['p50_ms']}, "
+                        f"p99 {c['p99_ms']} ms), backbone {b['rows_per_s']:.0f} rows/s (p50 "
+                        f"{b['p50_ms']}, p99 {b['p99_ms']} ms), "
+                        f"{c['rows_per_s'] / max(b['rows_per_s'], 1e-9):.2f}x")
+    return f"Repetitions at {n} clients: " + "; ".join(bits) + "."
 
 
 NOTES = "<!-- notes: kept by --write-md -->"
@@ -639,7 +666,11 @@ def _cpu_line(r) -> str:
     s = r["summary"]
     bits = [f"{row['kind']}@{row['users']}: server {row['server_cpu_cores']}, locust "
             f"{row['client_cpu_cores']}" for row in s.values()]
-    return "CPU cores used (median): " + "; ".join(bits) + "."
+    per_row = [f"{row['kind']}@{row['users']} {row['server_cpu_cores'] / row['rows_per_s'] * 1e6:.0f}"
+               for row in s.values() if row.get("server_cpu_cores") and row.get("rows_per_s")]
+    return ("CPU cores used (median): " + "; ".join(bits) + ".\n\nServer CPU per row (us, from "
+            "the medians; what the server costs whatever share of the cores it got): " +
+            ", ".join(per_row) + ".")
 
 
 MD_HEAD = """# Load test of the inference server (issue 11, "Figures")
