@@ -1,11 +1,15 @@
 """The input guard: which requests lie inside the traffic seen so far, so heads may answer and learn."""
+import collections
 import math
+import statistics
 import threading
 from dataclasses import dataclass
 
 import torch
 
 from .config import GuardConfig
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,11 @@ class InputGuard:
     then judges it), while a few hostile rows never move the median.
     """
 
-    RECOMPUTE_EVERY = 32   # rows between median updates (one median per request would cost)
+    RECOMPUTE_EVERY = 256  # rows between median updates (one median per request would cost)
 
     def __init__(self, config: GuardConfig):
         self.config = config
-        self._scales = torch.zeros(config.range_window_rows)
-        self._filled = 0
-        self._next = 0
+        self._scales = collections.deque(maxlen=config.range_window_rows)   # plain floats
         self._seen = 0
         self._since = 0
         self._limit = math.inf       # no limit until the first median
@@ -57,36 +59,36 @@ class InputGuard:
     def judge(self, x: torch.Tensor) -> Verdict:
         """Judge a batch [N, ...] of floats; records its rows' scales when they are finite."""
         n = x.shape[0]
-        scale = x.reshape(n, -1).abs().amax(1) if x[0].numel() else torch.zeros(n)
-        scale = scale.float()       # a float64 value past float32's range serves as Inf
-        top = float(scale.max())
-        if not math.isfinite(top):  # NaN propagates through amax, Inf is the max
-            bad = torch.nonzero(~torch.isfinite(scale)).flatten().tolist()
+        if x[0].numel() == 0:
+            scales = [0.0] * n
+        elif n == 1:
+            scales = [float(x.abs().amax())]
+        else:
+            scales = x.reshape(n, -1).abs().amax(1).tolist()
+        # NaN propagates through amax; a float64 value past float32's range serves as Inf
+        bad = [i for i, v in enumerate(scales) if not (v <= FLOAT32_MAX)]
+        if bad:
             return Verdict(False, False, False, tuple(bad))
+        top = max(scales)
         with self._lock:
             inside = top <= self._limit
             warm = self._seen >= self.config.range_warmup_rows
             if not inside:
-                self.rows_outside += int((scale > self._limit).sum()) if n > 1 else 1
+                self.rows_outside += sum(v > self._limit for v in scales)
                 self.requests_outside += 1
-            self._record(scale.detach().to("cpu", torch.float32))
+            self._record(scales)
         return Verdict(True, inside, inside and warm)
 
-    def _record(self, scale: torch.Tensor):
-        w = self._scales.shape[0]
-        m = min(scale.shape[0], w)
-        idx = (torch.arange(m) + self._next) % w
-        self._scales[idx] = scale[-m:]
-        self._next = (self._next + m) % w
-        self._filled = min(self._filled + m, w)
-        self._seen += scale.shape[0]
-        self._since += scale.shape[0]
+    def _record(self, scales):
+        self._scales.extend(scales)
+        self._seen += len(scales)
+        self._since += len(scales)
         if self._seen >= self.config.range_warmup_rows and (self._since >= self.RECOMPUTE_EVERY
-                                                       or self._limit == math.inf):
+                                                            or self._limit == math.inf):
             self._since = 0
-            med = float(self._scales[:self._filled].median())
-            # an all-zero window has no scale to compare with: judge against the smallest float
+            med = statistics.median(self._scales)
             self._median = med
+            # an all-zero window has no scale to compare with: judge against the smallest float
             self._limit = self.config.range_factor * max(med, 1e-6)
 
     def stats(self) -> dict:
