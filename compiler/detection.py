@@ -290,7 +290,8 @@ def score_threshold_of(model: nn.Module) -> float:
     return float(model.roi_heads.score_thresh)
 
 
-def _flops(fn, *args) -> Tuple[int, dict]:
+def _flops(fn, *args) -> Tuple[int, dict, object]:
+    """(FLOPs, ops without a FLOP rule, output) of one call (an estimate, as for classifiers)."""
     counter = FlopCounter()
     with torch.no_grad(), counter:
         out = fn(*args)

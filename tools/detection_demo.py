@@ -2,7 +2,7 @@
 through the runtime prequentially at two shares of empty frames, and report FLOPs saved, frames
 per exit, agreement with the detector, mAP@0.5 cached vs detector, and latency.
 
-    python -m tools.demo --task detection [--frames 4000] [--empty 0.3,0.7] [--out out/detection]
+    python -m tools.demo --task detection [--frames 16000] [--empty 0.3,0.7] [--out out/detection]
 """
 import argparse
 import json
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--detector", default=None, help="a state dict from tools.train_detector "
                                                     "(default: the embedded asset)")
     p.add_argument("--out", default="out/detection")
-    p.add_argument("--frames", type=int, default=4000, help="held-out frames per stream")
+    p.add_argument("--frames", type=int, default=16000, help="held-out frames per stream")
     p.add_argument("--empty", default="0.3,0.7", help="shares of empty frames, comma-separated")
     p.add_argument("--batch", type=int, default=8, help="frames per request")
     p.add_argument("--budget", type=float, default=0.99, help="agreement budget")
@@ -136,9 +136,12 @@ def main(argv=None) -> int:
                    help="clutter fragments per background")
     p.add_argument("--max-items", type=int, default=SceneConfig.max_items)
     p.add_argument("--noise", type=float, default=SceneConfig.noise)
-    p.add_argument("--train-every", type=int, default=500,
+    p.add_argument("--train-every", type=int, default=1000,
                    help="frames between learning rounds (also the first round's minimum)")
     p.add_argument("--min-calib", type=int, default=400, help="held-out frames before exits")
+    p.add_argument("--calib-fraction", type=float, default=0.5,
+                   help="share of frames held out to calibrate before exits are on (a camera's "
+                        "frames are correlated: the bound counts frames / design effect)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
                                          noise=args.noise))
         rt = load_runtime(cached_path, background=False, seed=args.seed,
                           agreement_budget=args.budget, train_every=args.train_every,
-                          min_train=args.train_every, min_calib=args.min_calib)
+                          min_train=args.train_every, min_calib=args.min_calib,
+                          calib_fraction=args.calib_fraction)
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))
