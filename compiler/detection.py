@@ -102,7 +102,8 @@ class BodySegment(nn.Module):
         self.layers = nn.ModuleList(children)
         self.tapped = tapped
 
-    def forward(self, h: torch.Tensor, taps: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, h: torch.Tensor,
+                taps: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         out = list(taps)
         i = 0
         for layer in self.layers:
@@ -162,7 +163,7 @@ class TwoStageTail(nn.Module):
 
 
 class CachedDetector(nn.Module):
-    """The detector with its body cut into stages and a "nothing here" exit after each but the last."""
+    """The detector, its body cut into stages with a "nothing here" exit after each but the last."""
 
     def __init__(self, transform: nn.Module, blocks: List[artifact.ExitBlock], final: BodySegment,
                  fpn: nn.Module, tail: nn.Module, tap_names: List[str], score_threshold: float):
@@ -205,7 +206,8 @@ class CachedDetector(nn.Module):
                 "labels": torch.zeros([0], dtype=torch.long, device=x.device)}
 
     @torch.jit.export
-    def forward_with_exits(self, x: torch.Tensor) -> Tuple[List[Dict[str, torch.Tensor]], torch.Tensor]:
+    def forward_with_exits(
+            self, x: torch.Tensor) -> Tuple[List[Dict[str, torch.Tensor]], torch.Tensor]:
         """Per-frame detections in input order, and each frame's exit (``len(blocks)``: none)."""
         n = x.size(0)
         tensors, sizes = self.prepare(x)
@@ -266,7 +268,8 @@ def family(model: nn.Module) -> str:
                             f"knows (GeneralizedRCNN, RetinaNet, FCOS)")
     from torchvision.models._utils import IntermediateLayerGetter
     bb = getattr(model, "backbone", None)
-    if not (hasattr(bb, "body") and hasattr(bb, "fpn") and isinstance(bb.body, IntermediateLayerGetter)):
+    if not (hasattr(bb, "body") and hasattr(bb, "fpn")
+            and isinstance(bb.body, IntermediateLayerGetter)):
         raise CompilerError(f"the backbone of this {type(model).__name__} is not a BackboneWithFPN "
                             f"(an IntermediateLayerGetter body and an FPN); exits cannot be placed")
     return kind
@@ -370,7 +373,9 @@ def analyse_detector(model: nn.Module, config: DetectionConfig) -> DetectorAnaly
     for c in cuts:
         c.fraction = c.flops_before / total
     params = sum(p.numel() for p in model.parameters())
-    thr = config.score_threshold if config.score_threshold is not None else score_threshold_of(model)
+    thr = config.score_threshold
+    if thr is None:
+        thr = score_threshold_of(model)
     return DetectorAnalysis(model, kind, example, names, tap_of, cuts, fl_prep, flops_children,
                             fl_fin, total, params, unsupported, float(thr))
 
@@ -431,7 +436,8 @@ def _script(module: nn.Module):
         return torch.jit.script(module)
 
 
-def build_detector_artifact(an: DetectorAnalysis, cuts: List[DetectionCut], config: DetectionConfig):
+def build_detector_artifact(an: DetectorAnalysis, cuts: List[DetectionCut],
+                            config: DetectionConfig):
     """Script the cached detector. Returns (module, head specs, stage FLOPs)."""
     model = copy.deepcopy(an.model).eval()
     body = model.backbone.body

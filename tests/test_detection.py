@@ -136,7 +136,8 @@ def test_runtime_predict_order_shadow_and_bad_input(compiled):
     assert outputs_equal(out, want) and exits.tolist() == [rt.num_exits] * 6
     nothing = rt.task.found(want).logical_not()
     s = rt.stats()
-    assert s["shadow_rows"] == 6 and s["live_agreement"] == pytest.approx(nothing.float().mean().item())
+    assert s["shadow_rows"] == 6
+    assert s["live_agreement"] == pytest.approx(nothing.float().mean().item())
     # Off shadow: every frame leaves at exit 0 with an empty answer.
     rt.config.guarantee.shadow_rate = 0.0
     out, exits = rt.predict(x, return_exits=True)

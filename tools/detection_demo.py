@@ -40,7 +40,8 @@ def boxes_lost(answers: List[dict], reference: List[dict], min_score: float) -> 
     """Detections at or above the threshold the detector returned and the answer did not."""
     lost = 0
     for a, r in zip(answers, reference):
-        lost += max(int((r["scores"] >= min_score).sum()) - int((a["scores"] >= min_score).sum()), 0)
+        kept = int((a["scores"] >= min_score).sum())
+        lost += max(int((r["scores"] >= min_score).sum()) - kept, 0)
     return lost
 
 
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
     detector, meta = load_demo_detector(args.detector)
     size = meta["build"].get("size", 96)
     t0 = time.perf_counter()
-    module, manifest, _ = rewrite_detector(detector, DetectionConfig(input_shape=(1, 1, size, size)))
+    module, manifest, _ = rewrite_detector(detector,
+                                           DetectionConfig(input_shape=(1, 1, size, size)))
     cached_path = out / "demo_detector.cached.pt"
     artifact.save(module, manifest, cached_path)
     print(f"rewrote the demo detector ({meta['arch']}, mAP@0.5 {meta['map50_heldout']:.3f} when "
@@ -193,12 +195,14 @@ def main(argv=None) -> int:
                               "train_seconds": st["learning"]["train_seconds"],
                               "thresholds": st["thresholds"], "drift_events": st["drift_events"]}
         results[f"{share:.2f}"] = summary
-        print(f"\nheld-out stream, {share:.0%} empty frames ({args.frames} frames, {args.batch} per "
+        print(f"\nheld-out stream, {share:.0%} empty frames ({args.frames} frames, "
+              f"{args.batch} per "
               f"request); {SECOND_HALF}:")
         print(f"  FLOPs saved, heads counted:  {summary['flops_saved']:.1%}")
         print(f"  agreement with the detector: {summary['agreement']:.2%}   (budget "
               f"{args.budget:.0%}); boxes lost on busy frames: "
-              f"{summary['boxes_lost_on_busy_frames']} of {summary['detector_boxes_on_busy_frames']}")
+              f"{summary['boxes_lost_on_busy_frames']} of "
+              f"{summary['detector_boxes_on_busy_frames']}")
         print(f"  mAP@0.5 (labels, report only): cached {summary['map50_cached']:.4f}, detector "
               f"{summary['map50_detector']:.4f}")
         print("  frames per exit:             " + ", ".join(
@@ -208,7 +212,8 @@ def main(argv=None) -> int:
                   f"{lat['detector_best']:.2f} ms ({lat['detector_best_mode'].split('_')[1]}; "
                   f"{lat['cached'] / lat['detector_best'] - 1:+.0%}; saved artifact, plain "
                   f"torch.jit.load)")
-        print(f"  learning: {st['learning']['rounds']} rounds, {st['learning']['train_seconds']:.1f} s;"
+        print(f"  learning: {st['learning']['rounds']} rounds, "
+              f"{st['learning']['train_seconds']:.1f} s;"
               f" live agreement (shadow frames) "
               f"{'n/a' if st['live_agreement'] is None else format(st['live_agreement'], '.2%')}")
     target = results.get("0.70")

@@ -1,4 +1,4 @@
-"""Deterministic camera-like scene streams built from real Fashion-MNIST items, with boxes and labels.
+"""Deterministic camera-like scene streams of real Fashion-MNIST items, with boxes and labels.
 
 A stream is what a fixed camera sees: a cluttered background that changes now and then (a new
 scene), and busy spells in which 1..``max_items`` items enter, stay a while (drifting slowly),
@@ -219,7 +219,8 @@ def save_png(stream: SceneStream, path: str, count: int = 16):
 
     idx = np.linspace(0, len(stream) - 1, min(count, len(stream))).astype(int).tolist()
     cols = 8
-    fig, axes = plt.subplots((len(idx) + cols - 1) // cols, cols, figsize=(2 * cols, 2 * len(idx) / cols + 1))
+    fig, axes = plt.subplots((len(idx) + cols - 1) // cols, cols,
+                             figsize=(2 * cols, 2 * len(idx) / cols + 1))
     for ax, i in zip(np.ravel(axes), idx):
         ax.imshow(stream.frames[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
         for b, lb in zip(stream.targets[i]["boxes"].tolist(), stream.targets[i]["labels"].tolist()):

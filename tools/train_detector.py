@@ -67,7 +67,8 @@ def build_detector(arch: str = "fcos", size: int = 96, widths=(8, 24, 32, 48, 64
         head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
         return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
     if arch == "retinanet":
-        anchors = AnchorGenerator(((16, 24), (32, 48), (64, 96), (128, 192)), ((0.5, 1.0, 2.0),) * 4)
+        anchors = AnchorGenerator(((16, 24), (32, 48), (64, 96), (128, 192)),
+                                  ((0.5, 1.0, 2.0),) * 4)
         head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
         return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
     raise ValueError(f"unknown demo detector arch {arch!r}: fcos or retinanet")
