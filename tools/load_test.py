@@ -679,7 +679,7 @@ MD_HEAD = """# Load test of the inference server (issue 11, "Figures")
 loopback ports, the **cached** one serving `out/demo/demo_backbone.learned.pt` (learned exits) and
 the **backbone** one serving `out/demo/demo_backbone.cached.pt` (exits off: every row runs the
 whole backbone), and drives them with [locust](https://locust.io) (library API, `FastHttpUser`,
-in a child process). Each request is one real Fashion-MNIST test image as an OIP binary tensor
+in child processes: `--locust-procs`, 2 by default, started together). Each request is one real Fashion-MNIST test image as an OIP binary tensor
 (pre-encoded; 512 distinct rows cycled); the server's dynamic batcher (`--max-batch 32`,
 `--max-wait-ms 5`, `--max-queue 256`, defaults) gathers them.
 
@@ -698,15 +698,16 @@ How it is measured:
   are warm-up and not counted. Latency is client-side, per request, exact (locust's own
   percentiles are rounded; its request count is kept as a cross-check).
 - **Overload**: the cached server at twice its measured capacity: many locust users, each at a
-  constant rate (`constant_throughput`), short client timeout. The server's queue bound (256
-  requests) answers the excess with 503 + Retry-After at once; a request the client gave up on
-  (no answer within the timeout) is status 0. RSS is sampled from
+  constant rate (`constant_throughput`), short client timeout. The server answers the excess
+  with 503 + Retry-After at once (past 256 queued requests, or 320 in flight before their body
+  is read); a request the client gave up on (no answer within the timeout) is status 0. RSS is sampled from
   `/proc/PID/status` every 0.1 s.
 - **One torch thread per server** (the server's default `--threads 1`). The machine has 2 shared
-  cores: the load generator (locust, one process) competes with the server for them, and other
-  engineers' jobs may run at the same time, so the figures are noisy and a lower bound of what
-  the server does on a machine of its own. The CPU line under each table says how many cores
-  the server and locust used.
+  cores: the load generator (locust) competes with the server for them, and other engineers'
+  jobs may run at the same time, so the figures are noisy and a lower bound of what the server
+  does on a machine of its own. The CPU lines under each table say how many cores the server
+  and locust used, and what the server spent per row: that figure does not depend on the share
+  of the cores a turn happened to get.
 
 Target (issue 11): at 32 clients the cached server carries >= 1.5x the backbone server's
 throughput at no worse p99.
