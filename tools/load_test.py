@@ -666,7 +666,8 @@ def _cpu_line(r) -> str:
     s = r["summary"]
     bits = [f"{row['kind']}@{row['users']}: server {row['server_cpu_cores']}, locust "
             f"{row['client_cpu_cores']}" for row in s.values()]
-    per_row = [f"{row['kind']}@{row['users']} {row['server_cpu_cores'] / row['rows_per_s'] * 1e6:.0f}"
+    per_row = [f"{row['kind']}@{row['users']} "
+               f"{row['server_cpu_cores'] / row['rows_per_s'] * 1e6:.0f}"
                for row in s.values() if row.get("server_cpu_cores") and row.get("rows_per_s")]
     return ("CPU cores used (median): " + "; ".join(bits) + ".\n\nServer CPU per row (us, from "
             "the medians; what the server costs whatever share of the cores it got): " +
@@ -679,9 +680,10 @@ MD_HEAD = """# Load test of the inference server (issue 11, "Figures")
 loopback ports, the **cached** one serving `out/demo/demo_backbone.learned.pt` (learned exits) and
 the **backbone** one serving `out/demo/demo_backbone.cached.pt` (exits off: every row runs the
 whole backbone), and drives them with [locust](https://locust.io) (library API, `FastHttpUser`,
-in child processes: `--locust-procs`, 2 by default, started together). Each request is one real Fashion-MNIST test image as an OIP binary tensor
-(pre-encoded; 512 distinct rows cycled); the server's dynamic batcher (`--max-batch 32`,
-`--max-wait-ms 5`, `--max-queue 256`, defaults) gathers them.
+in child processes: `--locust-procs`, 2 by default, started together). Each request is one real
+Fashion-MNIST test image as an OIP binary tensor (pre-encoded; 512 distinct rows cycled); the
+server's dynamic batcher (`--max-batch 32`, `--max-wait-ms 5`, `--max-queue 256`, defaults)
+gathers them.
 
 How it is measured:
 
@@ -700,8 +702,8 @@ How it is measured:
 - **Overload**: the cached server at twice its measured capacity: many locust users, each at a
   constant rate (`constant_throughput`), short client timeout. The server answers the excess
   with 503 + Retry-After at once (past 256 queued requests, or 320 in flight before their body
-  is read); a request the client gave up on (no answer within the timeout) is status 0. RSS is sampled from
-  `/proc/PID/status` every 0.1 s.
+  is read); a request the client gave up on (no answer within the timeout) is status 0. RSS is
+  sampled from `/proc/PID/status` every 0.1 s.
 - **One torch thread per server** (the server's default `--threads 1`). The machine has 2 shared
   cores: the load generator (locust) competes with the server for them, and other engineers'
   jobs may run at the same time, so the figures are noisy and a lower bound of what the server

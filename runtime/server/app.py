@@ -126,7 +126,8 @@ class InferEndpoint:
             if not service.ready:
                 status = 503
                 await _send(send, 503, _error_body(
-                    "model is not ready (starting or shutting down); retry"), headers={"Retry-After": 1})
+                    "model is not ready (starting or shutting down); retry"),
+                    headers={"Retry-After": 1})
                 return
             headers = _headers(scope)
             body = await _read_body(receive, headers.get("content-length"), cfg.max_body_bytes)
@@ -208,7 +209,7 @@ class _App(FastAPI):
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST" and \
-                self.infer_endpoint is not None and scope["path"].endswith("/infer"):
+                self.infer_endpoint is not None and _INFER_PATH.search(scope["path"]):
             await self.infer_endpoint(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
