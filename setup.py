@@ -1,6 +1,13 @@
 """Automated online layer caching: compiler pass, runtime, tools."""
 from setuptools import find_packages, setup
 
+# The inference server (python -m runtime.server); the library itself does not need it.
+# httptools + uvloop (uvicorn picks them up) and orjson halve the server's per-request CPU
+# (docs/load_test.md); without them it runs the same, slower.
+SERVE = ["fastapi", "uvicorn", "prometheus-client", "pillow", "orjson", "httptools",
+         "uvloop; sys_platform != 'win32'"]
+
+
 setup(
     name="layer-cache",
     version="0.1.0",
@@ -21,17 +28,13 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # The inference server (python -m runtime.server); the library itself does not need it.
-        # httptools + uvloop (uvicorn picks them up) and orjson halve the server's per-request
-        # CPU (docs/load_test.md); without them it runs the same, slower.
-        "serve": ["fastapi", "uvicorn", "prometheus-client", "pillow", "orjson", "httptools",
-                  "uvloop; sys_platform != 'win32'"],
+        "serve": SERVE,
         "test": ["pytest", "httpx", "tritonclient[http]", "locust"],
         "gpu": ["onnxruntime-gpu==1.31.1"],
         # mAP@0.5 of the detection demo and benchmarks (tools.train_detector.map50).
         "detection": ["torchmetrics==1.9.0", "pycocotools==2.0.11"],
         # Scale-out on Ray Serve (python -m runtime.scaleout): Ray plus the server's own extras.
-        "ray": ["ray[serve]==2.60.0", "fastapi", "uvicorn", "prometheus-client", "pillow", "httpx"],
+        "ray": ["ray[serve]==2.60.0", "httpx"] + SERVE,
     },
     entry_points={"console_scripts": ["layer-cache-server=runtime.server.__main__:main"]},
 )
