@@ -40,6 +40,7 @@ from .learner import HeadLearner, NonFiniteRound, RoundCancelled
 from .learning import LearnerThread, LearningLoop
 from .serving import ServingState, serve_collected, serve_fast, serve_plan, serve_staged
 from .stats import Counters
+from .tasks import task_of_artifact
 
 log = logging.getLogger("layer_cache.runtime")
 
@@ -552,6 +553,10 @@ class CachedRuntime:
 
 def load(path: str, device="cpu", background: bool = True, config: Optional[RuntimeConfig] = None,
          **overrides) -> CachedRuntime:
-    """Open an artifact for serving; ``overrides`` set RuntimeConfig fields by name."""
+    """Open an artifact for serving; ``overrides`` set RuntimeConfig fields by name. A detection
+    artifact opens as ``runtime.detection.DetectionRuntime`` (the same parts, its task's rules)."""
     config = (config or RuntimeConfig()).with_overrides(background=background, **overrides)
+    if task_of_artifact(path) == "detection":
+        from .detection import DetectionRuntime
+        return DetectionRuntime(path, device, config)
     return CachedRuntime(path, device, config)

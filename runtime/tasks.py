@@ -117,6 +117,25 @@ class DetectionTask(Task):
         return [d if d is not None else self.empty(like) for d in out]
 
 
+def task_of_artifact(path) -> str:
+    """The task an artifact file serves ("classification" or "detection"), read cheaply from its
+    manifest without checking it; anything unreadable reads as "classification", whose loader
+    then says what is wrong with the file."""
+    import json
+    import zipfile
+
+    from compiler import artifact
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist()
+                         if n.endswith("/extra/" + artifact.MANIFEST_FILE)), None)
+            manifest = json.loads(z.read(name)) if name else {}
+        task = manifest.get("task", "classification") if isinstance(manifest, dict) else None
+        return task if task in ("classification", "detection") else "classification"
+    except Exception:  # a missing or damaged file: the classification loader reports it
+        return "classification"
+
+
 def head_confidences(task: Task, head_logits, feats: List[torch.Tensor], teacher: torch.Tensor):
     """(confidence, agrees) [E, n] of each head on held-out rows, as calibration consumes them."""
     confs, agrees = [], []

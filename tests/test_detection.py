@@ -229,3 +229,12 @@ def test_classification_task_matches_the_classification_runtime():
     z = torch.tensor([[3.0, 0.0]] * 4)
     assert task.agrees(z, t).tolist() == [False, True, True, False]
     assert torch.allclose(task.confidence(z), torch.softmax(z, 1)[:, 0])
+
+
+def test_runtime_load_opens_a_detection_artifact(compiled):
+    import runtime
+    from runtime.detection import DetectionRuntime
+    _, path, _, _ = compiled
+    rt = runtime.load(path, background=False)
+    assert isinstance(rt, DetectionRuntime)
+    assert len(rt.predict(frames(2))) == 2

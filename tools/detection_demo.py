@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-fraction", type=float, default=0.5,
                    help="share of frames held out to calibrate before exits are on (a camera's "
                         "frames are correlated: the bound counts frames / design effect)")
+    p.add_argument("--threshold-rule", default="crossfit", choices=("crossfit", "ltt"),
+                   help="how held-out frames choose thresholds (runtime/calibrate.py)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
         rt = load_runtime(cached_path, background=False, seed=args.seed,
                           agreement_budget=args.budget, train_every=args.train_every,
                           min_train=args.train_every, min_calib=args.min_calib,
-                          calib_fraction=args.calib_fraction)
+                          calib_fraction=args.calib_fraction,
+                          threshold_rule=args.threshold_rule)
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))
