@@ -81,6 +81,8 @@ def summarise(rec: dict, stream, rt, total_flops: float) -> dict:
         "empty_share": 1 - sum(busy) / len(busy),
         "flops_saved": 1 - rec["flops"][h].sum().item() / ((n - n // 2) * total_flops),
         "agreement": ok.float().mean().item(),
+        "disagreeing_frames": {"empty": int((~ok & ~torch.tensor(busy)).sum()),
+                               "with_items": int((~ok & torch.tensor(busy)).sum())},
         "frames_per_exit": dict(zip([e["name"] for e in rt.exits] + ["detector"],
                                     shares.tolist())),
         "map50_cached": map50(answers, targets),
