@@ -73,8 +73,8 @@ def summarise(rec: dict, stream, rt, total_flops: float) -> dict:
     answers, refs = rec["answer"][h], rec["reference"][h]
     targets = stream.targets[h]
     busy = [len(t["labels"]) > 0 for t in targets]
-    thr = rt.task.min_score
-    ok = agreement(answers, refs, thr)
+    min_score = rt.task.min_score
+    ok = agreement(answers, refs, min_score)
     shares = torch.bincount(rec["exit"][h], minlength=rt.num_exits + 1).double() / (n - n // 2)
     return {
         "frames": n - n // 2,
@@ -88,8 +88,8 @@ def summarise(rec: dict, stream, rt, total_flops: float) -> dict:
         "map50_cached": map50(answers, targets),
         "map50_detector": map50(refs, targets),
         "boxes_lost_on_busy_frames": boxes_lost([a for a, b in zip(answers, busy) if b],
-                                                [r for r, b in zip(refs, busy) if b], thr),
-        "detector_boxes_on_busy_frames": sum(int((r["scores"] >= thr).sum())
+                                                [r for r, b in zip(refs, busy) if b], min_score),
+        "detector_boxes_on_busy_frames": sum(int((r["scores"] >= min_score).sum())
                                              for r, b in zip(refs, busy) if b),
     }
 
