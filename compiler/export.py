@@ -443,6 +443,8 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
     _check_output(os.fspath(artifact_path), onnx_path)
     # artifact.load checks the file's content hash, its manifest (compiler.manifest) and the
     # model against it: every manifest field read below is there and agrees with the model.
+    from .detection import check_exportable
+    check_exportable(artifact.read_manifest(artifact_path))   # one line, before torch loads it
     module, manifest = artifact.load(artifact_path, map_location="cpu")
     if manifest.get("input_dtype", "float32") != "float32":
         raise ExportError(f"the artifact takes {manifest['input_dtype']} input; ONNX export "

@@ -238,3 +238,12 @@ def test_runtime_load_opens_a_detection_artifact(compiled):
     rt = runtime.load(path, background=False)
     assert isinstance(rt, DetectionRuntime)
     assert len(rt.predict(frames(2))) == 2
+
+
+def test_onnx_export_of_a_detection_artifact_is_one_line_that_says_why(compiled, tmp_path):
+    """In a fresh process (torchvision not imported, so torch cannot even load the file)."""
+    _, path, _, _ = compiled
+    r = subprocess.run([sys.executable, "-m", "compiler.export", str(path), "-o",
+                        str(tmp_path / "det.onnx")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "do not export to ONNX" in r.stderr and not (tmp_path / "det.onnx").exists()
