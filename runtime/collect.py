@@ -19,6 +19,9 @@ class Collector:
         self.config = config
         self._gen = torch.Generator().manual_seed(seed)
         self._lock = threading.Lock()   # torch.Generator is not thread-safe
+        self._seed = seed
+        self._seen = 0                  # rows through add(): the clock hold-out blocks follow
+        self._roles = {}
 
     def decide(self, any_enabled: bool, shadow_rate: float, fast_available: bool):
         """(shadow, collect) for one request."""
@@ -28,20 +31,48 @@ class Collector:
                 return shadow, True
             return False, torch.rand(1, generator=self._gen).item() < self.config.collect_rate
 
-    def add(self, features, teacher: torch.Tensor, shadow: bool, any_enabled: bool):
+    def _held_out(self, block: int) -> bool:
+        """Block ``block``'s role, a seeded draw of its own (the same whatever came before)."""
+        if block not in self._roles:
+            g = torch.Generator().manual_seed(self._seed * 1_000_003 + block)
+            if len(self._roles) > 4:
+                self._roles.clear()
+            self._roles[block] = torch.rand(1, generator=g).item() < self.config.calib_fraction
+        return self._roles[block]
+
+    def add(self, features, teacher: torch.Tensor, shadow: bool, any_enabled: bool,
+            rows: int = None):
         """Buffer rows that ran the whole backbone, each as a training or calibration row.
 
         Once exits take the easy rows, only shadow rows are an unbiased sample of the traffic,
-        so all of them calibrate and the rows that reached the end (hard ones) train; before
-        that, a seeded ``calib_fraction`` of requests is held out. Whole requests, not rows:
-        a request often holds frames of one scene, and a scene on both sides of the split
-        would make the held-out rows look easier than new traffic.
+        so all of them calibrate and the rows that reached the end (hard ones) train. Before
+        that, seeded blocks of consecutive rows are held out (``holdout_block_rows``), and the
+        training rows within ``holdout_gap_rows`` of a held-out block are not kept (block roles
+        are seeded per block, so the next block's is known in advance). ``rows``: the request's size, when rows
+        that left at exits are not in ``teacher`` (they still advance the block clock).
         """
         n = teacher.shape[0]
-        if any_enabled:
-            held = shadow
-        else:
-            with self._lock:
-                held = torch.rand(1, generator=self._gen).item() < self.config.calib_fraction
-        calib = torch.full((n,), held, dtype=torch.bool)
-        self.buffer.add(features, teacher, torch.where(calib, CALIB, TRAIN))
+        with self._lock:
+            start = self._seen
+            self._seen += n if rows is None else rows
+            if any_enabled:
+                role = torch.full((n,), CALIB if shadow else TRAIN, dtype=torch.long)
+                keep = None
+            else:
+                B, G = self.config.holdout_block_rows, self.config.holdout_gap_rows
+                pos = torch.arange(start, start + n)
+                role = torch.empty(n, dtype=torch.long)
+                keep = torch.ones(n, dtype=torch.bool)
+                for b in torch.unique(pos // B).tolist():
+                    here = (pos // B) == b
+                    held = self._held_out(b)
+                    role[here] = CALIB if held else TRAIN
+                    if G and not held:   # training rows next to a held-out block are not kept
+                        if b > 0 and self._held_out(b - 1):
+                            keep &= ~(here & (pos % B < G))
+                        if self._held_out(b + 1):
+                            keep &= ~(here & (pos % B >= B - G))
+        if keep is not None and not bool(keep.all()):
+            features = [f[keep] for f in features]
+            teacher, role = teacher[keep], role[keep]
+        self.buffer.add(features, teacher, role)

@@ -52,11 +52,18 @@ class CollectConfig:
                     on); once exits are on, the shadow rows (the unbiased ones) calibrate.
     collect_rate:   once the scripted fast path serves, this share of the other requests still
                     takes the staged path so rows that reach the backbone keep teaching the heads.
+    holdout_block_rows, holdout_gap_rows: before any exit is on, rows are held out in whole
+                    blocks of this many consecutive rows, and training rows within
+                    ``holdout_gap_rows`` of a held-out block are not kept at all: a camera's
+                    scene (or a client's run) then rarely sits on both sides of the split,
+                    where the held-out rows would look easier than new traffic.
     """
 
     buffer_mb: float = 256.0
     calib_fraction: float = 0.3
     collect_rate: float = 0.1
+    holdout_block_rows: int = 64
+    holdout_gap_rows: int = 24
 
 
 @dataclass
@@ -209,6 +216,11 @@ class RuntimeConfig:
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
             raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
                               f"{self.serving.backend!r}")
+        c = self.collect
+        if c.holdout_block_rows < 1 or not 0 <= c.holdout_gap_rows < c.holdout_block_rows:
+            raise ConfigError(f"holdout_block_rows must be at least 1 and holdout_gap_rows in "
+                              f"[0, holdout_block_rows), got {c.holdout_block_rows} and "
+                              f"{c.holdout_gap_rows}")
         if not (math.isfinite(self.guard.range_factor) and self.guard.range_factor > 1.0):
             raise ConfigError(f"range_factor must be a finite number above 1, got "
                               f"{self.guard.range_factor}")

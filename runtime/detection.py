@@ -142,44 +142,6 @@ def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torc
     return served
 
 
-class BlockCollector(Collector):
-    """``Collector`` for camera streams: before any exit is on, whole blocks of ``block``
-    consecutive frames are held out for calibration, not single rows.
-
-    Consecutive frames of a camera are near-copies; a row-level split puts the neighbours of
-    every calibration frame into training, and the calibration bound then describes frames the
-    heads have as good as seen. Blocks longer than a typical visit keep whole visits on one side.
-    Once exits are on, shadow requests calibrate, as for classification.
-    """
-
-    def __init__(self, buffer: FeatureBuffer, config, seed: int, block: int):
-        super().__init__(buffer, config, seed)
-        self.block = max(int(block), 1)
-        self._seen = 0
-        self._roles = {}
-
-    def _held_out(self, b: int) -> bool:
-        if b not in self._roles:
-            g = torch.Generator().manual_seed(self._gen.initial_seed() * 1_000_003 + b)
-            self._roles = {b: bool(torch.rand(1, generator=g).item() < self.config.calib_fraction)}
-        return self._roles[b]
-
-    def add(self, features, teacher: torch.Tensor, shadow: bool, any_enabled: bool,
-            frames: int = None):
-        """Buffer the rows that ran the whole detector; ``frames``: the request's size (rows
-        that left at exits still advance the block clock)."""
-        n = teacher.shape[0]
-        with self._lock:
-            start = self._seen
-            self._seen += n if frames is None else frames
-            if any_enabled:
-                calib = torch.full((n,), shadow, dtype=torch.bool)
-            else:
-                calib = torch.tensor([self._held_out((start + i) // self.block) for i in range(n)],
-                                     dtype=torch.bool)
-        self.buffer.add(features, teacher, torch.where(calib, CALIB, TRAIN))
-
-
 class DetectionLoop(LearningLoop):
     """``LearningLoop`` with the task's confidences: distil, calibrate, propose (no fused path)."""
 
@@ -223,8 +185,7 @@ class DetectionRuntime:
     """A detection artifact in production: ``predict`` answers per frame, the exits learn from
     what it serves (no labels), within the agreement budget."""
 
-    def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None,
-                 calib_block: int = 64):
+    def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None):
         self.config = config or RuntimeConfig()
         self.config.validate()
         self.device = torch.device(device)
@@ -247,8 +208,9 @@ class DetectionRuntime:
             self.learner.adopt([c.cpu() for c in classifiers])
         self.buffer = FeatureBuffer([s["feature_dim"] for s in specs], 2,
                                     self.config.collect.buffer_mb)
-        self.collector = BlockCollector(self.buffer, self.config.collect, self.config.seed,
-                                        calib_block)
+        # Camera frames: calibration holds out whole blocks of consecutive frames
+        # (CollectConfig.holdout_block_rows), as for classification.
+        self.collector = Collector(self.buffer, self.config.collect, self.config.seed)
         # How correlated the frames are (a camera's runs of alike frames), over the frames'
         # answers nothing/something: calibration and the drift tests count frames / deff.
         self.design = DesignEffect(2)
@@ -344,7 +306,7 @@ class DetectionRuntime:
         self.design.observe(torch.nn.functional.one_hot(self.task.found(served.out).long(), 2))
         if served.features is not None:
             self.collector.add(served.features, served.teacher, shadow, state.any_enabled,
-                               frames=x.shape[0])
+                               rows=x.shape[0])
         self._account(state, served, latency)
         self._maybe_learn(x.shape[0])
         return (served.out, served.exit_of) if return_exits else served.out
@@ -521,8 +483,8 @@ class DetectionRuntime:
 
 
 def load(path: str, device="cpu", background: bool = True, config: Optional[RuntimeConfig] = None,
-         calib_block: int = 64, **overrides) -> DetectionRuntime:
-    """Open a detection artifact for serving; ``overrides`` set RuntimeConfig fields by name;
-    ``calib_block``: consecutive frames held out together for calibration (``BlockCollector``)."""
+         **overrides) -> DetectionRuntime:
+    """Open a detection artifact for serving; ``overrides`` set RuntimeConfig fields by name
+    (``holdout_block_rows``: consecutive frames held out together for calibration)."""
     config = (config or RuntimeConfig()).with_overrides(background=background, **overrides)
-    return DetectionRuntime(path, device, config, calib_block)
+    return DetectionRuntime(path, device, config)

@@ -58,3 +58,36 @@ def test_cusum_weighs_correlated_shadow_rows_as_the_rows_they_are_worth():
     for _ in range(12):   # a real shift: scene after scene disagrees
         v = blocked.observe(counts, ok)
     assert v.state == ALARM
+
+
+def test_hold_out_takes_whole_blocks_and_trains_on_nothing_next_to_them():
+    from runtime.buffer import CALIB, FeatureBuffer
+    from runtime.collect import Collector
+    from runtime.config import CollectConfig
+    buf = FeatureBuffer([2], 3, memory_mb=1)
+    col = Collector(buf, CollectConfig(holdout_block_rows=8, holdout_gap_rows=3), seed=0)
+    n = 8 * 40
+    feats = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 2)   # a row's feature: its time
+    for i in range(0, n, 5):                                              # requests cut across blocks
+        col.add([feats[i:i + 5]], torch.zeros(min(5, n - i), 3), False, False)
+    t = buf.features[0][:buf.size, 0].long()
+    role = buf.role[:buf.size]
+    roles = {}
+    for pos, r in zip(t.tolist(), role.tolist()):
+        roles.setdefault(pos // 8, set()).add(r)
+    assert all(len(r) == 1 for r in roles.values()), "a block is all held out or all trained on"
+    held = {b for b, r in roles.items() if r == {CALIB}}
+    assert 0 < len(held) < len(roles)
+    kept = set(t.tolist())
+    for b in range(40):
+        rows = set(range(8 * b, 8 * b + 8))
+        if b in held:
+            assert rows <= kept, "held-out rows are all kept"
+            continue
+        near = set()
+        if b - 1 in held:
+            near |= set(range(8 * b, 8 * b + 3))
+        if b + 1 in held:
+            near |= set(range(8 * b + 5, 8 * b + 8))
+        assert not near & kept, f"training rows of block {b} next to a held-out block are kept"
+        assert rows - near <= kept

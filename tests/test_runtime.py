@@ -514,7 +514,7 @@ def test_heads_keep_learning_once_the_fast_path_is_on(teacher_artifact, traffic,
 
     rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.0, fast_after=0,
                       collect_rate=collect_rate, train_every=10 ** 9, **STABLE)
-    stream(rt, traffic[0][:2200])  # 600 held-out rows after the guard's warm-up
+    stream(rt, traffic[0][:3000])  # 600+ held-out rows after the warm-up and hold-out gaps
     rt.learn()
     assert rt._state.fast is not None, "exits and the fast path must be on"
     before = rt.buffer.snapshot(TRAIN)[1].shape[0]
