@@ -171,7 +171,9 @@ def test_quick_mode_end_to_end_on_a_tiny_model(tmp_path: Path):
     s = Settings(seeds=(0, 1), budgets=(0.9,), sweep=(0.9,), lat_b1=6, lat_b64=1, reps=1,
                     warmup=1, imagenet=False, latency_budget=0.9, baseline_epochs=2,
                     rewrite_overrides=dict(head_budget=1.0),   # a 6k-parameter model: let heads fit
-                    runtime_overrides=dict(train_every=48, min_train=48, min_calib=24))
+                    runtime_overrides=dict(train_every=48, min_train=48, min_calib=24,
+                                           # a 400-row stream: hold-out blocks to scale
+                                           holdout_block_rows=16, holdout_gap_rows=4))
     out = tmp_path / "bench"
     res = bench_backbone("tiny", path, x, y, s, out)
     on_disk = json.loads((out / "tiny.json").read_text())
