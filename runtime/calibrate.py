@@ -85,6 +85,43 @@ def exit_shares(conf: torch.Tensor, t) -> List[float]:
     return (counts / max(n, 1)).tolist()
 
 
+def greedy_path(conf, agree, stage_cost, head_cost, feasible, grid: int = 48, should_stop=None):
+    """The greedy joint search, one setting per step: repeatedly take the threshold move with
+    the best saving per new disagreement among those whose agreeing rows pass ``feasible``.
+    Yields (thresholds, saving, agreeing rows) after each move, most cautious first."""
+    E, n = conf.shape
+    qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
+    cands = [torch.unique(torch.quantile(conf[e], qs)).flip(0).tolist() for e in range(E)]
+    pos = [-1] * E                      # index into cands[e]; -1 = off
+    t = [INF] * E
+    saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, t)
+    while True:
+        _poll(should_stop)
+        moves = []
+        for e in range(E):
+            # An exit that is off must pay for its head first: try every threshold for it.
+            # One that is on moves a few grid steps at a time.
+            ahead = len(cands[e]) if pos[e] < 0 else 3
+            moves += [(e, k) for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e])))]
+        if not moves:
+            return
+        trials = [list(t) for _ in moves]
+        for trial, (e, k) in zip(trials, moves):
+            trial[e] = cands[e][k]
+        best = None
+        for (e, k), s, a in zip(moves, *evaluate_many(conf, agree, stage_cost, head_cost, trials)):
+            if s <= saving or not feasible(a):
+                continue
+            ratio = (s - saving) / (max(agreeing - a, 0) + 1.0)
+            if best is None or ratio > best[0]:
+                best = (ratio, e, k, s, a)
+        if best is None:
+            return
+        _, e, k, saving, agreeing = best
+        pos[e], t[e] = k, cands[e][k]
+        yield list(t), saving, agreeing
+
+
 def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                       head_cost: torch.Tensor, budget: float, confidence: float,
                       grid: int = 48, bound_rows: int = 0, should_stop=None) -> Plan:
@@ -97,39 +134,14 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
     E, n = conf.shape
     z = z_of(confidence)
     scale = bound_rows / n if bound_rows and n else 1.0
-    qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
-    cands = [torch.unique(torch.quantile(conf[e], qs)).flip(0).tolist() for e in range(E)]
-    pos = [-1] * E                      # index into cands[e]; -1 = off
-    t = [INF] * E
-    saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, t)
 
     def feasible(a):
         return wilson_lower(a * scale, n * scale, z) >= budget
 
-    while True:
-        _poll(should_stop)
-        moves = []
-        for e in range(E):
-            # An exit that is off must pay for its head first: try every threshold for it.
-            # One that is on moves a few grid steps at a time.
-            ahead = len(cands[e]) if pos[e] < 0 else 3
-            moves += [(e, k) for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e])))]
-        if not moves:
-            break
-        trials = [list(t) for _ in moves]
-        for trial, (e, k) in zip(trials, moves):
-            trial[e] = cands[e][k]
-        best = None
-        for (e, k), s, a in zip(moves, *evaluate_many(conf, agree, stage_cost, head_cost, trials)):
-            if s <= saving or not feasible(a):
-                continue
-            ratio = (s - saving) / (max(agreeing - a, 0) + 1.0)
-            if best is None or ratio > best[0]:
-                best = (ratio, e, k, s, a)
-        if best is None:
-            break
-        _, e, k, saving, agreeing = best
-        pos[e], t[e] = k, cands[e][k]
+    t, saving, agreeing = [INF] * E, *evaluate(conf, agree, stage_cost, head_cost, [INF] * E)
+    for t, saving, agreeing in greedy_path(conf, agree, stage_cost, head_cost, feasible, grid,
+                                           should_stop):
+        pass
     for e in range(E):                  # prune exits whose saving does not pay for their head
         if t[e] != INF:
             trial = list(t)
@@ -254,34 +266,9 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     ``floor``, merged with the single global threshold swept from high to low; sorted by the
     saving they give on these rows. Chosen on rows that will not test it."""
     E, n = conf.shape
-    qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
-    cands = [torch.unique(torch.quantile(conf[e], qs)).flip(0).tolist() for e in range(E)]
-    pos, t = [-1] * E, [INF] * E
-    saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, t)
-    path = [(saving, list(t))]
-    while True:
-        _poll(should_stop)
-        moves = []
-        for e in range(E):
-            ahead = len(cands[e]) if pos[e] < 0 else 3
-            moves += [(e, k) for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e])))]
-        if not moves:
-            break
-        trials = [list(t) for _ in moves]
-        for trial, (e, k) in zip(trials, moves):
-            trial[e] = cands[e][k]
-        best = None
-        for (e, k), s_, a in zip(moves, *evaluate_many(conf, agree, stage_cost, head_cost, trials)):
-            if s_ <= saving or a < floor * n:
-                continue
-            ratio = (s_ - saving) / (max(agreeing - a, 0) + 1.0)
-            if best is None or ratio > best[0]:
-                best = (ratio, e, k, s_, a)
-        if best is None:
-            break
-        _, e, k, saving, agreeing = best
-        pos[e], t[e] = k, cands[e][k]
-        path.append((saving, list(t)))
+    path = [(evaluate(conf, agree, stage_cost, head_cost, [INF] * E)[0], [INF] * E)]
+    path += [(s_, t) for t, s_, _ in greedy_path(conf, agree, stage_cost, head_cost,
+                                                 lambda a: a >= floor * n, grid, should_stop)]
     glob = torch.unique(torch.quantile(conf.flatten().float(), torch.linspace(0, 1, 4 * grid)))
     T = [[c] * E for c in glob.flip(0).tolist()]
     s_all, a_all = evaluate_many(conf, agree, stage_cost, head_cost, T)
