@@ -119,10 +119,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     artifact = args.artifact
     if artifact is None:
-        from compiler.rewrite import main as rewrite
-        artifact = "out/calibration_check/demo.cached.pt"
-        Path(artifact).parent.mkdir(parents=True, exist_ok=True)
-        if rewrite(["tools/assets/demo_backbone.pt2", "-o", artifact]) != 0:
+        from tools.experiment import demo_artifact
+        artifact = demo_artifact("out/calibration_check/demo.cached.pt")
+        if artifact is None:
             return 2
     conf, agree, sc, hc = pool_scores(artifact, args.learn_rows, args.seed)
     print(f"pool: {conf.shape[1]} rows, {conf.shape[0]} exits; head agreement "

@@ -56,6 +56,16 @@ class Window(Record):
     row: Optional[int] = None
 
 
+def demo_artifact(path: str) -> Optional[str]:
+    """Compile the embedded demo backbone into ``path`` (exits off); None if that failed (the
+    compiler printed why)."""
+    from pathlib import Path
+    from compiler.rewrite import main as rewrite
+    asset = Path(__file__).resolve().parent / "assets" / "demo_backbone.pt2"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return str(path) if rewrite([str(asset), "-o", str(path)]) == 0 else None
+
+
 def stream(rt, reference, x, y, batch, seed, progress=True) -> StreamRows:
     """Serve ``x`` in a seeded order, ``batch`` rows per request; returns per-row records.
 

@@ -38,10 +38,9 @@ def main(argv=None) -> int:
     from tools.experiment import stream, summarise
     artifact = args.artifact
     if artifact is None:
-        from compiler.rewrite import main as rewrite
-        artifact = "out/honesty/demo.cached.pt"
-        Path(artifact).parent.mkdir(parents=True, exist_ok=True)
-        if rewrite(["tools/assets/demo_backbone.pt2", "-o", artifact]) != 0:
+        from tools.experiment import demo_artifact
+        artifact = demo_artifact("out/honesty/demo.cached.pt")
+        if artifact is None:
             return 2
     x, y = load_fashion_mnist("test", size=28, channels=1)
     with warnings.catch_warnings():
