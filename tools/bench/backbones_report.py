@@ -126,6 +126,14 @@ def section(res: BackboneResult, run: RunInfo, out_dir: Path, threads: Optional[
                  f"{'yes' if agr_ok else '**no**'} (min {_p(min(r.agreement for r in runs), 2)}).")
         L.append("- Ours saves more FLOPs than every offline baseline on every seed: "
                  + ("**yes**." if all_beat else f"**no**: not ahead of {'; '.join(lost)}."))
+        L.append("- Online learning, per seed: first row an exit answered "
+                 f"{', '.join(str(r.first_exit_row) for r in runs)}; learning rounds "
+                 f"{', '.join(str(r.learning.rounds) for r in runs)}; exits with a threshold at "
+                 "the end of the stream "
+                 f"{', '.join(str(sum(t is not None for t in r.final_thresholds)) for r in runs)}"
+                 f" of {len(m.exits)}; drift events "
+                 f"{', '.join(str(r.drift_events) for r in runs)}; first exit's head agreement "
+                 f"(as served) {mmm([r.head_agreement[0] for r in runs], 1)}.")
         honest = {k: v for k, v in beats.items()
                   if all(r.agreement >= float(b) for r in res.baseline_scores(k, b))}
         beat_honest = all(w == n for w, n, _ in honest.values())
