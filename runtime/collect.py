@@ -31,14 +31,20 @@ class Collector:
                 return shadow, True
             return False, torch.rand(1, generator=self._gen).item() < self.config.collect_rate
 
+    GROUP = 20   # blocks dealt out together: exactly round(calib_fraction * 20) of them held out
+
     def _held_out(self, block: int) -> bool:
-        """Block ``block``'s role, a seeded draw of its own (the same whatever came before)."""
-        if block not in self._roles:
-            g = torch.Generator().manual_seed(self._seed * 1_000_003 + block)
-            if len(self._roles) > 4:
+        """Block ``block``'s role. Blocks are dealt in seeded groups of ``GROUP``, a fixed number
+        of each group held out, so the held-out share is exact every ``GROUP`` blocks rather
+        than a streak of coin flips (which left short streams with too few held-out rows)."""
+        group = block // self.GROUP
+        if group not in self._roles:
+            g = torch.Generator().manual_seed(self._seed * 1_000_003 + group)
+            k = round(self.config.calib_fraction * self.GROUP)
+            if len(self._roles) > 2:
                 self._roles.clear()
-            self._roles[block] = torch.rand(1, generator=g).item() < self.config.calib_fraction
-        return self._roles[block]
+            self._roles[group] = (torch.randperm(self.GROUP, generator=g) < k).tolist()
+        return self._roles[group][block % self.GROUP]
 
     def add(self, features, teacher: torch.Tensor, shadow: bool, any_enabled: bool,
             rows: int = None):

@@ -63,7 +63,7 @@ class CollectConfig:
     calib_fraction: float = 0.3
     collect_rate: float = 0.1
     holdout_block_rows: int = 64
-    holdout_gap_rows: int = 24
+    holdout_gap_rows: int = 16
 
 
 @dataclass
@@ -84,7 +84,7 @@ class LearningConfig:
 
     train_every: int = 1000
     min_train: int = 1000
-    min_calib: int = 600
+    min_calib: int = 500
     max_train_rows: int = 20000
     max_calib_rows: int = 6000
     epochs: int = 4

@@ -520,7 +520,7 @@ def test_state_survives_a_kill_and_sigterm_drains(teacher_artifact, fashion_smal
     service = Service(cfg).start()
     srv = Running(service, stop_on_shutdown=False)
     try:
-        _send_binary(srv.url, fashion_small[0][5000:7200])   # rows the teacher never trained on
+        _send_binary(srv.url, fashion_small[0][5000:8000])   # rows the teacher never trained on
         deadline = time.time() + 30
         while not (service.checkpointer.count and any(read_manifest(ckpt)["runtime"]["stats"]
                                                       ["enabled"])):
