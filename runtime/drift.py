@@ -30,8 +30,8 @@ class DriftMonitor:
       alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
 
     Both count rows as independent only as far as the traffic allows: with ``design`` (a
-    ``runtime/correlation.py`` estimate) the chi-square statistic and each shadow row's
-    log-likelihood ratio are divided by the design effect, so a camera's run of alike frames
+    ``runtime/correlation.py`` estimate, read when a state is published) the chi-square
+    statistic and each shadow row's log-likelihood ratio are divided by the design effect, so a camera's run of alike frames
     weighs as the few independent rows it is worth (shadow checks take whole requests, whose
     rows are often one scene).
     """
@@ -58,6 +58,10 @@ class DriftMonitor:
             if self._expected is not None:
                 self._expected /= self._expected.sum()
             self._counts = None
+            # The design effect of the traffic the new state was calibrated on, held fixed: a
+            # shift makes the live estimate soar (old and new traffic in one window look like
+            # correlation), and dividing by that would blind the monitor to the shift itself.
+            self._deff_at_reset = 1.0 if self.design is None else max(1.0, self.design.value)
             self._cusum = 0.0
             self._doubt_left = 0
             self._judged = 0
@@ -91,7 +95,7 @@ class DriftMonitor:
             return Verdict(DOUBT if self._doubt_left else OK)
 
     def _deff(self) -> float:
-        return 1.0 if self.design is None else max(1.0, self.design.value)
+        return self._deff_at_reset
 
     def _test_shares(self, exit_counts):
         c = torch.tensor(list(exit_counts), dtype=torch.float64)
