@@ -216,7 +216,7 @@ def _busy(teacher_artifact, rows):
     """A background runtime whose learner is inside a long round."""
     rt = runtime.load(teacher_artifact, background=True, train_every=400, min_train=400,
                       epochs=10000, latency_weight=0.0)
-    for i in range(0, 800, BATCH):
+    for i in range(0, 1200, BATCH):   # 400+ training rows after the warm-up and hold-out
         rt.predict(rows[i:i + BATCH])
     assert wait_for(lambda: rt._learning, 30), f"no round started: {rt.stats()['learning']}, pending {rt._pending}"
     return rt
