@@ -14,7 +14,6 @@ import collections
 import copy
 import io
 import logging
-import math
 import threading
 import time
 import warnings
