@@ -54,6 +54,7 @@ class InputGuard:
         cache judges its first requests against the traffic it learned from."""
         if median is not None and math.isfinite(median) and median >= 0:
             with self._lock:
+                self._median = median   # kept by the next save until traffic gives its own
                 self._limit = self.config.range_factor * max(median, 1e-6)
 
     def judge(self, x: torch.Tensor) -> Verdict:
