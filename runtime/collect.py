@@ -53,9 +53,9 @@ class Collector:
         Once exits take the easy rows, only shadow rows are an unbiased sample of the traffic,
         so all of them calibrate and the rows that reached the end (hard ones) train. Before
         that, seeded blocks of consecutive rows are held out (``holdout_block_rows``), and the
-        training rows within ``holdout_gap_rows`` of a held-out block are not kept (block roles
-        are seeded per block, so the next block's is known in advance). ``rows``: the request's size, when rows
-        that left at exits are not in ``teacher`` (they still advance the block clock).
+        training rows within ``holdout_gap_rows`` of a held-out block are not kept (roles are
+        dealt in advance, so the next block's is known). ``rows``: the request's size, when
+        rows that left at exits are not in ``teacher`` (they still advance the block clock).
         """
         n = teacher.shape[0]
         with self._lock:
