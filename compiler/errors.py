@@ -79,3 +79,20 @@ def report(e: Exception) -> int:
     msg = " ".join(msg.split()) or type(e).__name__  # one line, whatever the message held
     print(f"error: {msg}", file=sys.stderr)
     return 2
+
+
+def run_cli(main, argv, out_of_memory_hint: str) -> int:
+    """Run a CLI's ``main(argv)`` so that nothing reaches the user as a traceback: a user error
+    is one ``error:`` line and exit code 2 (``report``), running out of memory says what to
+    shrink, and anything else (a bug) is still one line, with exit code 1."""
+    try:
+        return main(argv)
+    except (CompilerError, OSError) as e:
+        return report(e)
+    except MemoryError:
+        print(f"error: out of memory; {out_of_memory_hint}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, and what to report
+        print(f"error: unexpected {type(e).__name__}: {first_line(e)}; please report this with "
+              f"the command line", file=sys.stderr)
+        return 1

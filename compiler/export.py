@@ -34,7 +34,7 @@ from torch import nn
 
 from . import artifact
 from .config import ArgumentParser, number
-from .errors import ArtifactWriteError, CompilerError, ExportError, UsageError, first_line, report
+from .errors import ArtifactWriteError, ExportError, UsageError, first_line, run_cli
 from .heads import ExitHead, HeadSpec, StridedPool
 
 DEFAULT_OPSET = 18
@@ -606,17 +606,7 @@ def build_parser():
 def main(argv=None) -> int:
     """The CLI: 0 on success, 1 when --check finds a mismatch, 2 with one ``error: ...`` line
     on stderr for any bad input."""
-    try:
-        return _main(argv)
-    except (CompilerError, OSError) as e:
-        return report(e)
-    except MemoryError:
-        print("error: out of memory; try a smaller --check", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug: still one line, and what to report
-        print(f"error: unexpected {type(e).__name__}: {first_line(e)}; please report this with "
-              f"the command line", file=sys.stderr)
-        return 1
+    return run_cli(_main, argv, "try a smaller --check")
 
 
 def _main(argv) -> int:

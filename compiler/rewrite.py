@@ -17,8 +17,7 @@ from .analysis.cutpoints import CutPoint, choose_exits, find_cut_points, score
 from .analysis.flops import FlopCounter
 from .analysis.trace import annotate, clean_exported, info, trace_module
 from .config import MAX_EXITS, ArgumentParser, RewriteConfig, check_shape, number
-from .errors import (CompilerError, NoCutPointError, ShapeError, UsageError, brief, first_line,
-                     report)
+from .errors import CompilerError, NoCutPointError, ShapeError, UsageError, brief, run_cli
 from .heads import ExitHead, HeadSpec, plan_heads
 from .loading import LoadedModel, load_model
 from .split import split_stages
@@ -346,18 +345,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     """The CLI: 0 on success; 2 with one ``error: ...`` line on stderr for any bad input."""
-    try:
-        return _main(argv)
-    except (CompilerError, OSError) as e:
-        return report(e)
-    except MemoryError:
-        print("error: out of memory; try a smaller --input-shape or a machine with more memory",
-              file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug: still one line, and what to report
-        print(f"error: unexpected {type(e).__name__}: {first_line(e)}; please report this with "
-              f"the command line", file=sys.stderr)
-        return 1
+    return run_cli(_main, argv, "try a smaller --input-shape or a machine with more memory")
 
 
 def _main(argv) -> int:
