@@ -85,9 +85,12 @@ def exit_shares(conf: torch.Tensor, t) -> List[float]:
     return (counts / max(n, 1)).tolist()
 
 
-def greedy_path(conf, agree, stage_cost, head_cost, feasible, grid: int = 48, should_stop=None):
+def greedy_path(conf, agree, stage_cost, head_cost, feasible, grid: int = 48, should_stop=None,
+                allowed=None):
     """The greedy joint search, one setting per step: repeatedly take the threshold move with
     the best saving per new disagreement among those whose agreeing rows pass ``feasible``.
+    ``allowed`` (None: any): which sets of enabled exits (a tuple of bools) may be served; a
+    move that would switch on an exit outside them is not taken.
     Yields (thresholds, saving, agreeing rows) after each move, most cautious first."""
     E, n = conf.shape
     qs = torch.linspace(0.0, 1.0, grid, dtype=conf.dtype)
@@ -101,6 +104,9 @@ def greedy_path(conf, agree, stage_cost, head_cost, feasible, grid: int = 48, sh
         for e in range(E):
             # An exit that is off must pay for its head first: try every threshold for it.
             # One that is on moves a few grid steps at a time.
+            if pos[e] < 0 and allowed is not None and \
+                    not allowed(tuple(p >= 0 or j == e for j, p in enumerate(pos))):
+                continue
             ahead = len(cands[e]) if pos[e] < 0 else 3
             moves += [(e, k) for k in range(pos[e] + 1, min(pos[e] + 1 + ahead, len(cands[e])))]
         if not moves:
@@ -124,7 +130,8 @@ def greedy_path(conf, agree, stage_cost, head_cost, feasible, grid: int = 48, sh
 
 def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                       head_cost: torch.Tensor, budget: float, confidence: float,
-                      grid: int = 48, bound_rows: int = 0, should_stop=None) -> Plan:
+                      grid: int = 48, bound_rows: int = 0, should_stop=None,
+                      allowed=None) -> Plan:
     """Greedy joint search: repeatedly take the threshold move with the best saving per new
     disagreement among those that keep the bound; then switch off exits that do not pay.
 
@@ -140,7 +147,7 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
 
     t, saving, agreeing = [INF] * E, *evaluate(conf, agree, stage_cost, head_cost, [INF] * E)
     for t, saving, agreeing in greedy_path(conf, agree, stage_cost, head_cost, feasible, grid,
-                                           should_stop):
+                                           should_stop, allowed):
         pass
     for e in range(E):                  # prune exits whose saving does not pay for their head
         if t[e] != INF:
@@ -154,7 +161,8 @@ def choose_thresholds(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch
 
 def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                             head_cost: torch.Tensor, budget: float, confidence: float,
-                            grid: int = 256, should_stop=None, effective_rows: float = 0) -> Plan:
+                            grid: int = 256, should_stop=None, effective_rows: float = 0,
+                            allowed=None) -> Plan:
     """One threshold for every exit (SDN-style), then exits that do not pay switched off.
 
     A single free parameter barely overfits the rows it is chosen on, so with few held-out
@@ -187,7 +195,7 @@ def choose_global_threshold(conf: torch.Tensor, agree: torch.Tensor, stage_cost:
             if s2[j] >= s[k] and bound(a2[j], n) >= budget:
                 T[k], s[k], a[k] = trials[j], s2[j], a2[j]
     for k in live:
-        if s[k] > best.saving:
+        if s[k] > best.saving and (allowed is None or allowed(tuple(v != INF for v in T[k]))):
             best = Plan(T[k], s[k], a[k] / max(n, 1), bound(a[k], n), n)
     return best
 
@@ -206,7 +214,7 @@ def _score(conf, agree, stage_cost, head_cost, t, z):
 def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                                 head_cost: torch.Tensor, budget: float, confidence: float,
                                 seed: int = 0, splits: int = 3, should_stop=None,
-                                effective_rows: float = 0) -> Plan:
+                                effective_rows: float = 0, allowed=None) -> Plan:
     """choose_thresholds with its search optimism measured and paid for.
 
     Returns the better of that and the single global threshold (choose_global_threshold).
@@ -231,7 +239,8 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
             # Each half is held to the margin of the full search: with the margin of half the
             # rows a strict budget is often out of reach there, and the optimism would read 0.
             p = choose_thresholds(conf[:, fit], agree[:, fit], stage_cost, head_cost, budget,
-                                  confidence, bound_rows=n_eff, should_stop=should_stop)
+                                  confidence, bound_rows=n_eff, should_stop=should_stop,
+                                  allowed=allowed)
             _, a_fit = evaluate(conf[:, fit], agree[:, fit], stage_cost, head_cost, p.thresholds)
             _, a_held = evaluate(conf[:, held], agree[:, held], stage_cost, head_cost,
                                  p.thresholds)
@@ -239,9 +248,11 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     # Optimism shrinks like 1/sqrt(rows): a fit on all rows has about 1/sqrt(2) of a half's.
     optimism = max(0.0, sum(gaps) / len(gaps)) / math.sqrt(2)
     per_exit = choose_thresholds(conf, agree, stage_cost, head_cost, min(budget + optimism, 1.0),
-                                 confidence, bound_rows=n_eff, should_stop=should_stop)
+                                 confidence, bound_rows=n_eff, should_stop=should_stop,
+                                 allowed=allowed)
     single = choose_global_threshold(conf, agree, stage_cost, head_cost, budget, confidence,
-                                     should_stop=should_stop, effective_rows=n_eff)
+                                     should_stop=should_stop, effective_rows=n_eff,
+                                     allowed=allowed)
     return per_exit if per_exit.saving >= single.saving else single
 
 
@@ -260,7 +271,7 @@ def binomial_tail(errors: int, n: int, risk: float) -> float:
 
 
 def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int = 48,
-                   should_stop=None) -> List[List[float]]:
+                   should_stop=None, allowed=None) -> List[List[float]]:
     """An ordered family of threshold settings, most cautious first: the greedy search's moves
     (best saving per new disagreement), continued until agreement on these rows falls below
     ``floor``, merged with the single global threshold swept from high to low; sorted by the
@@ -268,11 +279,13 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     E, n = conf.shape
     path = [(evaluate(conf, agree, stage_cost, head_cost, [INF] * E)[0], [INF] * E)]
     path += [(s_, t) for t, s_, _ in greedy_path(conf, agree, stage_cost, head_cost,
-                                                 lambda a: a >= floor * n, grid, should_stop)]
+                                                 lambda a: a >= floor * n, grid, should_stop,
+                                                 allowed)]
     glob = torch.unique(torch.quantile(conf.flatten().float(), torch.linspace(0, 1, 4 * grid)))
     T = [[c] * E for c in glob.flip(0).tolist()]
     s_all, a_all = evaluate_many(conf, agree, stage_cost, head_cost, T)
-    path += [(s_, tt) for tt, s_, a in zip(T, s_all, a_all) if a >= floor * n]
+    if allowed is None or allowed((True,) * E):
+        path += [(s_, tt) for tt, s_, a in zip(T, s_all, a_all) if a >= floor * n]
     path.sort(key=lambda p: p[0])
     return [tt for _, tt in path]
 
@@ -280,7 +293,7 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
 def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                           head_cost: torch.Tensor, budget: float, confidence: float,
                           seed: int = 0, fit_share: float = 0.3, should_stop=None,
-                          effective_rows: float = 0) -> Plan:
+                          effective_rows: float = 0, allowed=None) -> Plan:
     """Learn-then-Test with fixed-sequence testing (Angelopoulos et al. 2021; CALM).
 
     A seeded ``fit_share`` of the rows orders a family of settings (``threshold_path``); the
@@ -291,6 +304,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     probability ``confidence`` the served setting's disagreement is below 1 - budget.
     ``effective_rows`` (0: all): the test counts rows and errors scaled to that many
     independent rows (correlated traffic, ``runtime/correlation.py``), errors rounded up.
+    ``allowed``: as in ``greedy_path``.
     """
     E, n = conf.shape
     risk = 1.0 - budget
@@ -304,7 +318,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
         return off
     floor = max(0.0, budget - 2 * (1 - budget))   # walk a little past the budget on the fit rows
     family = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
-                            should_stop=should_stop)
+                            should_stop=should_stop, allowed=allowed)
     m = len(test)
     chosen = None
     saving_c = agreeing_c = None

@@ -111,12 +111,19 @@ class ServingConfig:
                     the CPU when onnx and onnxruntime are installed and the stages export,
                     TorchScript otherwise (docs/latency.md has the measurements behind it).
                     The cost model's latency is measured in the backend chosen.
+    max_miss_overhead: a cap on what a row that misses every exit pays for passing the enabled
+                    heads, as a share of the backbone's time (measured at load in the backend
+                    chosen, ``CostModel.miss_overhead``), e.g. 0.05: calibration never enables a
+                    set of exits above it, so the slowest requests (the tail latency) stay
+                    within 5% of the backbone's. None: no cap (exits are chosen for saving only).
+                    A tiny backbone may allow no exit at all under a tight cap.
     """
 
     fast_after: int = 4000
     cuda_graphs: bool = True
     latency_weight: Optional[float] = None
     backend: str = "auto"
+    max_miss_overhead: Optional[float] = None
 
 
 @dataclass
@@ -216,6 +223,10 @@ class RuntimeConfig:
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
             raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
                               f"{self.serving.backend!r}")
+        cap = self.serving.max_miss_overhead
+        if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ConfigError(f"max_miss_overhead must be None (no cap) or a share above 0 such as "
+                              f"0.05, got {cap}")
         c = self.collect
         if c.holdout_block_rows < 1 or not 0 <= c.holdout_gap_rows < c.holdout_block_rows:
             raise ConfigError(f"holdout_block_rows must be at least 1 and holdout_gap_rows in "

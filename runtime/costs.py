@@ -31,6 +31,23 @@ class CostModel:
                 self.head_cost = (1 - w) * self.head_cost + w * lat_head / ref
         self._flops_cache = {}
 
+    def miss_overhead(self, enabled) -> float:
+        """Time a row that misses every enabled exit pays on top of the backbone, as a share of
+        the backbone's: the enabled heads' measured latency over the stages' (0 when nothing
+        was measured). An estimate at the profiled batch size; ``tools.latency_bench`` measures
+        the real one."""
+        if self.head_latency_ms is None:
+            return 0.0
+        heads = sum(ms for ms, on in zip(self.head_latency_ms, enabled) if on)
+        return heads / max(sum(self.stage_latency_ms), 1e-9)
+
+    def within_miss_cap(self, cap):
+        """The ``allowed`` test of ``runtime/calibrate.py`` for ``ServingConfig.max_miss_overhead``
+        (None: no cap, every set of exits allowed)."""
+        if cap is None:
+            return None
+        return lambda enabled: self.miss_overhead(enabled) <= cap
+
     def exit_flops(self, enabled: torch.Tensor) -> torch.Tensor:
         """FLOPs of a row leaving at each exit (last: the backbone), enabled heads it passed included."""
         key = enabled if isinstance(enabled, tuple) else tuple(bool(b) for b in enabled)

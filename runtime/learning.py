@@ -63,15 +63,20 @@ class LearningLoop:
         self.device = device
         self.design = design   # runtime/correlation.py: held-out rows count as n / deff
 
+    def confidences(self, head_logits, feats, teacher):
+        """(confidence, agrees) [E, n] of each head on held-out rows (the task's rule)."""
+        return head_confidences(head_logits, feats, teacher)
+
     def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
                should_stop=None) -> Plan:
         """Thresholds meeting ``budget`` on held-out rows (feats, teacher)."""
-        conf, agree = head_confidences(head_logits, feats, teacher)
+        conf, agree = self.confidences(head_logits, feats, teacher)
         g = self.config.guarantee
         rule = choose_thresholds_ltt if g.threshold_rule == "ltt" else choose_thresholds_corrected
         deff = 1.0 if self.design is None else max(1.0, self.design.value)
         return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
-                    round_seed, should_stop=should_stop, effective_rows=conf.shape[1] / deff)
+                    round_seed, should_stop=should_stop, effective_rows=conf.shape[1] / deff,
+                    allowed=self.costs.within_miss_cap(self.config.serving.max_miss_overhead))
 
     def calib_rows(self):
         return self.buffer.snapshot(CALIB, self.config.learning.max_calib_rows)
@@ -90,7 +95,7 @@ class LearningLoop:
             plan = self.choose(lambda e, f: self.learner.predict(e, f), cfeats, cteacher,
                                self.config.guarantee.plan_budget, self.config.seed + round_index,
                                should_stop)
-            conf, _ = head_confidences(lambda e, f: self.learner.predict(e, f), cfeats, cteacher)
+            conf, _ = self.confidences(lambda e, f: self.learner.predict(e, f), cfeats, cteacher)
             shares = tuple(exit_shares(conf, plan.thresholds))
         classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(len(self.exits)))
         thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)

@@ -126,3 +126,35 @@ def test_rows_repeated_count_as_the_rows_they_are_worth():
         assert rule(conf, agree, stage, head, 0.99, 0.95).saving > 0, rule.__name__
         plan = rule(conf, agree, stage, head, 0.99, 0.95, effective_rows=n / 16)
         assert plan.thresholds == [INF] * conf.shape[0], rule.__name__
+
+
+def test_a_cap_on_the_miss_path_limits_the_exits_every_rule_enables():
+    """``allowed`` (ServingConfig.max_miss_overhead): no rule serves a set of exits outside it,
+    and without it the same rows enable more."""
+    from runtime.calibrate import choose_thresholds_ltt
+    conf, agree, stage, head = _traffic(n=6000)
+    at_most_one = lambda enabled: sum(enabled) <= 1   # noqa: E731
+    rules = (choose_thresholds, choose_global_threshold, choose_thresholds_corrected,
+             choose_thresholds_ltt)
+    for choose in rules:
+        free = choose(conf, agree, stage, head, 0.97, 0.95)
+        capped = choose(conf, agree, stage, head, 0.97, 0.95, allowed=at_most_one)
+        assert sum(t != INF for t in free.thresholds) > 1, choose.__name__
+        assert sum(t != INF for t in capped.thresholds) <= 1, choose.__name__
+        assert capped.saving <= free.saving + 1e-12, choose.__name__
+    nothing = choose_thresholds_ltt(conf, agree, stage, head, 0.97, 0.95,
+                                    allowed=lambda enabled: not any(enabled))
+    assert nothing.thresholds == [INF] * conf.shape[0]
+
+
+def test_the_miss_overhead_is_the_enabled_heads_measured_time_over_the_stages():
+    from runtime.costs import CostModel
+    manifest = {"total_flops": 10.0, "stage_flops": [4.0, 3.0, 3.0],
+                "exits": [{"head": {"flops": 0.1}}, {"head": {"flops": 0.1}}]}
+    costs = CostModel(manifest, 0.0, (torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64),
+                                      torch.tensor([0.1, 0.3], dtype=torch.float64)))
+    assert abs(costs.miss_overhead((True, False)) - 0.025) < 1e-12
+    assert abs(costs.miss_overhead((True, True)) - 0.1) < 1e-12
+    assert costs.within_miss_cap(None) is None
+    cap = costs.within_miss_cap(0.05)
+    assert cap((True, False)) and not cap((False, True)) and cap((False, False))

@@ -311,6 +311,29 @@ def test_settings_are_set_by_name_and_checked():
         runtime.RuntimeConfig().with_overrides(epoch=2)
     with pytest.raises(runtime.ConfigError, match="agreement_budget must be in"):
         runtime.RuntimeConfig().with_overrides(agreement_budget=1.5)
+    for bad in (0, -0.1, float("nan"), float("inf"), "5%"):
+        with pytest.raises(runtime.ConfigError, match="max_miss_overhead must be None"):
+            runtime.RuntimeConfig().with_overrides(max_miss_overhead=bad)
+
+
+def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traffic, monkeypatch):
+    """With ``max_miss_overhead`` the enabled heads never cost a row that misses them all more
+    than the cap. Latency is pinned (every stage 1 ms, every head 0.04 of the backbone), so a
+    5% cap allows exactly one exit on at a time."""
+    import runtime.core
+
+    def pinned(stages, heads, *args, **kwargs):
+        return (torch.ones(len(stages), dtype=torch.float64),
+                torch.full((len(heads),), 0.04 * len(stages), dtype=torch.float64))
+    monkeypatch.setattr(runtime.core, "profile", pinned)
+    rt = runtime.load(teacher_artifact, background=False, max_miss_overhead=0.05, **STABLE)
+    seen = set()
+    for i in range(0, len(traffic[0]), BATCH):
+        rt.predict(traffic[0][i:i + BATCH])
+        seen.add(rt.state.enabled_key)
+    assert {sum(key) for key in seen} == {0, 1}
+    assert all(rt.costs.miss_overhead(key) <= 0.05 for key in seen)
+    rt.close()
 
 
 def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifact, traffic,
