@@ -319,6 +319,35 @@ class OnnxRuntimeBackend:
         return torch.tensor(stage_ms, dtype=torch.float64), torch.tensor(head_ms,
                                                                          dtype=torch.float64)
 
+    def miss_profile(self, classifiers, reps: int = 15) -> torch.Tensor:
+        """Per exit, what a row pays at batch 1 when that exit alone is on and the row misses
+        it, as a share of the backbone session's time: the head, the decision and the session
+        boundary (two sessions instead of one). Turns interleaved; the minimum over ``reps``."""
+        x = np.random.default_rng(0).standard_normal((1,) + self._input_shape()) \
+            .astype(np.float32)
+        never = np.float32(exit_rule.DISABLED_THRESHOLD)
+        split = []
+        for e in range(self.num_exits):
+            split.append((_session(self._segment(0, e, e, classifiers[e]), self.threads),
+                          _session(self._segment(e + 1, self.num_exits, None), self.threads)))
+
+        def missed(first, rest):
+            h, _, conf = first.run(None, {"x": x})
+            if not exit_rule.leaves_np(conf, never)[0]:
+                rest.run(None, {"x": h})
+
+        best = [float("inf")] * (self.num_exits + 1)
+        for _ in range(reps + 1):   # the first pass warms up
+            for k in range(self.num_exits + 1):
+                t0 = time.perf_counter()
+                if k == self.num_exits:
+                    self.backbone.run(None, {"x": x})
+                else:
+                    missed(*split[k])
+                best[k] = min(best[k], time.perf_counter() - t0)
+        base = best[-1]
+        return torch.tensor([max(b - base, 0.0) / base for b in best[:-1]], dtype=torch.float64)
+
     def _input_shape(self):
         shape = self.stage_models[0].graph.input[0].type.tensor_type.shape
         return tuple(d.dim_value for d in shape.dim[1:])

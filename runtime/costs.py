@@ -13,7 +13,8 @@ class CostModel:
     FLOPs saved, the figure users read, always comes from FLOPs (``flops_of``).
     """
 
-    def __init__(self, manifest: dict, latency_weight: float = 0.0, latency_ms=None):
+    def __init__(self, manifest: dict, latency_weight: float = 0.0, latency_ms=None,
+                 miss_share=None):
         exits = manifest["exits"]
         self.total_flops = float(manifest["total_flops"])
         self.stage_flops = torch.tensor(manifest["stage_flops"], dtype=torch.float64)
@@ -29,13 +30,19 @@ class CostModel:
                 ref = lat_stage.sum()
                 self.stage_cost = (1 - w) * self.stage_cost + w * lat_stage / ref
                 self.head_cost = (1 - w) * self.head_cost + w * lat_head / ref
+        # per exit, a missing row's extra time as a share of the backbone's (measured at batch 1
+        # in the onnxruntime backend, ``backends.miss_profile``); None: read from latency_ms
+        self.miss_share = None if miss_share is None else [float(v) for v in miss_share]
         self._flops_cache = {}
 
     def miss_overhead(self, enabled) -> float:
         """Time a row that misses every enabled exit pays on top of the backbone, as a share of
-        the backbone's: the enabled heads' measured latency over the stages' (0 when nothing
-        was measured). An estimate at the profiled batch size; ``tools.latency_bench`` measures
-        the real one."""
+        the backbone's: the sum of each enabled exit's ``miss_share`` (measured at batch 1,
+        where a head weighs most; the sum overstates a little, as exits share boundaries), or
+        without it the heads' profiled latency over the stages' (0 when nothing was measured).
+        ``tools.latency_bench`` measures the real figure."""
+        if self.miss_share is not None:
+            return sum(v for v, on in zip(self.miss_share, enabled) if on)
         if self.head_latency_ms is None:
             return 0.0
         heads = sum(ms for ms, on in zip(self.head_latency_ms, enabled) if on)

@@ -125,3 +125,14 @@ def test_bad_backend_settings_say_what_to_do(teacher_artifact, monkeypatch):
         warnings.simplefilter("ignore")
         rt = runtime.load(teacher_artifact, background=False)   # auto: falls back
     assert rt.stats()["backend"] == "torchscript"
+
+
+def test_the_miss_path_is_measured_per_exit_against_the_backbone_session(exits_on):
+    """``miss_profile``: per exit, the extra share of the backbone's time a row pays when only
+    that exit is on and it misses it (what ``max_miss_overhead`` caps)."""
+    rt = runtime.load(exits_on, backend="onnxruntime", **FIXED)
+    share = rt.backend.miss_profile(list(rt.state.classifiers), reps=3)
+    assert share.shape == (rt.num_exits,)
+    assert bool(torch.isfinite(share).all()) and bool((share >= 0).all())
+    assert float(share.sum()) > 0   # a head and a session boundary are never free
+    rt.close()
