@@ -79,7 +79,11 @@ class LearningLoop:
                     allowed=self.costs.within_miss_cap(self.config.serving.max_miss_overhead))
 
     def calib_rows(self):
-        return self.buffer.snapshot(CALIB, self.config.learning.max_calib_rows)
+        """The most recent held-out rows, ``max_calib_rows`` independent rows' worth: with
+        correlated traffic (design effect d) up to d times as many rows, so a long camera
+        stream can gather the independent evidence a strict budget needs."""
+        deff = 1.0 if self.design is None else max(1.0, self.design.value)
+        return self.buffer.snapshot(CALIB, int(self.config.learning.max_calib_rows * deff))
 
     def run(self, round_index: int, should_stop) -> Optional[Proposal]:
         """Train and calibrate; None when too few rows have arrived yet."""

@@ -91,3 +91,21 @@ def test_hold_out_takes_whole_blocks_and_trains_on_nothing_next_to_them():
             near |= set(range(8 * b + 5, 8 * b + 8))
         assert not near & kept, f"training rows of block {b} next to a held-out block are kept"
         assert rows - near <= kept
+
+
+def test_a_round_reads_held_out_rows_worth_max_calib_rows_independent_ones():
+    """With a design effect d, calibration reads up to d * max_calib_rows held-out rows (the
+    bound counts each as 1/d), so correlated traffic can still gather enough evidence."""
+    from types import SimpleNamespace
+
+    from runtime.buffer import CALIB, FeatureBuffer
+    from runtime.config import RuntimeConfig
+    from runtime.learning import LearningLoop
+
+    buf = FeatureBuffer([4], 3, 1.0)
+    buf.add([torch.zeros(1000, 4)], torch.zeros(1000, 3), torch.full((1000,), CALIB))
+    cfg = RuntimeConfig().with_overrides(max_calib_rows=100)
+    for deff, rows in ((1.0, 100), (4.0, 400), (0.5, 100), (16.0, 1000)):
+        loop = LearningLoop(None, buf, None, cfg, [], [], torch.device("cpu"),
+                            design=SimpleNamespace(value=deff))
+        assert loop.calib_rows()[1].shape[0] == rows, deff
