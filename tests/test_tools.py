@@ -162,3 +162,28 @@ def test_calibration_check_measures_each_rule_and_the_ceilings():
     for r in res:
         assert r["draws"] == 3 and 0 <= r["violations"] <= 3
         assert r["saving_median"] <= ceil["hindsight"] + 0.02   # chosen on 1,500, judged on the rest
+
+
+def test_other_scores_rank_rows_and_the_learned_one_finds_a_planted_signal():
+    """tools.calibration_check --scores: every alternative confidence has one value per exit
+    and row; where agreement hides in a feature max softmax ignores (this exit agrees with the
+    previous one), the learned agreement score ranks rows better than max softmax."""
+    from tools.calibration_check import other_scores
+    g = torch.Generator().manual_seed(0)
+    n, K = 4000, 5
+    teacher = torch.randn(n, K, generator=g)
+    target = teacher.argmax(1)
+    prev = torch.where(torch.rand(n, generator=g) < 0.7, target, torch.randint(K, (n,), generator=g))
+    lucky = prev == target           # exit 1 agrees exactly where exit 0 did
+    cur = torch.where(lucky, target, (target + 1) % K)
+    logits = [torch.nn.functional.one_hot(prev, K).float() * 2,
+              torch.nn.functional.one_hot(cur, K).float() * 2 + 0.1 * torch.randn(n, K, generator=g)]
+    fit = torch.arange(n) < n // 2
+    out = other_scores(logits, teacher, fit)
+    assert set(out) == {"margin", "ensemble", "learned agreement"}
+    for conf, agree in out.values():
+        assert conf.shape == (2, n) and bool(torch.isfinite(conf).all())
+        assert agree is None or agree.shape == (2, n)
+    learned = out["learned agreement"][0][1, ~fit]
+    agrees = lucky[~fit]
+    assert float(learned[agrees].mean()) > float(learned[~agrees].mean()) + 0.5

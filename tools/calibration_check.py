@@ -26,9 +26,9 @@ RULES = {
 }
 
 
-def pool_scores(artifact: str, learn_rows: int, seed: int):
-    """(conf, agree, stage_cost, head_cost) [E, n] of heads learned online on the first
-    ``learn_rows`` test rows, scored on the rest."""
+def pool_logits(artifact: str, learn_rows: int, seed: int):
+    """(each head's logits [n, K] per exit, the backbone's [n, K], stage_cost, head_cost) of
+    heads learned online on the first ``learn_rows`` test rows, on the rest of the rows."""
     import runtime
     from tools.data import load_fashion_mnist
     x, _ = load_fashion_mnist("test", size=28, channels=1)
@@ -47,12 +47,56 @@ def pool_scores(artifact: str, learn_rows: int, seed: int):
                 h = rt.stages[e](h)
                 feats[e].append(rt.heads[e].features(h))
             teach.append(rt.stages[-1](h))
-    feats = [torch.cat(f) for f in feats]
-    teacher = torch.cat(teach)
-    from runtime.learning import head_confidences
-    conf, agree = head_confidences(lambda e, f: rt.learner.predict(e, f), feats, teacher)
+        logits = [rt.learner.predict(e, torch.cat(f)).float() for e, f in enumerate(feats)]
     rt.close()
-    return conf, agree, rt.costs.stage_cost, rt.costs.head_cost
+    return logits, torch.cat(teach), rt.costs.stage_cost, rt.costs.head_cost
+
+
+def pool_scores(logits, teacher):
+    """(conf, agree) [E, n] by the exit rule's confidence."""
+    from runtime.learning import head_confidences
+    return head_confidences(lambda e, f: logits[e], logits, teacher)
+
+
+def other_scores(logits, teacher, fit):
+    """Alternative confidences [E, n] a head could exit on, to see whether any ranks rows
+    better than the exit rule's: the softmax margin; a log-probability ensemble with the
+    earlier exits (decay 0.5; its answer replaces the head's); and a learned agreement score
+    (logistic regression, fitted on the rows ``fit``, on each exit's and the earlier exits'
+    top probability, margin, entropy, agreement with this exit and softmax)."""
+    target = teacher.argmax(1)
+    P = [torch.softmax(z, 1) for z in logits]
+    top2 = [p.topk(2, 1).values for p in P]
+    out = {"margin": (torch.stack([t[:, 0] - t[:, 1] for t in top2]), None)}
+    acc, ens = torch.zeros_like(logits[0]), []
+    for z in logits:
+        acc = 0.5 * acc + torch.log_softmax(z, 1)
+        ens.append(torch.softmax(acc, 1))
+    out["ensemble"] = (torch.stack([q.amax(1) for q in ens]),
+                       torch.stack([q.argmax(1) == target for q in ens]))
+    learned = []
+    for k in range(len(P)):
+        cols = []
+        for j in range(k + 1):
+            ent = -(P[j] * P[j].clamp_min(1e-12).log()).sum(1)
+            cols += [top2[j][:, 0], top2[j][:, 0] - top2[j][:, 1], ent,
+                     (P[j].argmax(1) == P[k].argmax(1)).float()]
+        X = torch.cat([torch.stack(cols, 1), P[k]], 1)
+        X = (X - X[fit].mean(0)) / (X[fit].std(0) + 1e-6)
+        y = (P[k].argmax(1) == target).float()
+        w = torch.zeros(X.shape[1] + 1, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200)
+
+        def loss():
+            opt.zero_grad()
+            v = torch.nn.functional.binary_cross_entropy_with_logits(X[fit] @ w[1:] + w[0], y[fit]) \
+                + 1e-3 * (w[1:] ** 2).sum()
+            v.backward()
+            return v
+        opt.step(loss)
+        learned.append(torch.sigmoid(X @ w[1:] + w[0]).detach())
+    out["learned agreement"] = (torch.stack(learned), None)
+    return out
 
 
 def ceilings_of(conf, agree, sc, hc, budgets):
@@ -115,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/calibration_check.json")
+    ap.add_argument("--scores", action="store_true",
+                    help="also the hindsight ceilings of other confidences a head could exit on "
+                         "(margin, an ensemble with earlier exits, a learned agreement score)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     artifact = args.artifact
@@ -123,19 +170,34 @@ def main(argv=None) -> int:
         artifact = demo_artifact("out/calibration_check/demo.cached.pt")
         if artifact is None:
             return 2
-    conf, agree, sc, hc = pool_scores(artifact, args.learn_rows, args.seed)
+    logits, teacher, sc, hc = pool_logits(artifact, args.learn_rows, args.seed)
+    conf, agree = pool_scores(logits, teacher)
     print(f"pool: {conf.shape[1]} rows, {conf.shape[0]} exits; head agreement "
           f"{[round(float(a), 3) for a in agree.double().mean(1)]}", flush=True)
-    ceilings = ceilings_of(conf, agree, sc, hc, [float(b) for b in args.budgets.split(",")])
+    budgets = [float(b) for b in args.budgets.split(",")]
+    ceilings = ceilings_of(conf, agree, sc, hc, budgets)
     for b, c in ceilings.items():
         print(f"ceilings at {b}: oracle of these heads {100 * c['oracle']:.1f}%, best threshold "
               f"setting chosen in hindsight on the whole pool (no bound) {100 * c['hindsight']:.1f}%",
               flush=True)
+    scores = {}
+    if args.scores:   # fitted on the first half of the pool, ceilings on the second
+        n = conf.shape[1]
+        fit, rest = torch.arange(n) < n // 2, torch.arange(n) >= n // 2
+        alt = {"max softmax (the exit rule)": (conf, agree)}
+        alt.update({k: (c.double(), agree if a is None else a)
+                    for k, (c, a) in other_scores(logits, teacher, fit).items()})
+        for name, (c, a) in alt.items():
+            scores[name] = ceilings_of(c[:, rest], a[:, rest], sc, hc, budgets)
+            print(f"score {name:28s} hindsight (second half): " + ", ".join(
+                f"{100 * v['hindsight']:.1f}% at {b}" for b, v in scores[name].items())
+                + f"; oracle {100 * next(iter(scores[name].values()))['oracle']:.1f}%", flush=True)
     res = run(conf, agree, sc, hc, [float(b) for b in args.budgets.split(",")], args.confidence,
               [int(m) for m in args.calib_rows.split(",")], args.draws, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
-                                          "ceilings": ceilings, "results": res}, indent=1))
+                                          "ceilings": ceilings, "scores": scores,
+                                          "results": res}, indent=1))
     return 0
 
 
