@@ -162,12 +162,16 @@ def summarise(ts_reps, rows: int) -> dict:
             "per_request_ms": [round(float(x), 4) for x in med]}
 
 
-def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int) -> dict:
-    """runtime.predict while it learns (background) vs the backbone's best mode, per window."""
+def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int,
+           settings: dict = None) -> dict:
+    """runtime.predict while it learns (background; runtime ``settings``) vs the backbone's
+    best mode on the same requests, turn by turn, per window of ``window_rows`` rows; with
+    the median slowdown of the requests whose rows all missed every exit."""
     import runtime
-    rt = runtime.load(rt_path, background=True, seed=0)
+    rt = runtime.load(rt_path, background=True, seed=0, **(settings or {}))
+    E = rt.num_exits
     reqs = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
-    pt, bt, windows = [], [], []
+    pt, bt, missed, windows = [], [], [], []
     with torch.no_grad():
         for k, r in enumerate(reqs):
             a = r.numpy()
@@ -175,24 +179,41 @@ def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int)
             for o in order:
                 t0 = time.perf_counter()
                 if o == 0:
-                    rt.predict(r)
+                    _, ex = rt.predict(r, return_exits=True)
                     pt.append((time.perf_counter() - t0) * 1e3)
                 else:
                     best_fn(r, a)
                     bt.append((time.perf_counter() - t0) * 1e3)
+            missed.append(bool((ex == E).all()))
             if len(pt) * batch >= window_rows or k == len(reqs) - 1:
                 st = rt.stats()
+                ratios = np.array(pt) / np.array(bt)
+                miss = ratios[np.array(missed)]
                 windows.append({"rows_end": (k + 1) * batch, "predict_p50": float(np.median(pt)),
                                 "backbone_p50": float(np.median(bt)),
                                 "predict_p99": float(np.percentile(pt, 99)),
                                 "backbone_p99": float(np.percentile(bt, 99)),
                                 "ratio_p50": float(np.median(pt) / np.median(bt)),
+                                "missed_requests": int(len(miss)),
+                                "missed_ratio_p50": float(np.median(miss)) if len(miss) else None,
                                 "rounds": st["learning"]["rounds"],
                                 "exits_on": sum(st["enabled"]),
                                 "plan": rt.state.compiled is not None})
-                pt, bt = [], []
+                pt, bt, missed = [], [], []
     rt.close()
-    return {"batch": batch, "window_rows": window_rows, "windows": windows}
+    return {"batch": batch, "window_rows": window_rows, "settings": settings or {},
+            "windows": windows}
+
+
+def _settings(text: str) -> dict:
+    """'max_miss_overhead=0.05,shadow_rate=0.1' as runtime settings (numbers or None)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        value = value.strip()
+        out[key.strip()] = None if value == "None" else \
+            int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
 
 
 def main(argv=None) -> int:
@@ -207,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-stream", action="store_true", help="leave the learning stream out")
     p.add_argument("--stream-batch", type=int, default=16)
     p.add_argument("--stream-rows", type=int, default=10000)
+    p.add_argument("--stream-settings", default="",
+                   help="runtime settings for the learning stream, e.g. max_miss_overhead=0.05")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -275,15 +298,18 @@ def main(argv=None) -> int:
         src = args.artifact.replace(".learned.pt", ".cached.pt")
         if os.path.isfile(src):
             fresh = src
-        s = stream(fresh, variants[best][1], x[:args.stream_rows], args.stream_batch, 1000)
+        s = stream(fresh, variants[best][1], x[:args.stream_rows], args.stream_batch, 1000,
+                   _settings(args.stream_settings))
         s["against"] = best
         result["stream"] = s
         print(f"\nruntime.predict along a learning stream (background, batch "
               f"{args.stream_batch}, from {fresh}) vs {best}:")
         for w in s["windows"]:
             print(f"  rows {w['rows_end']:6d}: predict p50 {w['predict_p50']:7.3f} ms, backbone "
-                  f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}); rounds {w['rounds']}, "
-                  f"exits on {w['exits_on']}, plan {w['plan']}")
+                  f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}); requests missing "
+                  f"every exit {w['missed_requests']}" + (
+                      f" ({w['missed_ratio_p50'] - 1:+.1%})" if w["missed_ratio_p50"] else "") +
+                  f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}")
     (out / "latency.json").write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out / 'latency.json'}")
     return 0
