@@ -1,6 +1,6 @@
 """Run one request against the immutable serving state: split the batch at confident exits."""
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -62,7 +62,8 @@ class ServingState:
 class Served:
     """One request's answer and what it taught.
 
-    out, exit_of: the answer per row, in input order, and the exit each row left at.
+    out, exit_of: the answer per row, in input order (the task's: logits [n, K] or a list of
+                  per-frame detections), and the exit each row left at.
     features:     per exit, pooled features of the rows that ran the whole backbone (None
                   when the request was not collected).
     teacher:      the backbone's output for those rows.
@@ -70,7 +71,7 @@ class Served:
     shadow_exit:  for a shadow request, per row: the exit it would have left at.
     """
 
-    out: torch.Tensor
+    out: Union[torch.Tensor, list]
     exit_of: torch.Tensor
     features: Optional[List[torch.Tensor]] = None
     teacher: Optional[torch.Tensor] = None

@@ -2,10 +2,12 @@
 
 A task says what the backbone's output is and what a head learns from it (``teacher``), how
 confident an exit is (``confidence``, always a ``compiler.exit_rule`` function), when an exit's
-answer agrees with the backbone's (``agrees``), and how a request's answer is put together from
-the rows that left at exits and the rows that ran the whole model (``assemble``). The budget,
-calibration and its bound, shadow checks, drift and the cost model read only these, so they
-are the same code for both tasks (``head_confidences`` below is what calibration consumes).
+answer agrees with the backbone's (``agrees``), how a request's answer is put together from
+the rows that left at exits and the rows that ran the whole model (``assemble``), and which
+class each row of it answers (``answers``, for the design effect). The budget, calibration and
+its bound, shadow checks, drift and the cost model read only these, so they are the same code
+for both tasks (``head_confidences`` below is what calibration consumes; ``task_for`` the task
+of a manifest).
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -32,6 +34,11 @@ class Task:
         """bool [n]: would an exit whose head gave ``logits`` answer what the backbone did."""
         raise NotImplementedError
 
+    def answers(self, output) -> torch.Tensor:
+        """[n, head classes]: each row's answer as the argmax of its row (what the design effect
+        counts), given the answer ``assemble`` put together."""
+        raise NotImplementedError
+
     def assemble(self, n: int, exited: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                  rest: torch.Tensor, backbone_out, like: torch.Tensor):
         """The answer for n rows in input order: ``exited`` holds (rows, head logits) per exit
@@ -53,6 +60,9 @@ class ClassificationTask(Task):
 
     def agrees(self, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1) == teacher.argmax(1)
+
+    def answers(self, output: torch.Tensor) -> torch.Tensor:
+        return output
 
     def assemble(self, n, exited, rest, backbone_out, like):
         k = backbone_out.shape[1] if backbone_out is not None else exited[0][1].shape[1]
@@ -103,6 +113,9 @@ class DetectionTask(Task):
     def agrees(self, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return teacher.argmax(1) == self.NOTHING
 
+    def answers(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.found(dets).long(), 2)
+
     @staticmethod
     def empty(like: torch.Tensor) -> Dict[str, torch.Tensor]:
         """No detection, in torchvision's format."""
@@ -115,6 +128,13 @@ class DetectionTask(Task):
         for r, d in zip(rest.tolist(), backbone_out or []):
             out[r] = d
         return [d if d is not None else self.empty(like) for d in out]
+
+
+def task_for(manifest: dict) -> Task:
+    """The task a checked manifest declares, with its settings."""
+    if manifest.get("task") == DetectionTask.name:
+        return DetectionTask(manifest["score_threshold"])
+    return ClassificationTask()
 
 
 def task_of_artifact(path) -> str:
