@@ -1,0 +1,433 @@
+"""Runtime: what every task's runtime shares (learning rounds, publishing, drift, stats, saving)."""
+import collections
+import copy
+import io
+import logging
+import threading
+import time
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from compiler import artifact
+from compiler.errors import ArtifactError
+
+from .buffer import FeatureBuffer
+from .calibrate import INF
+from .collect import Collector
+from .config import RuntimeConfig
+from .correlation import DesignEffect
+from .costs import CostModel
+from .drift import ALARM, DriftMonitor
+from .learner import HeadLearner, NonFiniteRound, RoundCancelled
+from .learning import LearnerThread, LearningLoop
+from .serving import Served, ServingState
+from .stats import Counters
+from .tasks import task_for
+
+log = logging.getLogger("layer_cache.runtime")
+
+
+class InputError(ValueError):
+    """A request the runtime will not serve; the message says what is wrong with it."""
+
+
+def head_classifier(spec: dict, weights: dict) -> nn.Sequential:
+    """An exit's classifier as its head ``spec`` builds it, with ``weights`` (a state dict)
+    loaded, in eval mode."""
+    k, d, hidden = spec["num_classes"], spec["feature_dim"], spec["hidden"]
+    clf = nn.Sequential(*([nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k)] if hidden
+                          else [nn.Linear(d, k)]))
+    clf.load_state_dict(weights)
+    return clf.eval()
+
+
+def _classifier_from(spec: dict, scripted) -> nn.Sequential:
+    """A scripted head's classifier as a plain module on the CPU."""
+    return head_classifier(spec, {n: p.detach().clone().cpu()
+                                  for n, p in scripted.state_dict().items()})
+
+
+class Runtime:
+    """An artifact in production, whatever its task (``self.task``, ``runtime/tasks.py``):
+    ``predict`` answers, the exits learn from what it serves.
+
+    A subclass opens its artifact (``_open``), checks a request and serves it (``predict``,
+    ``_run``) and says what else it reports (``_report``); the rest is here. One lock orders
+    publishing against drift: a state is swapped whole under it, and a round's proposal is
+    dropped if drift struck after the round began (``generation``).
+    """
+
+    def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None):
+        self.config = config or RuntimeConfig()
+        self.config.validate()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ArtifactError("device 'cuda' asked for but CUDA is not available; use device='cpu'")
+        self.path = str(path)
+        self.module, self.manifest = self._open()
+        self.task = task_for(self.manifest)
+        self.exits = self.manifest["exits"]
+        self.num_exits = len(self.exits)
+        self.input_shape = tuple(self.manifest["input_shape"][1:])
+        blocks = [getattr(self.module.blocks, str(i)) for i in range(self.num_exits)]
+        self.stages = [b.stage for b in blocks] + [self.module.final]
+        self.heads = [b.head for b in blocks]
+        scripted_stages = list(self.stages)
+        specs = [e["head"] for e in self.exits]
+        classifiers = tuple(_classifier_from(s, b.head.classifier).to(self.device)
+                            for s, b in zip(specs, blocks))
+        thresholds = tuple(float(b.threshold) if bool(b.enabled) else INF for b in blocks)
+        self.costs = self._build_serving(classifiers)
+        self.learner = HeadLearner(list(classifiers), self.config.seed)
+        if self.manifest.get("runtime", {}).get("learned"):
+            self.learner.adopt([c.cpu() for c in classifiers])
+        classes = int(self.manifest["num_classes"])   # the heads' classes, in either task
+        self.buffer = FeatureBuffer([s["feature_dim"] for s in specs], classes,
+                                    self.config.collect.buffer_mb)
+        self.collector = Collector(self.buffer, self.config.collect, self.config.seed)
+        self.design = DesignEffect(classes)   # calibration and drift count rows as n / deff
+        self.loop = self._make_loop(scripted_stages)
+        self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget,
+                                  self.design)
+        self.counters = Counters(self.num_exits)
+
+        self._lock = threading.Lock()          # orders publish, drift and the round counters
+        self._learn_lock = threading.Lock()    # one round at a time
+        self._generation = 0                   # bumped by every drift alarm
+        self._norm_generation = 0
+        self._pending = 0
+        self._rounds = 0
+        self._rounds_discarded = 0
+        self._rounds_failed = 0
+        self._rounds_nonfinite = 0
+        self._last_error = None
+        self._round_seconds = collections.deque(maxlen=100)  # bounded: runs for days
+        self._train_seconds = 0.0
+        self._learning = False
+        self._paused = False
+        self._closed = False
+        self._delegate = None                  # replica mode: see CachedRuntime.delegate_learning
+        self._state = self._first_state(classifiers, thresholds)
+        self._thread = LearnerThread(self) if self.config.background else None
+
+    @classmethod
+    def open(cls, path: str, device="cpu", background: bool = True,
+             config: Optional[RuntimeConfig] = None, **overrides) -> "Runtime":
+        """This runtime on ``path``; ``overrides`` set RuntimeConfig fields by name."""
+        config = (config or RuntimeConfig()).with_overrides(background=background, **overrides)
+        return cls(path, device, config)
+
+    # ----- what a task's runtime says -----------------------------------------------------------
+    def _open(self):
+        """(module, manifest) of the artifact at ``self.path``, checked."""
+        raise NotImplementedError
+
+    def _build_serving(self, classifiers) -> CostModel:
+        """The cost model (FLOPs only here), after building what the serving path needs."""
+        return CostModel(self.manifest)
+
+    def _make_loop(self, scripted_stages) -> LearningLoop:
+        """The learning rounds' loop."""
+        return LearningLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
+                            scripted_stages, self.device, self.design)
+
+    def _first_state(self, classifiers, thresholds) -> ServingState:
+        """The serving state of the artifact as loaded."""
+        return ServingState(classifiers, thresholds)
+
+    def _compile(self, classifiers, thresholds, whole: bool):
+        """A state's plan in a faster backend; None: this runtime has none."""
+        return None
+
+    def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
+        """Serve one checked request under ``state``."""
+        raise NotImplementedError
+
+    def _collect(self, served: Served, shadow: bool, any_enabled: bool, rows: int):
+        """Buffer what a request taught (``Collector.add``). ``rows``, the request's size, is not
+        read here: only the rows that ran the whole model advance the hold-out blocks' clock."""
+        self.collector.add(served.features, served.teacher, shadow, any_enabled)
+
+    def _report(self, state: ServingState) -> dict:
+        """What ``stats()`` adds to the counters, read under the lock."""
+        raise NotImplementedError
+
+    def _saved(self) -> dict:
+        """What ``save`` adds to the manifest's ``runtime`` record."""
+        return {}
+
+    # ----- compatibility views of the cost model ----------------------------------------------
+    @property
+    def stage_flops(self):
+        return self.costs.stage_flops
+
+    @property
+    def head_flops(self):
+        return self.costs.head_flops
+
+    @property
+    def total_flops(self):
+        return self.costs.total_flops
+
+    @property
+    def stage_cost(self):
+        return self.costs.stage_cost
+
+    @property
+    def head_cost(self):
+        return self.costs.head_cost
+
+    @property
+    def state(self) -> ServingState:
+        """The serving state in force now (immutable)."""
+        return self._state
+
+    # ----- serving ------------------------------------------------------------------------------
+    def _serve(self, x: torch.Tensor, state: ServingState, learn: bool = True) -> Served:
+        """One checked request under ``state``: shadow or collect it, serve it (``_run``), then
+        count it, feed drift and maybe start a round; ``learn``: it may teach the heads."""
+        t0 = time.perf_counter()
+        rate = self.config.guarantee.shadow_rate
+        if (self.drift if self._delegate is None else self._delegate).in_doubt:
+            rate = max(rate, self.config.drift.doubt_shadow_rate)
+        shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
+        served = self._run(state, x, shadow, collect and learn)
+        latency = (time.perf_counter() - t0) * 1e3
+        self.design.observe(self.task.answers(served.out))
+        if served.features is not None:
+            self._collect(served, shadow, state.any_enabled, x.shape[0])
+        self._account(state, served, latency)
+        self._maybe_learn(x.shape[0])
+        return served
+
+    def __call__(self, x):
+        return self.predict(x)
+
+    def _account(self, state: ServingState, served: Served, latency: float):
+        E = self.num_exits
+        if served.exit_of.shape[0] == 1:  # one row: no bincount
+            counts = [0] * (E + 1)
+            counts[int(served.exit_of[0])] = 1
+        else:
+            counts = torch.bincount(served.exit_of.cpu(), minlength=E + 1).tolist()
+        self.counters.record(counts, self.costs.flops_of(counts, state.enabled_key), latency,
+                             self._learning, served.shadow_ok, served.shadow_exit)
+        would = counts if served.shadow_exit is None else \
+            torch.bincount(served.shadow_exit.cpu(), minlength=E + 1).tolist()
+        if self._delegate is not None:
+            self._delegate.observe(state.version, would, served.shadow_ok)
+        else:
+            self.observe(state.version, would, served.shadow_ok)
+
+    def observe(self, version: int, exit_counts, shadow_ok) -> bool:
+        """Feed the drift monitor one request served under state ``version``: rows per exit
+        (for a shadow request, where they would have left) and, if shadowed, each row's
+        agreement. Requests served under an older state are ignored. True if the alarm struck.
+
+        ``predict`` calls it; the learner of ``runtime.scaleout`` calls it with its replicas'
+        requests, so one monitor watches the pooled traffic.
+        """
+        state = self._state
+        if version != state.version:
+            return False  # a newer state is in force: this request says nothing about it
+        verdict = self.drift.observe(exit_counts, shadow_ok)
+        if verdict.state == ALARM:
+            self._on_drift(state, verdict)
+            return True
+        return False
+
+    def _on_drift(self, seen: ServingState, verdict):
+        """Live agreement fell below the budget: every exit off now, forget old traffic, relearn."""
+        with self._lock:
+            if self._state.version != seen.version:
+                return  # another thread already acted on this state
+            self._generation += 1
+            self._state = seen.exits_off(self._generation)
+            self.drift.reset(None)
+        self.counters.forget_shadow()
+        self.buffer.clear()
+        log.warning("drift: %s; exits off, relearning from new traffic", verdict.reason)
+
+    # ----- learning -----------------------------------------------------------------------------
+    def _maybe_learn(self, n):
+        if self._delegate is not None:
+            return
+        with self._lock:
+            self._pending += n
+            due = self._pending >= self.config.learning.train_every
+        if due and not self._paused:
+            if self._thread is not None:
+                self._thread.wake.set()
+                return
+            try:
+                self.learn()
+            except Exception:  # counted in stats(); the request was answered, serving goes on
+                log.exception("learning round failed; exits keep their previous state")
+
+    def _should_stop(self) -> bool:
+        return self._thread is not None and self._thread.stop.is_set()
+
+    def learn(self) -> bool:
+        """One learning round: distil heads on recent rows, re-choose thresholds, publish.
+
+        Runs inline in synchronous mode and in the learner thread otherwise. Returns True when
+        a new serving state was published. A round that began before a drift alarm is dropped;
+        a round that raises leaves serving on the previous state and is counted in ``stats()``.
+        """
+        if self._paused or self._closed or self._delegate is not None:
+            return False
+        with self._learn_lock:
+            with self._lock:
+                self._pending = 0
+                generation, round_index = self._generation, self._rounds
+                restart = self._norm_generation != generation
+                self._norm_generation = generation
+            if restart:  # traffic changed: standardise features on the new traffic
+                self.learner.reset_normalisation()
+            self._learning = True
+            t0 = time.perf_counter()
+            try:
+                proposal = self.loop.run(round_index, self._should_stop)
+            except RoundCancelled:
+                return False
+            except NonFiniteRound as e:
+                with self._lock:
+                    self._rounds_nonfinite += 1
+                    self._last_error = f"{type(e).__name__}: {e}"
+                log.warning("learning round discarded: %s; exits keep their previous state", e)
+                return False
+            except Exception as e:
+                with self._lock:
+                    self._rounds_failed += 1
+                    self._last_error = f"{type(e).__name__}: {e}"
+                raise
+            finally:
+                self._learning = False
+                self._round_seconds.append(time.perf_counter() - t0)
+            if proposal is None:
+                return False
+            self._train_seconds += time.perf_counter() - t0
+            return self._publish(proposal, generation)
+
+    def _publish(self, p, generation: int) -> bool:
+        compiled = self._compile(p.classifiers, p.thresholds, p.fast is not None)
+        with self._lock:
+            if generation != self._generation:
+                self._rounds_discarded += 1
+                log.info("learning round dropped: drift struck while it ran")
+                return False
+            self._rounds += 1
+            self._state = ServingState(p.classifiers, p.thresholds, self._state.version + 1,
+                                       generation, p.fast, p.exit_shares, p.plan, compiled)
+            self.drift.reset(p.exit_shares)
+        if p.plan:
+            log.info("round %d: exits %s, expected saving %.1f%%, agreement %.4f (bound %.4f, %d "
+                     "held-out rows)", self._rounds,
+                     [round(t, 4) if t != INF else "off" for t in p.thresholds],
+                     100 * p.plan.saving, p.plan.agreement, p.plan.lower_bound, p.plan.n)
+        return True
+
+    def pause_learning(self):
+        """Stop starting rounds (serving and collection go on); a round in progress finishes."""
+        self._paused = True
+
+    def resume_learning(self):
+        self._paused = False
+
+    @property
+    def learning_paused(self) -> bool:
+        return self._paused
+
+    # ----- monitoring ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters since load: traffic, exits, live agreement, FLOPs saved, latency, learning."""
+        out = self.counters.snapshot(self.costs.total_flops)
+        with self._lock:
+            out.update(self._report(self._state))
+        return out
+
+    def _state_report(self, state: ServingState) -> dict:
+        """The serving state's part of ``stats()``."""
+        plan = state.plan
+        return {"thresholds": [None if t == INF else t for t in state.thresholds],
+                "enabled": [t != INF for t in state.thresholds],
+                "state_version": state.version,
+                "plan": None if plan is None else {"saving": plan.saving,
+                                                   "agreement": plan.agreement,
+                                                   "lower_bound": plan.lower_bound,
+                                                   "calib_rows": plan.n}}
+
+    def _learning_report(self) -> dict:
+        """``stats()["learning"]``: rounds, their failures and time, rows trained and buffered."""
+        rounds = list(self._round_seconds)
+        return {"rounds": self._rounds, "rounds_discarded": self._rounds_discarded,
+                "rounds_failed": self._rounds_failed,
+                "rounds_nonfinite": self._rounds_nonfinite, "last_error": self._last_error,
+                "paused": self._paused,
+                "round_seconds_last": rounds[-1] if rounds else None,
+                "round_seconds_max": max(rounds) if rounds else None,
+                "rows_trained": self.learner.rows,
+                "train_flops": self.learner.flops, "train_seconds": self._train_seconds,
+                "buffer_rows": self.buffer.size,
+                "buffer_capacity": self.buffer.capacity,
+                "buffer_rows_rejected": self.buffer.rows_rejected}
+
+    # ----- persistence --------------------------------------------------------------------------
+    def _standalone_thresholds(self, state: ServingState) -> tuple:
+        """Thresholds for serving with no shadow rows (a saved artifact, its ONNX export): held to
+        the full agreement budget rather than ``plan_budget``, on the capped held-out rows.
+
+        With no plan (no round chose these thresholds) they are the artifact's own, which the
+        save that wrote them already held to the full budget, or all off: kept as they are.
+        """
+        if state.plan is None or not state.any_enabled or self.config.guarantee.shadow_rate <= 0:
+            return state.thresholds
+        cfeats, cteacher = self.loop.calib_rows()
+        if cteacher.shape[0] < self.config.learning.min_calib:
+            return (INF,) * self.num_exits
+        plan = self.loop.choose(lambda e, f: state.classifiers[e](f.to(self.device)), cfeats,
+                                cteacher, self.config.guarantee.agreement_budget,
+                                self.config.seed + state.version)
+        return tuple(plan.thresholds)
+
+    def save(self, path: str):
+        """Write the serving state's heads, thresholds and flags into an artifact, atomically.
+
+        Reads one serving state (immutable), so a round publishing meanwhile cannot mix in.
+        """
+        state = self._state
+        thresholds = self._standalone_thresholds(state)
+        blob = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(self.module, blob)
+            blob.seek(0)
+            module = torch.jit.load(blob, map_location="cpu")  # a private copy: serving goes on
+        for e in range(self.num_exits):
+            blk = getattr(module.blocks, str(e))
+            blk.head.classifier.load_state_dict({k: v.cpu() for k, v in
+                                                 state.classifiers[e].state_dict().items()})
+            artifact.set_exit(blk, thresholds[e])
+        manifest = copy.deepcopy(self.manifest)
+        manifest["runtime"] = {"learned": True, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "agreement_budget": self.config.guarantee.agreement_budget,
+                               "thresholds": [None if t == INF else t for t in thresholds],
+                               "state_version": state.version, **self._saved()}
+        artifact.save(module, manifest, path)
+
+    def close(self):
+        """Stop learning within a second, abandoning a round in progress; serving still works."""
+        self._closed = True
+        if self._thread is not None:
+            if not self._thread.close():
+                log.warning("learner thread still busy after %.0f s; left to finish as a daemon",
+                            LearnerThread.JOIN_SECONDS)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
