@@ -24,11 +24,18 @@ class Collector:
         self._roles = {}
 
     def decide(self, any_enabled: bool, shadow_rate: float, fast_available: bool):
-        """(shadow, collect) for one request."""
+        """(shadow, collect) for one request: shadowed requests teach; before any exit is on,
+        a ``warmup_collect_rate`` share teaches; with exits on, every request teaches until
+        the whole-model path serves, then a ``collect_rate`` share."""
         with self._lock:
             shadow = any_enabled and torch.rand(1, generator=self._gen).item() < shadow_rate
-            if shadow or not fast_available:
-                return shadow, True
+            if shadow:
+                return True, True
+            if not any_enabled and self.config.warmup_collect_rate < 1.0:
+                return False, torch.rand(1, generator=self._gen).item() < \
+                    self.config.warmup_collect_rate
+            if not fast_available:
+                return False, True
             return False, torch.rand(1, generator=self._gen).item() < self.config.collect_rate
 
     GROUP = 20   # blocks dealt out together: exactly round(calib_fraction * 20) of them held out

@@ -52,6 +52,11 @@ class CollectConfig:
                     on); once exits are on, the shadow rows (the unbiased ones) calibrate.
     collect_rate:   once the scripted fast path serves, this share of the other requests still
                     takes the staged path so rows that reach the backbone keep teaching the heads.
+    warmup_collect_rate: while no exit is on, this share of requests teaches (the backbone plus
+                    every exit's pooled features, about +20% time); the others run the bare
+                    backbone. 1.0 learns fastest; below 0.5 the median request costs what the
+                    backbone does while the first rounds run, and exits switch on about
+                    1/rate times later (docs/latency.md).
     holdout_block_rows, holdout_gap_rows: before any exit is on, rows are held out in whole
                     blocks of this many consecutive rows, and training rows within
                     ``holdout_gap_rows`` of a held-out block are not kept at all: a camera's
@@ -62,6 +67,7 @@ class CollectConfig:
     buffer_mb: float = 256.0
     calib_fraction: float = 0.3
     collect_rate: float = 0.1
+    warmup_collect_rate: float = 1.0
     holdout_block_rows: int = 64
     holdout_gap_rows: int = 16
 
@@ -218,9 +224,13 @@ class RuntimeConfig:
             raise ConfigError(f"confidence must be in [0.5, 1), got {g.confidence}")
         for name, v in (("shadow_rate", g.shadow_rate), ("calib_fraction", self.collect.calib_fraction),
                         ("collect_rate", self.collect.collect_rate),
+                        ("warmup_collect_rate", self.collect.warmup_collect_rate),
                         ("doubt_shadow_rate", self.drift.doubt_shadow_rate)):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if self.collect.warmup_collect_rate <= 0.0:
+            raise ConfigError("warmup_collect_rate must be above 0 (at 0 nothing would ever "
+                              "teach the exits); 1.0 learns fastest")
         if g.threshold_rule not in ("ltt", "crossfit"):
             raise ConfigError(f"threshold_rule must be 'ltt' or 'crossfit', got {g.threshold_rule!r}")
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):

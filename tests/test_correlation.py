@@ -109,3 +109,25 @@ def test_a_round_reads_held_out_rows_worth_max_calib_rows_independent_ones():
         loop = LearningLoop(None, buf, None, cfg, [], [], torch.device("cpu"),
                             design=SimpleNamespace(value=deff))
         assert loop.calib_rows()[1].shape[0] == rows, deff
+
+
+def test_warmup_collect_rate_samples_which_requests_teach_before_exits_are_on():
+    """Before any exit is on, a ``warmup_collect_rate`` share of requests teaches (the others
+    run the bare backbone); once exits are on the rate no longer applies."""
+    import pytest
+
+    from runtime.buffer import FeatureBuffer
+    from runtime.collect import Collector
+    from runtime.config import CollectConfig, ConfigError, RuntimeConfig
+
+    buf = FeatureBuffer([4], 3, 1.0)
+    col = Collector(buf, CollectConfig(warmup_collect_rate=0.3), seed=0)
+    taught = [col.decide(False, 0.05, False) for _ in range(2000)]
+    assert not any(s for s, _ in taught)
+    assert 0.25 < sum(c for _, c in taught) / 2000 < 0.35
+    assert all(c for _, c in (col.decide(True, 0.0, False) for _ in range(100)))
+    every = Collector(buf, CollectConfig(), seed=0)
+    assert all(c for _, c in (every.decide(False, 0.05, False) for _ in range(100)))
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(ConfigError, match="warmup_collect_rate"):
+            RuntimeConfig().with_overrides(warmup_collect_rate=bad)
