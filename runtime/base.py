@@ -186,6 +186,11 @@ class Runtime:
         return self._state
 
     # ----- serving ------------------------------------------------------------------------------
+    def predict(self, x, return_exits: bool = False):
+        """The answer per row, in input order; with ``return_exits`` also each row's exit
+        (``num_exits``: the whole model). Checks ``x``, then ``_serve``."""
+        raise NotImplementedError
+
     def _serve(self, x: torch.Tensor, state: ServingState, learn: bool = True) -> Served:
         """One checked request under ``state``: shadow or collect it, serve it (``_run``), then
         count it, feed drift and maybe start a round; ``learn``: it may teach the heads."""
