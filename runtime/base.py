@@ -132,7 +132,7 @@ class Runtime:
     def _make_loop(self, scripted_stages) -> LearningLoop:
         """The learning rounds' loop."""
         return LearningLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
-                            scripted_stages, self.device, self.design)
+                            scripted_stages, self.device, self.design, self.task)
 
     def _first_state(self, classifiers, thresholds) -> ServingState:
         """The serving state of the artifact as loaded."""

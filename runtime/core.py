@@ -24,7 +24,8 @@ from .config import RuntimeConfig
 from .costs import CostModel, profile
 from .cuda_graphs import GraphedStage
 from .guard import InputGuard
-from .serving import Served, ServingState, serve_collected, serve_fast, serve_plan, serve_staged
+from .serving import (Served, ServingState, serve_backbone, serve_collected, serve_fast,
+                      serve_plan, serve_staged)
 from .tasks import task_of_artifact
 
 log = logging.getLogger("layer_cache.runtime")
@@ -53,9 +54,12 @@ class CachedRuntime(Runtime):
         w = self.config.serving.latency_weight
         if w is None:
             w = 0.5 if self.config.background else 0.0
+        miss = None   # each exit's miss overhead, measured only when a cap needs it
+        if self.config.serving.max_miss_overhead is not None and self.backend is not None:
+            miss = self.backend.miss_profile(list(classifiers))
         return CostModel(self.manifest, w, profile(self.stages, self.heads, classifiers,
                                                    self.input_shape, self.device,
-                                                   backend=self.backend))
+                                                   backend=self.backend), miss)
 
     def _first_state(self, classifiers, thresholds) -> ServingState:
         fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" else None
@@ -139,10 +143,7 @@ class CachedRuntime(Runtime):
         state = self._state
         off = ServingState(state.classifiers, (INF,) * self.num_exits, state.version,
                            state.generation)
-        if self.backend is not None:
-            served = serve_collected(self.backend, off, x, False, False)
-        else:
-            served = serve_staged(self.stages, self.heads, off, x, False, False)
+        served = self._run(off, x, False, False)
         counts = [0] * self.num_exits + [x.shape[0]]
         self.counters.record(counts, self.costs.flops_of(counts, off.enabled_key),
                              (time.perf_counter() - t0) * 1e3, self._learning)
@@ -157,6 +158,8 @@ class CachedRuntime(Runtime):
         when it neither teaches nor is shadowed, else stage by stage."""
         if state.compiled is not None and state.compiled.whole and not shadow and not collect:
             served = serve_plan(state, x)
+        elif self.backend is not None and not state.any_enabled and not collect:
+            served = serve_backbone(self.backend, x)
         elif state.fast is not None and not shadow and not collect:
             served = serve_fast(state, x)
         elif self.backend is not None:

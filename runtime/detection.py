@@ -21,11 +21,11 @@ from compiler import artifact, exit_rule
 from compiler.errors import ArtifactError
 
 from .base import InputError, Runtime
-from .calibrate import INF, choose_thresholds_corrected, choose_thresholds_ltt, exit_shares
+from .calibrate import INF
 from .config import RuntimeConfig
-from .learning import LearningLoop, Proposal
+from .learning import LearningLoop
 from .serving import Served, ServingState
-from .tasks import Task, head_confidences
+from .tasks import Task
 
 def load_artifact(path: str, map_location=None):
     """(module, manifest) of a detection artifact: the manifest checked by
@@ -107,42 +107,11 @@ def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torc
 
 
 class DetectionLoop(LearningLoop):
-    """``LearningLoop`` with the task's confidences: distil, calibrate, propose (no fused path)."""
+    """``LearningLoop`` for detectors: the same rounds (the task gives confidence and
+    agreement), with no fused whole-model path to build."""
 
-    def __init__(self, *args, task: Task, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.task = task
-
-    def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
-               should_stop=None):
-        """``LearningLoop.choose`` with the task's confidence and agreement: the same rule, the
-        same bound, held-out frames counted as frames / design effect."""
-        conf, agree = head_confidences(self.task, head_logits, feats, teacher)
-        g = self.config.guarantee
-        rule = choose_thresholds_ltt if g.threshold_rule == "ltt" else choose_thresholds_corrected
-        deff = 1.0 if self.design is None else max(1.0, self.design.value)
-        return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
-                    round_seed, should_stop=should_stop, effective_rows=conf.shape[1] / deff)
-
-    def run(self, round_index: int, should_stop) -> Optional[Proposal]:
-        cfg = self.config.learning
-        feats, teacher = self.buffer.snapshot(0, cfg.max_train_rows)
-        if teacher.shape[0] < cfg.min_train:
-            return None
-        self.learner.train(feats, teacher, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
-                           should_stop=should_stop)
-        cfeats, cteacher = self.calib_rows()
-        plan, shares = None, None
-        predict = lambda e, f: self.learner.predict(e, f)   # noqa: E731
-        if cteacher.shape[0] >= cfg.min_calib:
-            plan = self.choose(predict, cfeats, cteacher, self.config.guarantee.plan_budget,
-                               self.config.seed + round_index, should_stop)
-            conf, _ = head_confidences(self.task, predict, cfeats, cteacher)
-            shares = tuple(exit_shares(conf, plan.thresholds))
-        classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(len(self.exits)))
-        thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)
-        return Proposal(classifiers, thresholds, plan, shares if plan and plan.saving > 0 else None,
-                        None, teacher.shape[0], cteacher.shape[0])
+    def fast_module(self, classifiers, thresholds):
+        return None
 
 
 class DetectionRuntime(Runtime):
@@ -154,7 +123,7 @@ class DetectionRuntime(Runtime):
 
     def _make_loop(self, scripted_stages) -> DetectionLoop:
         return DetectionLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
-                             scripted_stages, self.device, self.design, task=self.task)
+                             scripted_stages, self.device, self.design, self.task)
 
     # ----- serving ------------------------------------------------------------------------------
     def _check(self, x) -> torch.Tensor:

@@ -5,7 +5,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Optional
 
 import torch
 
@@ -17,6 +17,7 @@ from .calibrate import INF, Plan, choose_thresholds_corrected, choose_thresholds
 from .config import RuntimeConfig
 from .costs import CostModel
 from .learner import HeadLearner
+from .tasks import ClassificationTask, Task, head_confidences
 
 log = logging.getLogger("layer_cache.runtime")
 
@@ -34,26 +35,13 @@ class Proposal:
     calib_rows: int
 
 
-def head_confidences(head_logits: Callable, feats: List[torch.Tensor], teacher: torch.Tensor):
-    """(confidence, agrees) [E, n] of each head on held-out rows, by the exit rule's confidence."""
-    from compiler import exit_rule
-    target = teacher.argmax(1)
-    confs, agrees = [], []
-    with torch.no_grad():
-        for e, f in enumerate(feats):
-            logits = head_logits(e, f).float().cpu()
-            confs.append(exit_rule.confidence(logits))
-            agrees.append(logits.argmax(1) == target)
-    return torch.stack(confs).double(), torch.stack(agrees)
-
-
 class LearningLoop:
     """One round: the most recent ``max_train_rows`` training rows distil the heads, the most
     recent ``max_calib_rows`` held-out rows choose thresholds, and a serving state is proposed."""
 
     def __init__(self, learner: HeadLearner, buffer: FeatureBuffer, costs: CostModel,
                  config: RuntimeConfig, exits: list, scripted_stages: list, device,
-                 design=None):
+                 design=None, task: Task = None):
         self.learner = learner
         self.buffer = buffer
         self.costs = costs
@@ -62,10 +50,11 @@ class LearningLoop:
         self.scripted_stages = scripted_stages
         self.device = device
         self.design = design   # runtime/correlation.py: held-out rows count as n / deff
+        self.task = task or ClassificationTask()   # runtime/tasks.py: confidence and agreement
 
     def confidences(self, head_logits, feats, teacher):
         """(confidence, agrees) [E, n] of each head on held-out rows (the task's rule)."""
-        return head_confidences(head_logits, feats, teacher)
+        return head_confidences(self.task, head_logits, feats, teacher)
 
     def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
                should_stop=None) -> Plan:

@@ -142,6 +142,12 @@ def serve_plan(state: ServingState, x: torch.Tensor) -> Served:
     return Served(torch.from_numpy(out), torch.from_numpy(exit_of))
 
 
+def serve_backbone(backend, x: torch.Tensor) -> Served:
+    """No exit on and nothing to learn from the request: the onnxruntime backbone session."""
+    out = torch.from_numpy(backend.run_backbone(x.numpy()))
+    return Served(out, torch.full((x.shape[0],), backend.num_exits, dtype=torch.long))
+
+
 def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
                     collect: bool) -> Served:
     """The onnxruntime backend's path for requests that teach or are shadowed.

@@ -208,18 +208,21 @@ def test_cli_compiles_a_pickled_detector(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
 
 
-def test_classification_task_matches_the_classification_runtime():
-    """The task interface's classification half reads rows as runtime.learning does."""
-    from runtime import learning
+def test_classification_task_matches_the_exit_rule():
+    """The task interface's classification half reads rows by the exit rule: confidence is the
+    largest softmax probability, and a head agrees on the backbone's class."""
+    from compiler import exit_rule
     from runtime.tasks import ClassificationTask, DetectionTask, head_confidences
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(50, 6, generator=g) for _ in range(3)]
     teacher = torch.randn(50, 4, generator=g)
     heads = [torch.randn(6, 4, generator=g) for _ in range(3)]
     logits = lambda e, f: f @ heads[e]   # noqa: E731
-    want = learning.head_confidences(logits, feats, teacher)
-    got = head_confidences(ClassificationTask(), logits, feats, teacher)
-    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    conf, agree = head_confidences(ClassificationTask(), logits, feats, teacher)
+    for e in range(3):
+        z = logits(e, feats[e])
+        assert torch.equal(conf[e], exit_rule.confidence(z).double())
+        assert torch.equal(agree[e], z.argmax(1) == teacher.argmax(1))
     # Detection: confidence is P(nothing); an exit agrees exactly where the detector found nothing.
     task = DetectionTask(0.5)
     dets = [{"scores": torch.tensor([0.2, 0.7])}, {"scores": torch.tensor([0.49])},

@@ -326,7 +326,9 @@ def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traf
         return (torch.ones(len(stages), dtype=torch.float64),
                 torch.full((len(heads),), 0.04 * len(stages), dtype=torch.float64))
     monkeypatch.setattr(runtime.core, "profile", pinned)
-    rt = runtime.load(teacher_artifact, background=False, max_miss_overhead=0.05, **STABLE)
+    rt = runtime.load(teacher_artifact, background=False, max_miss_overhead=0.05,
+                      backend="torchscript", **STABLE)
+    assert rt.costs.miss_share is None   # measured per exit only in the onnxruntime backend
     seen = set()
     for i in range(0, len(traffic[0]), BATCH):
         rt.predict(traffic[0][i:i + BATCH])
@@ -334,6 +336,14 @@ def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traf
     assert {sum(key) for key in seen} == {0, 1}
     assert all(rt.costs.miss_overhead(key) <= 0.05 for key in seen)
     rt.close()
+    pytest.importorskip("onnxruntime")
+    measured = runtime.load(teacher_artifact, background=False, max_miss_overhead=0.05,
+                            backend="onnxruntime", **STABLE)
+    assert len(measured.costs.miss_share) == measured.num_exits
+    measured.close()
+    uncapped = runtime.load(teacher_artifact, background=False, backend="onnxruntime", **STABLE)
+    assert uncapped.costs.miss_share is None   # no cap: nothing extra measured at load
+    uncapped.close()
 
 
 def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifact, traffic,
@@ -548,3 +558,18 @@ def test_heads_keep_learning_once_the_fast_path_is_on(teacher_artifact, traffic,
     reached = int((exits == rt.num_exits).sum())
     assert reached > 0
     assert after - before == (reached if collect_rate == 1.0 else 0)
+
+
+def test_before_exits_are_on_requests_that_do_not_teach_run_the_bare_backbone(
+        teacher_artifact, traffic, reference):
+    """``warmup_collect_rate``: the other requests get the backbone's answer without the
+    exits' features, and only the teaching share reaches the buffer."""
+    rt = runtime.load(teacher_artifact, background=False, warmup_collect_rate=0.3,
+                      train_every=10 ** 9, **STABLE)
+    x = traffic[0][:2000]
+    out, exits = stream(rt, x, batch=10)
+    assert torch.allclose(out, reference(x), atol=1e-4)
+    assert bool((exits == rt.num_exits).all())
+    kept = rt.buffer.size
+    assert 0.2 * len(x) < kept < 0.4 * len(x)
+    rt.close()

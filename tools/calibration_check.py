@@ -54,8 +54,8 @@ def pool_logits(artifact: str, learn_rows: int, seed: int):
 
 def pool_scores(logits, teacher):
     """(conf, agree) [E, n] by the exit rule's confidence."""
-    from runtime.learning import head_confidences
-    return head_confidences(lambda e, f: logits[e], logits, teacher)
+    from runtime.tasks import ClassificationTask, head_confidences
+    return head_confidences(ClassificationTask(), lambda e, f: logits[e], logits, teacher)
 
 
 def other_scores(logits, teacher, fit):
