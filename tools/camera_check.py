@@ -43,6 +43,9 @@ BATCH = 16
 CHECK_EVERY = 8          # imagenet: the backbone runs on every row of every 8th request too
 
 
+SETTINGS = {}   # runtime settings for every stream (--runtime-settings)
+
+
 def _compile(argv) -> None:
     from compiler.rewrite import main as rewrite_main
     with contextlib.redirect_stdout(io.StringIO()):
@@ -87,7 +90,8 @@ def _second_half_windows(rec, size=500):
 def run_fashion(path, reference, cam, order: str, seed: int, budget: float) -> dict:
     import runtime
     from tools.experiment import stream, summarise
-    rt = runtime.load(str(path), background=False, seed=seed, agreement_budget=budget)
+    rt = runtime.load(str(path), background=False, seed=seed, agreement_budget=budget,
+                      **SETTINGS)
     total = float(rt.costs.total_flops)
     t0 = time.perf_counter()
     if order == "camera":
@@ -226,6 +230,12 @@ def imagenet_latency(learned: Path, eager, ps, out: Path, seed: int, n1: int, n1
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
     variants["backbone frozen TorchScript"] = lambda x: frozen(x)
     variants["backbone eager"] = lambda x: eager(x)
+    import runtime   # the runtime's own serving path, as production runs it (not learning)
+    served = runtime.load(str(learned), background=False, seed=seed, train_every=10 ** 12)
+    if served.state.compiled is not None:
+        plan = served.state.compiled
+        variants["cache onnxruntime backend (plan)"] = lambda x: plan.run(x.numpy())
+    variants["cache runtime.predict (not learning)"] = lambda x: served.predict(x)
 
     g = torch.Generator().manual_seed(seed)
     half = len(ps) // 2
@@ -245,6 +255,7 @@ def imagenet_latency(learned: Path, eager, ps, out: Path, seed: int, n1: int, n1
             if bs == 1:
                 entry["exit_of_request"] = [int(cached.forward_with_exits(r)[1][0]) for r in reqs]
             res[f"batch{bs}"] = entry
+    served.close()
     return res
 
 
@@ -273,7 +284,8 @@ def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tu
     for name in orders:
         order = None if name == "camera" else \
             torch.randperm(len(ps), generator=torch.Generator().manual_seed(seed))
-        rt = runtime.load(str(cpath), background=False, seed=seed, agreement_budget=budget)
+        rt = runtime.load(str(cpath), background=False, seed=seed, agreement_budget=budget,
+                          **SETTINGS)
         total = float(rt.costs.total_flops)
         t0 = time.perf_counter()
         rec, checked, mismatch = serve_photos(rt, reference, ps, args.photo_batch, order)
@@ -344,11 +356,16 @@ def main(argv=None) -> int:
     p.add_argument("--imagenet-orders", default=None,
                    help="photo stream orders for part (b): camera, shuffled (default both; "
                         "quick: camera)")
+    p.add_argument("--runtime-settings", default="",
+                   help="runtime settings for every stream, e.g. max_miss_overhead=0.1")
     p.add_argument("--latency-from", default="camera",
                    help="part (b): time the artifact saved after this order's stream")
     p.add_argument("--imagenet-seeds", default=None,
                    help="seeds for part (b) (default: the first of --seeds)")
     args = p.parse_args(argv)
+    from tools.latency_bench import _settings
+    SETTINGS.clear()
+    SETTINGS.update(_settings(args.runtime_settings))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.ERROR, format="  %(message)s")
