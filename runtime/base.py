@@ -44,7 +44,7 @@ def head_classifier(spec: dict, weights: dict) -> nn.Sequential:
     return clf.eval()
 
 
-def _classifier_from(spec: dict, scripted) -> nn.Sequential:
+def classifier_from(spec: dict, scripted) -> nn.Sequential:
     """A scripted head's classifier as a plain module on the CPU."""
     return head_classifier(spec, {n: p.detach().clone().cpu()
                                   for n, p in scripted.state_dict().items()})
@@ -77,7 +77,7 @@ class Runtime:
         self.heads = [b.head for b in blocks]
         scripted_stages = list(self.stages)
         specs = [e["head"] for e in self.exits]
-        classifiers = tuple(_classifier_from(s, b.head.classifier).to(self.device)
+        classifiers = tuple(classifier_from(s, b.head.classifier).to(self.device)
                             for s, b in zip(specs, blocks))
         thresholds = tuple(float(b.threshold) if bool(b.enabled) else INF for b in blocks)
         self.costs = self._build_serving(classifiers)

@@ -18,7 +18,6 @@ from compiler import artifact
 
 from .backends import BackendError, OnnxRuntimeBackend, resolve
 from .base import InputError, Runtime, head_classifier
-from .base import _classifier_from  # noqa: F401  tools/latency_bench.py imports it from here
 from .calibrate import INF
 from .config import RuntimeConfig
 from .costs import CostModel, profile

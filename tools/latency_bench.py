@@ -65,7 +65,7 @@ def build_variants(args, out: Path):
     from compiler import artifact
     from compiler.export import export_onnx
     from runtime.backends import OnnxRuntimeBackend
-    from runtime.core import _classifier_from
+    from runtime.base import classifier_from
 
     v = {}
     # --- backbone modes
@@ -104,7 +104,7 @@ def build_variants(args, out: Path):
     E = len(manifest["exits"])
     blocks = [getattr(module.blocks, str(i)) for i in range(E)]
     stages = [b.stage for b in blocks] + [module.final]
-    classifiers = [_classifier_from(e["head"], b.head.classifier)
+    classifiers = [classifier_from(e["head"], b.head.classifier)
                    for e, b in zip(manifest["exits"], blocks)]
     thresholds = [float(b.threshold) if bool(b.enabled) else float("inf") for b in blocks]
     backend = OnnxRuntimeBackend(stages, manifest["exits"], manifest["input_shape"][1:],
