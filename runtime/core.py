@@ -39,6 +39,17 @@ class CachedRuntime(Runtime):
         self.guard = InputGuard(self.config.guard)
         self.guard.seed(self.manifest.get("runtime", {}).get("input_scale_median"))
         self._yield_gate = threading.Lock()
+        # Under max_miss_overhead, a model none of whose exits fits the cap can never switch one
+        # on: requests then stop teaching (they would pay the teaching path for nothing).
+        cap = self.config.serving.max_miss_overhead
+        E = self.num_exits
+        self.exits_possible = cap is None or any(
+            self.costs.miss_overhead([j == e for j in range(E)]) <= cap for e in range(E))
+        if not self.exits_possible:
+            cheapest = min(self.costs.miss_overhead([j == e for j in range(E)]) for e in range(E))
+            log.warning("max_miss_overhead=%g allows no exit on this model (the cheapest adds "
+                        "%.1f%% to a request that misses it): serving the backbone only, "
+                        "nothing learned; raise the cap to let exits on", cap, 100 * cheapest)
 
     def _open(self):
         return artifact.load(self.path, map_location=self.device)
@@ -130,9 +141,9 @@ class CachedRuntime(Runtime):
         if self._learning and self._thread is not None and not state.any_enabled and \
                 self.config.learning.yield_until_exits:
             with self._yield_gate:   # one request at a time while the first rounds run
-                served = self._serve(x, self._state, verdict.learn)
+                served = self._serve(x, self._state, verdict.learn and self.exits_possible)
         else:
-            served = self._serve(x, state, verdict.learn)
+            served = self._serve(x, state, verdict.learn and self.exits_possible)
         return (served.out, served.exit_of) if return_exits else served.out
 
     def _predict_outside(self, x, return_exits):
@@ -217,6 +228,7 @@ class CachedRuntime(Runtime):
     def _report(self, state: ServingState) -> dict:
         return {"exit_names": [e["name"] for e in self.exits] + ["backbone"],
                 "backend": "torchscript" if self.backend is None else self.backend.name,
+                "exits_possible": self.exits_possible,
                 "stage_latency_ms": self.costs.stage_latency_ms,
                 "head_latency_ms": self.costs.head_latency_ms,
                 **self._state_report(state),

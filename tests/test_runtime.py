@@ -573,3 +573,27 @@ def test_before_exits_are_on_requests_that_do_not_teach_run_the_bare_backbone(
     kept = rt.buffer.size
     assert 0.2 * len(x) < kept < 0.4 * len(x)
     rt.close()
+
+
+def test_a_cap_no_exit_fits_serves_the_backbone_and_teaches_nothing(teacher_artifact, traffic,
+                                                                     reference, monkeypatch,
+                                                                     caplog):
+    """Under a ``max_miss_overhead`` below every exit's cost no exit can ever switch on, so no
+    request pays the teaching path: the backbone answers, the buffer stays empty, a warning
+    says so once and ``stats()`` reports it."""
+    import runtime.core
+
+    def pinned(stages, heads, *args, **kwargs):
+        return (torch.ones(len(stages), dtype=torch.float64),
+                torch.full((len(heads),), 0.04 * len(stages), dtype=torch.float64))
+    monkeypatch.setattr(runtime.core, "profile", pinned)
+    with caplog.at_level("WARNING", logger="layer_cache.runtime"):
+        rt = runtime.load(teacher_artifact, background=False, max_miss_overhead=0.01,
+                          backend="torchscript", **STABLE)
+    assert sum("allows no exit" in r.getMessage() for r in caplog.records) == 1
+    x = traffic[0][:1500]
+    out, exits = stream(rt, x)
+    assert torch.allclose(out, reference(x), atol=1e-4)
+    assert bool((exits == rt.num_exits).all())
+    assert rt.buffer.size == 0 and rt.stats()["exits_possible"] is False
+    rt.close()
