@@ -71,20 +71,19 @@ class Collector:
             if any_enabled:
                 role = torch.full((n,), CALIB if shadow else TRAIN, dtype=torch.long)
                 keep = None
-            else:
+            else:   # rows start .. start + n - 1, block by block (plain ints: cheap per request)
                 B, G = self.config.holdout_block_rows, self.config.holdout_gap_rows
-                pos = torch.arange(start, start + n)
                 role = torch.empty(n, dtype=torch.long)
                 keep = torch.ones(n, dtype=torch.bool)
-                for b in torch.unique(pos // B).tolist():
-                    here = (pos // B) == b
+                for b in range(start // B, (start + n - 1) // B + 1):
+                    lo, hi = max(b * B, start) - start, min((b + 1) * B, start + n) - start
                     held = self._held_out(b)
-                    role[here] = CALIB if held else TRAIN
+                    role[lo:hi] = CALIB if held else TRAIN
                     if G and not held:   # training rows next to a held-out block are not kept
                         if b > 0 and self._held_out(b - 1):
-                            keep &= ~(here & (pos % B < G))
+                            keep[lo:max(lo, min(hi, b * B + G - start))] = False
                         if self._held_out(b + 1):
-                            keep &= ~(here & (pos % B >= B - G))
+                            keep[max(lo, (b + 1) * B - G - start):hi] = False
         if keep is not None and not bool(keep.all()):
             features = [f[keep] for f in features]
             teacher, role = teacher[keep], role[keep]
