@@ -4,6 +4,7 @@ Each head's classifier is trained on standardised pooled features; on publish th
 standardisation is folded into the first Linear so the head reads raw features again.
 """
 import copy
+import time
 from typing import List
 
 import torch
@@ -100,6 +101,7 @@ class HeadLearner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                time.sleep(0)   # let a waiting serving thread take the GIL between steps
         bad = [i for i, m in enumerate(work) if not all(bool(torch.isfinite(p).all())
                                                         for p in m.parameters())]
         bad += [i for i in range(len(work)) if not (bool(torch.isfinite(mean[i]).all())
