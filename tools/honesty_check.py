@@ -28,7 +28,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0-19", help="e.g. 0-19 or 0,3,5")
     ap.add_argument("--budget", type=float, default=0.99)
-    ap.add_argument("--rule", choices=("crossfit", "ltt"), default="crossfit")
+    ap.add_argument("--rule", choices=("crossfit", "ltt"), default="ltt",
+                    help="the threshold rule (default: the runtime's, ltt)")
+    ap.add_argument("--runtime-settings", default="",
+                    help="more runtime settings, e.g. fast_after=2000,shadow_rate=0.1")
     ap.add_argument("--artifact", default=None, help="compiled artifact (default: the demo's)")
     ap.add_argument("--out", default=None, help="JSON file (default: out/honesty/RULE-BUDGET.json)")
     args = ap.parse_args(argv)
@@ -42,6 +45,8 @@ def main(argv=None) -> int:
         artifact = demo_artifact("out/honesty/demo.cached.pt")
         if artifact is None:
             return 2
+    from tools.latency_bench import _settings
+    settings = _settings(args.runtime_settings)
     x, y = load_fashion_mnist("test", size=28, channels=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -49,7 +54,7 @@ def main(argv=None) -> int:
     runs = []
     for seed in seeds_of(args.seeds):
         rt = runtime.load(artifact, background=False, seed=seed, agreement_budget=args.budget,
-                          threshold_rule=args.rule)
+                          threshold_rule=args.rule, **settings)
         rec = stream(rt, reference, x, y, 16, seed, progress=False)
         s = summarise(rec, rt.num_exits, rt.total_flops)
         runs.append({"seed": seed, "flops_saved": s.flops_saved, "agreement": s.agreement,
@@ -59,7 +64,8 @@ def main(argv=None) -> int:
               f"{'  BELOW BUDGET' if s.agreement < args.budget else ''}", flush=True)
     saved = torch.tensor([r["flops_saved"] for r in runs])
     below = sum(r["agreement"] < args.budget for r in runs)
-    summary = {"rule": args.rule, "budget": args.budget, "runs": len(runs), "below_budget": below,
+    summary = {"rule": args.rule, "budget": args.budget, "settings": settings, "runs": len(runs),
+               "below_budget": below,
                "saved_min": float(saved.min()), "saved_median": float(saved.median()),
                "saved_max": float(saved.max()),
                "agreement_min": min(r["agreement"] for r in runs),
