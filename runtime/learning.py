@@ -37,7 +37,8 @@ class Proposal:
 
 class LearningLoop:
     """One round: the most recent ``max_train_rows`` training rows distil the heads, the most
-    recent ``max_calib_rows`` held-out rows choose thresholds, and a serving state is proposed."""
+    recent held-out rows (``max_calib_rows`` independent rows' worth, ``calib_rows``) choose
+    thresholds by the task's confidence and agreement, and a serving state is proposed."""
 
     def __init__(self, learner: HeadLearner, buffer: FeatureBuffer, costs: CostModel,
                  config: RuntimeConfig, exits: list, scripted_stages: list, device,
