@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -152,7 +153,9 @@ def all_serve(deployed, version, within_s=4.0):
 @pytest.mark.slow
 def test_one_learner_learns_and_every_replica_serves_its_state(cluster, fashion_small):
     x = fashion_small[2][:3000]
-    ref = torch.jit.load(str(cluster.config.server.artifact))
+    with warnings.catch_warnings():   # torch.jit's deprecation notice: not ours to show
+        warnings.simplefilter("ignore")
+        ref = torch.jit.load(str(cluster.config.server.artifact))
     out, failed = stream(cluster, x)
     assert not failed
     s = wait_for(lambda: (lambda s: s if s["rounds"] > 0 and any(s["enabled"]) else None)(

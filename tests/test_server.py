@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def rows(fashion_small):
 @pytest.fixture(scope="module")
 def reference(teacher_artifact):
     """The artifact as plain TorchScript, exits inactive: the backbone's answer."""
-    return torch.jit.load(str(teacher_artifact))
+    with warnings.catch_warnings():   # torch.jit's deprecation notice: not ours to show
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(teacher_artifact))
 
 
 def backbone(reference, x):
