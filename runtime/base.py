@@ -14,8 +14,8 @@ from torch import nn
 from compiler import artifact
 from compiler.errors import ArtifactError
 
-from .buffer import FeatureBuffer
-from .calibrate import INF
+from .buffer import CALIB, FeatureBuffer
+from .calibrate import INF, independent_rows_needed
 from .collect import Collector
 from .config import RuntimeConfig
 from .correlation import DesignEffect
@@ -378,7 +378,20 @@ class Runtime:
                 "train_flops": self.learner.flops, "train_seconds": self._train_seconds,
                 "buffer_rows": self.buffer.size,
                 "buffer_capacity": self.buffer.capacity,
-                "buffer_rows_rejected": self.buffer.rows_rejected}
+                "buffer_rows_rejected": self.buffer.rows_rejected,
+                **self._evidence_report()}
+
+    def _evidence_report(self) -> dict:
+        """How much independent evidence calibration has: held-out rows, what they are worth at
+        the traffic's design effect, and the fewest worth with which any exit could switch on
+        (``calibrate.independent_rows_needed``). Below it, no exit is on for lack of evidence,
+        not for lack of easy rows."""
+        g = self.config.guarantee
+        held = self.buffer.count(CALIB)
+        return {"held_out_rows": held,
+                "held_out_independent_rows": held / max(1.0, self.design.value),
+                "independent_rows_needed": independent_rows_needed(g.plan_budget, g.confidence,
+                                                                   g.threshold_rule)}
 
     # ----- persistence --------------------------------------------------------------------------
     def _standalone_thresholds(self, state: ServingState) -> tuple:

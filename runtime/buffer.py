@@ -64,6 +64,11 @@ class FeatureBuffer:
         self.size = min(self.size + m, self.capacity)
         self.added += m
 
+    def count(self, role: int) -> int:
+        """Rows held with ``role``."""
+        with self.lock:
+            return int((self.role[:self.size] == role).sum())
+
     def clear(self):
         with self.lock:
             self.size = 0

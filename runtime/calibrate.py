@@ -290,9 +290,29 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     return [tt for _, tt in path]
 
 
+LTT_FIT_SHARE = 0.3   # share of the held-out rows that order LTT's settings (the rest test them)
+
+
+def independent_rows_needed(budget: float, confidence: float, rule: str = "ltt") -> int:
+    """The fewest independent held-out rows with which ``rule`` could switch any exit on at
+    all: even with no disagreement among them, fewer cannot show the risk is below
+    1 - ``budget`` at ``confidence``. (With correlated traffic, held-out rows count as rows /
+    design effect; ``stats()["learning"]`` compares the two.)"""
+    risk = 1.0 - budget
+    if risk >= 1.0:   # a budget of 0 (every answer shadowed): nothing to show
+        return 0
+    if risk <= 0.0:   # a budget of 1: no finite number of rows shows it
+        return 2 ** 62
+    if rule == "ltt":   # binomial_tail(0, m, risk) = (1 - risk)^m <= 1 - confidence
+        m = math.ceil(math.log(1.0 - confidence) / math.log1p(-risk))
+        return math.ceil(m / (1.0 - LTT_FIT_SHARE))
+    z = z_of(confidence)   # Wilson with no error: n / (n + z^2) >= budget
+    return math.ceil(budget * z * z / risk)
+
+
 def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                           head_cost: torch.Tensor, budget: float, confidence: float,
-                          seed: int = 0, fit_share: float = 0.3, should_stop=None,
+                          seed: int = 0, fit_share: float = LTT_FIT_SHARE, should_stop=None,
                           effective_rows: float = 0, allowed=None) -> Plan:
     """Learn-then-Test with fixed-sequence testing (Angelopoulos et al. 2021; CALM).
 

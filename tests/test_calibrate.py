@@ -158,3 +158,20 @@ def test_the_miss_overhead_is_the_enabled_heads_measured_time_over_the_stages():
     assert costs.within_miss_cap(None) is None
     cap = costs.within_miss_cap(0.05)
     assert cap((True, False)) and not cap((False, True)) and cap((False, False))
+
+
+def test_independent_rows_needed_is_where_a_perfect_head_can_first_switch_on():
+    """Below ``independent_rows_needed`` held-out rows no exit can be certified even when every
+    row agrees; at it, LTT switches an exit on."""
+    from runtime.calibrate import choose_thresholds_ltt, independent_rows_needed
+    need = independent_rows_needed(0.99, 0.95)
+    assert need == 428
+    for n, on in ((need, True), (need - 10, False)):
+        conf = torch.linspace(0.5, 1.0, n, dtype=torch.float64)[None].repeat(2, 1)
+        agree = torch.ones(2, n, dtype=torch.bool)
+        stage = torch.full((3,), 1 / 3, dtype=torch.float64)
+        plan = choose_thresholds_ltt(conf, agree, stage, torch.full((2,), 0.01, dtype=torch.float64),
+                                     0.99, 0.95)
+        assert any(t != INF for t in plan.thresholds) == on, n
+    assert independent_rows_needed(0.99, 0.95, "crossfit") < need   # Wilson: no ordering split
+    assert independent_rows_needed(0.0, 0.95) == 0   # every answer shadowed: nothing to show

@@ -222,6 +222,15 @@ def test_stats_are_consistent_with_traffic(teacher_artifact, traffic):
     assert 0 < lat["p50"] <= lat["p99"]
     learning = s["learning"]
     assert learning["rounds"] >= 1 and learning["rows_trained"] > 0 and learning["train_flops"] > 0
+    # exits are on, so the held-out evidence passed what any exit needs
+    from runtime.buffer import CALIB
+    from runtime.calibrate import independent_rows_needed
+    assert learning["held_out_rows"] == rt.buffer.count(CALIB) > 0
+    assert learning["held_out_independent_rows"] == pytest.approx(
+        learning["held_out_rows"] / max(1.0, s["design_effect"]))
+    assert learning["independent_rows_needed"] == independent_rows_needed(
+        rt.config.guarantee.plan_budget, rt.config.guarantee.confidence)
+    assert learning["held_out_independent_rows"] >= learning["independent_rows_needed"]
     assert s["drift_events"] == 0, "stable traffic must raise no drift alarm"
     if True:  # the buffer holds only rows that ran the whole backbone
         # (requests without a shadow row, once exits are on, run scripted and are not buffered)
