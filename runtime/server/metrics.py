@@ -81,6 +81,17 @@ class _RuntimeCollector:
                                 labels=["model"])
         c.add_metric([model], float(learning.get("train_seconds", 0.0)))
         yield c
+        if "independent_rows_needed" in learning:
+            g = GaugeMetricFamily(f"{PREFIX}_held_out_independent_rows", "Held-out rows "
+                                  "calibration has, divided by the traffic's design effect",
+                                  labels=["model"])
+            g.add_metric([model], float(learning["held_out_independent_rows"]))
+            yield g
+            g = GaugeMetricFamily(f"{PREFIX}_independent_rows_needed", "Fewest independent "
+                                  "held-out rows with which any exit could switch on",
+                                  labels=["model"])
+            g.add_metric([model], float(learning["independent_rows_needed"]))
+            yield g
         c = CounterMetricFamily(f"{PREFIX}_drift_events", "Drift alarms (every exit switched "
                                 "off, heads relearn)", labels=["model"])
         c.add_metric([model], s.get("drift_events", 0))
