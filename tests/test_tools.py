@@ -189,8 +189,8 @@ def test_other_scores_rank_rows_and_the_learned_one_finds_a_planted_signal():
     assert float(learned[agrees].mean()) > float(learned[~agrees].mean()) + 0.5
 
 
-def test_latency_bench_reads_runtime_settings_for_its_stream():
-    from tools.latency_bench import _settings
-    assert _settings("max_miss_overhead=0.05,train_every=500,latency_weight=None") == \
+def test_tools_read_runtime_settings_from_the_command_line():
+    from tools.experiment import runtime_settings
+    assert runtime_settings("max_miss_overhead=0.05,train_every=500,latency_weight=None") == \
         {"max_miss_overhead": 0.05, "train_every": 500, "latency_weight": None}
-    assert _settings("") == {}
+    assert runtime_settings("") == {}

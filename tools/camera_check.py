@@ -363,9 +363,9 @@ def main(argv=None) -> int:
     p.add_argument("--imagenet-seeds", default=None,
                    help="seeds for part (b) (default: the first of --seeds)")
     args = p.parse_args(argv)
-    from tools.latency_bench import _settings
+    from tools.experiment import runtime_settings
     SETTINGS.clear()
-    SETTINGS.update(_settings(args.runtime_settings))
+    SETTINGS.update(runtime_settings(args.runtime_settings))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.ERROR, format="  %(message)s")

@@ -56,6 +56,18 @@ class Window(Record):
     row: Optional[int] = None
 
 
+def runtime_settings(text: str) -> dict:
+    """Runtime settings from a command line ('max_miss_overhead=0.05,train_every=500'):
+    numbers or None, for ``runtime.load``; the tools' ``--*-settings`` flags read it."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        value = value.strip()
+        out[key.strip()] = None if value == "None" else \
+            int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
 def demo_artifact(path: str) -> Optional[str]:
     """Compile the embedded demo backbone into ``path`` (exits off); None if that failed (the
     compiler printed why)."""

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
         artifact = demo_artifact("out/honesty/demo.cached.pt")
         if artifact is None:
             return 2
-    from tools.latency_bench import _settings
-    settings = _settings(args.runtime_settings)
+    from tools.experiment import runtime_settings
+    settings = runtime_settings(args.runtime_settings)
     x, y = load_fashion_mnist("test", size=28, channels=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -205,17 +205,6 @@ def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int,
             "windows": windows}
 
 
-def _settings(text: str) -> dict:
-    """'max_miss_overhead=0.05,shadow_rate=0.1' as runtime settings (numbers or None)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        value = value.strip()
-        out[key.strip()] = None if value == "None" else \
-            int(value) if value.lstrip("-").isdigit() else float(value)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.latency_bench",
                                 description=__doc__.splitlines()[0])
@@ -237,6 +226,7 @@ def main(argv=None) -> int:
 
     from tools.bench.provenance import code_version, machine_info
     from tools.data import load_fashion_mnist
+    from tools.experiment import runtime_settings
 
     if not os.path.isfile(args.artifact):
         print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
@@ -299,7 +289,7 @@ def main(argv=None) -> int:
         if os.path.isfile(src):
             fresh = src
         s = stream(fresh, variants[best][1], x[:args.stream_rows], args.stream_batch, 1000,
-                   _settings(args.stream_settings))
+                   runtime_settings(args.stream_settings))
         s["against"] = best
         result["stream"] = s
         print(f"\nruntime.predict along a learning stream (background, batch "
