@@ -1,29 +1,39 @@
 """Detectors: cut a torchvision detector's backbone body into stages, attach "nothing here" exits,
 and emit one scripted artifact that plain ``torch.jit.load`` runs.
 
-Accepted: torchvision's GeneralizedRCNN (Faster R-CNN), RetinaNet and FCOS families, whose
-backbone is a ``BackboneWithFPN`` (an ``IntermediateLayerGetter`` body tapped by a feature
-pyramid). The input transform, the FPN, the detection head and the box post-processing stay the
-model's own; exits go into the body only.
+Accepted: torchvision's GeneralizedRCNN (Faster, Mask and Keypoint R-CNN), RetinaNet and FCOS
+families, whose backbone is a ``BackboneWithFPN`` (an ``IntermediateLayerGetter`` body tapped by a
+feature pyramid), and SSD / SSDlite with torchvision's VGG or MobileNet feature extractor (its
+``features`` and ``extra`` blocks, each block's output tapped; SSD-VGG's first tap rescaled by an
+L2 norm). The input transform, the FPN, the detection head and the post-processing (boxes, masks,
+keypoints) stay the model's own; exits go into the body only.
 
-Cut points. The body runs its children in order and the FPN taps several of them, so after the
-first tap the live state is several tensors: the taps so far and the newest output. A cut point
-after body child ``k`` carries that set; its exit head reads the newest tensor, and resuming
-passes them all on. ``DetectionCut.carries`` names them.
+The body, flattened (``body_steps``): a list of children run in order, each with the name its
+output is tapped under (or none) and the module applied to it before tapping (``nn.Identity``,
+or SSD-VGG's ``L2Rescale``). For an FPN backbone the children are the ``IntermediateLayerGetter``'s
+and the FPN then reads the taps; for SSD they are the children of each ``features`` and ``extra``
+block and the taps go to the head as they are (SSD has no FPN).
+
+Cut points. The body runs its children in order and several are tapped, so after the first tap
+the live state is several tensors: the taps so far and the newest output. A cut point after body
+child ``k`` carries that set; its exit head reads the newest tensor, and resuming passes them all
+on. ``DetectionCut.carries`` names them.
 
 What an exit answers: "nothing here". Its head (pooling + a small classifier, two classes:
 0 = nothing, 1 = something) predicts whether the detector would return any detection at or above
 the service's score threshold; a row leaves when the head's confidence in class 0 reaches the
 exit's threshold (``exit_rule.class_confidence``, the one rule the runtime and calibration read
-too) and gets an empty result in the detector's format. The other rows get exactly what the
-detector returns for them.
+too) and gets an empty result in the detector's format (``CachedDetector.empty``: the keys, order,
+dtypes and per-detection shapes the detector returns, masks [0, 1, H, W] and keypoints [0, K, 3]
+included, read from the detector's own output at compile time). The other rows get exactly what
+the detector returns for them.
 
 Generated ``forward`` of the artifact (images ``x`` [N, C, H, W] of one size)::
 
     tensors, sizes = self.prepare(x)                 # the detector's own transform
     h, taps = tensors, []
     for blk in self.blocks:                          # body children up to each exit
-        h, taps = blk.stage(h, taps)                 # taps: the FPN's inputs so far
+        h, taps = blk.stage(h, taps)                 # taps: the FPN's (head's) inputs so far
         if blk.enabled: rows confident of "nothing" get an empty result and leave
     h, taps = self.final(h, taps)                    # the rest of the body
     return self.finish(tensors, taps, sizes, ...)    # FPN, head, post-processing (the model's)
@@ -38,6 +48,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection.image_list import ImageList
 
 from . import artifact, exit_rule
@@ -48,7 +59,8 @@ from .heads import ExitHead, HeadSpec
 TASK = "detection"
 NOTHING = 0              # the head's class for "the detector finds nothing here"
 HEAD_CLASSES = 2
-OUTPUT_KEYS = ("boxes", "scores", "labels")   # torchvision's order
+OUTPUT_KEYS = ("boxes", "scores", "labels")   # every detector returns these
+EXTRA_KEYS = ("masks", "keypoints", "keypoints_scores")   # Mask / Keypoint R-CNN add these
 
 
 @dataclass
@@ -95,23 +107,46 @@ class DetectionCut:
 
 # ----- the scripted pieces ----------------------------------------------------------------------
 class BodySegment(nn.Module):
-    """Consecutive body children; the outputs the FPN taps are appended to ``taps``."""
+    """Consecutive body children; the outputs that are tapped go to ``taps``, each through its
+    tap module (``nn.Identity``, or SSD-VGG's ``L2Rescale``)."""
 
-    def __init__(self, children: List[nn.Module], tapped: List[bool]):
+    def __init__(self, children: List[nn.Module], tapped: List[bool],
+                 tap_fns: Optional[List[nn.Module]] = None):
         super().__init__()
         self.layers = nn.ModuleList(children)
         self.tapped = tapped
+        self.tap_fns = nn.ModuleList(tap_fns if tap_fns is not None
+                                     else [nn.Identity() for _ in children])
 
     def forward(self, h: torch.Tensor,
                 taps: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         out = list(taps)
         i = 0
-        for layer in self.layers:
+        for layer, tap_fn in zip(self.layers, self.tap_fns):
             h = layer(h)
             if self.tapped[i]:
-                out.append(h)
+                out.append(tap_fn(h))
             i += 1
         return h, out
+
+
+class L2Rescale(nn.Module):
+    """SSD-VGG's first feature map as its head reads it: ``scale_weight * F.normalize(x)``
+    (``SSDFeatureExtractorVGG.forward``); the body goes on from ``x`` itself."""
+
+    def __init__(self, scale_weight: nn.Parameter):
+        super().__init__()
+        self.scale_weight = scale_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale_weight.view(1, -1, 1, 1) * F.normalize(x)
+
+
+class _PassFeatures(nn.Module):
+    """SSD's "FPN": none; the head reads the taps as they are, in order."""
+
+    def forward(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return feats
 
 
 class _NoBackbone(nn.Module):
@@ -147,8 +182,26 @@ class SingleStageTail(nn.Module):
         return self.det.postprocess_detections(split_outputs, split_anchors, image_sizes)
 
 
+class SSDTail(nn.Module):
+    """SSD / SSDlite after the body: the model's head, default boxes and post-processing, as
+    ``SSD.forward`` runs them in eval mode."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.det = detector
+
+    def forward(self, tensors: torch.Tensor, image_sizes: List[Tuple[int, int]],
+                features: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        images = ImageList(tensors, image_sizes)
+        feats = list(features.values())
+        head_outputs = self.det.head(feats)
+        anchors = self.det.anchor_generator(images, feats)
+        return self.det.postprocess_detections(head_outputs, anchors, image_sizes)
+
+
 class TwoStageTail(nn.Module):
-    """GeneralizedRCNN after the FPN: the model's RPN and ROI heads."""
+    """GeneralizedRCNN after the FPN: the model's RPN and ROI heads (boxes, and masks or
+    keypoints where the model has those heads)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
@@ -166,7 +219,8 @@ class CachedDetector(nn.Module):
     """The detector, its body cut into stages with a "nothing here" exit after each but the last."""
 
     def __init__(self, transform: nn.Module, blocks: List[artifact.ExitBlock], final: BodySegment,
-                 fpn: nn.Module, tail: nn.Module, tap_names: List[str], score_threshold: float):
+                 fpn: nn.Module, tail: nn.Module, tap_names: List[str], score_threshold: float,
+                 output_keys: Optional[List[str]] = None, num_keypoints: int = 0):
         super().__init__()
         self.transform = transform
         self.blocks = nn.ModuleList(blocks)
@@ -174,6 +228,9 @@ class CachedDetector(nn.Module):
         self.fpn = fpn
         self.tail = tail
         self.tap_names = tap_names
+        # The detector's answer format (``empty``): its keys in its order, and K of keypoints.
+        self.output_keys = list(output_keys or OUTPUT_KEYS)
+        self.num_keypoints = int(num_keypoints)
         self.register_buffer("score_threshold", torch.tensor(float(score_threshold)))
 
     def forward(self, x: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
@@ -200,10 +257,23 @@ class CachedDetector(nn.Module):
 
     @torch.jit.export
     def empty(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """A frame with no detection, in the detector's format."""
-        return {"boxes": torch.zeros([0, 4], dtype=x.dtype, device=x.device),
-                "scores": torch.zeros([0], dtype=x.dtype, device=x.device),
-                "labels": torch.zeros([0], dtype=torch.long, device=x.device)}
+        """A frame of the batch ``x`` [N, C, H, W] with no detection, in the detector's format:
+        its keys in its order; masks [0, 1, H, W], keypoints [0, K, 3], keypoints_scores [0, K]."""
+        out: Dict[str, torch.Tensor] = {}
+        for k in self.output_keys:
+            if k == "boxes":
+                out[k] = torch.zeros([0, 4], dtype=x.dtype, device=x.device)
+            elif k == "labels":
+                out[k] = torch.zeros([0], dtype=torch.long, device=x.device)
+            elif k == "masks":
+                out[k] = torch.zeros([0, 1, x.size(2), x.size(3)], dtype=x.dtype, device=x.device)
+            elif k == "keypoints":
+                out[k] = torch.zeros([0, self.num_keypoints, 3], dtype=x.dtype, device=x.device)
+            elif k == "keypoints_scores":
+                out[k] = torch.zeros([0, self.num_keypoints], dtype=x.dtype, device=x.device)
+            else:   # "scores"; the compiler admits no other key
+                out[k] = torch.zeros([0], dtype=x.dtype, device=x.device)
+        return out
 
     @torch.jit.export
     def forward_with_exits(
@@ -246,33 +316,83 @@ class CachedDetector(nn.Module):
 
 # ----- analysis ---------------------------------------------------------------------------------
 def family(model: nn.Module) -> str:
-    """'single_stage' (RetinaNet, FCOS), 'two_stage' (GeneralizedRCNN), or a CompilerError."""
+    """'single_stage' (RetinaNet, FCOS), 'two_stage' (GeneralizedRCNN: Faster, Mask, Keypoint
+    R-CNN), 'ssd' (SSD, SSDlite), or a CompilerError that says what is accepted."""
     from torchvision.models.detection import FCOS, RetinaNet
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-    from torchvision.models.detection.ssd import SSD
+    from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG
+    from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
+    if isinstance(model, SSD):
+        if type(model.backbone) not in (SSDFeatureExtractorVGG, SSDLiteFeatureExtractorMobileNet):
+            raise CompilerError(f"the backbone of this SSD is a {type(model.backbone).__name__}, "
+                                f"not torchvision's SSDFeatureExtractorVGG or "
+                                f"SSDLiteFeatureExtractorMobileNet, so its body cannot be cut; "
+                                f"build the SSD with one of those (ssd300_vgg16, "
+                                f"ssdlite320_mobilenet_v3_large)")
+        return "ssd"
     if isinstance(model, (FCOS, RetinaNet)):
         kind = "single_stage"
     elif isinstance(model, GeneralizedRCNN):
-        if getattr(model.roi_heads, "mask_roi_pool", None) is not None or \
-                getattr(model.roi_heads, "keypoint_roi_pool", None) is not None:
-            raise CompilerError(f"{type(model).__name__} returns masks or keypoints; detection "
-                                f"exits answer boxes, labels and scores only (Faster R-CNN, "
-                                f"RetinaNet, FCOS)")
         kind = "two_stage"
-    elif isinstance(model, SSD):
-        raise CompilerError("SSD detectors are not supported yet: their backbone has no "
-                            "IntermediateLayerGetter body to cut; use a Faster R-CNN, RetinaNet "
-                            "or FCOS model with an FPN backbone")
     else:
         raise CompilerError(f"{type(model).__name__} is not a torchvision detector this compiler "
-                            f"knows (GeneralizedRCNN, RetinaNet, FCOS)")
+                            f"knows (GeneralizedRCNN, RetinaNet, FCOS, SSD)")
     from torchvision.models._utils import IntermediateLayerGetter
     bb = getattr(model, "backbone", None)
     if not (hasattr(bb, "body") and hasattr(bb, "fpn")
             and isinstance(bb.body, IntermediateLayerGetter)):
         raise CompilerError(f"the backbone of this {type(model).__name__} is not a BackboneWithFPN "
-                            f"(an IntermediateLayerGetter body and an FPN); exits cannot be placed")
+                            f"(an IntermediateLayerGetter body and an FPN), so exits cannot be "
+                            f"placed; build it with torchvision's resnet_fpn_backbone or "
+                            f"mobilenet_backbone(fpn=True)")
     return kind
+
+
+@dataclass
+class BodyStep:
+    """One child of the flattened body: its name (relative to ``model.backbone``), the module,
+    the name its output is tapped under (None: not tapped) and what is applied before tapping."""
+
+    name: str
+    module: nn.Module
+    tap: Optional[str]
+    tap_fn: nn.Module
+
+
+def body_steps(model: nn.Module, kind: str) -> List[BodyStep]:
+    """The backbone body of ``model`` as a list of children run in order (see the module doc).
+    Modules are ``model``'s own, so steps of a copy of the model hold the copy's modules."""
+    bb = model.backbone
+    if kind != "ssd":
+        tap_of = dict(bb.body.return_layers)
+        return [BodyStep(n, m, tap_of.get(n), nn.Identity()) for n, m in bb.body.named_children()]
+    from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
+    # (prefix, block, tap module): each block's output is tapped, in SSD's order "0", "1", ...
+    if isinstance(bb, SSDFeatureExtractorVGG):
+        blocks = [("features", bb.features, L2Rescale(bb.scale_weight))]
+    else:
+        blocks = [(f"features.{i}", b, nn.Identity()) for i, b in enumerate(bb.features)]
+    blocks += [(f"extra.{i}", b, nn.Identity()) for i, b in enumerate(bb.extra)]
+    steps = []
+    for t, (prefix, block, tap_fn) in enumerate(blocks):
+        kids = list(block.named_children()) if isinstance(block, nn.Sequential) and len(block) \
+            else [("", block)]
+        for j, (n, m) in enumerate(kids):
+            last = j == len(kids) - 1
+            steps.append(BodyStep(f"{prefix}.{n}" if n else prefix, m, str(t) if last else None,
+                                  tap_fn if last else nn.Identity()))
+    return steps
+
+
+def _feature_stage(model: nn.Module, kind: str) -> nn.Module:
+    """What reads the taps: the model's FPN, or nothing for SSD."""
+    return _PassFeatures() if kind == "ssd" else model.backbone.fpn
+
+
+def _tail(model: nn.Module, kind: str) -> nn.Module:
+    if kind == "ssd":
+        return SSDTail(model)
+    return SingleStageTail(model) if kind == "single_stage" else TwoStageTail(model)
 
 
 def is_detector(model) -> bool:
@@ -313,16 +433,18 @@ class DetectorAnalysis:
     model: nn.Module
     kind: str
     example: torch.Tensor               # [1, C, H, W]
-    names: List[str]                    # body children, in order
-    tap_of: Dict[str, str]              # body child -> FPN input name
+    names: List[str]                    # body children (``body_steps``), in order
+    tap_of: Dict[str, str]              # body child -> the name its output is tapped under
     cuts: List[DetectionCut]
     flops_prepare: int
-    flops_children: List[int]
+    flops_children: List[int]           # per child, its tap module included
     flops_finish: int
     total_flops: int
     params: int
     unsupported: dict
     score_threshold: float
+    output_keys: List[str] = field(default_factory=lambda: list(OUTPUT_KEYS))  # in its order
+    num_keypoints: int = 0              # K of keypoints [n, K, 3]; 0: no keypoints
 
 
 def analyse_detector(model: nn.Module, config: DetectionConfig) -> DetectorAnalysis:
@@ -337,36 +459,30 @@ def analyse_detector(model: nn.Module, config: DetectionConfig) -> DetectorAnaly
         raise ShapeError(f"a detector takes images [N, C, H, W]; got --input-shape {list(shape)}")
     g = torch.Generator().manual_seed(config.seed)
     example = torch.rand((1,) + shape[1:], generator=g)
-    body = model.backbone.body
-    names = list(body._modules)
-    tap_of = dict(body.return_layers)
+    steps = body_steps(model, kind)
+    names = [st.name for st in steps]
+    tap_of = {st.name: st.tap for st in steps if st.tap is not None}
     fl_prep, unsupported, (tensors, sizes) = _flops(lambda x: _prepare(model, x), example)
     flops_children, h, carried, cuts = [], tensors, [], []
+    feats = OrderedDict()
     before = fl_prep
-    for k, name in enumerate(names):
-        child = body._modules[name]
-        f, u, h = _flops(child, h)
+    for k, st in enumerate(steps):
+        f, u, (h, tapped) = _flops(lambda t: _run_step(st, t), h)
         for op, c in u.items():
             unsupported[op] = unsupported.get(op, 0) + c
         flops_children.append(f)
         before += f
-        if name in tap_of:
-            carried.append(f"tap '{tap_of[name]}' ({name}, {'x'.join(map(str, h.shape[1:]))})")
-        if k < len(names) - 1 and h.dim() == 4:
+        if tapped is not None:
+            feats[st.tap] = tapped
+            carried.append(f"tap '{st.tap}' ({st.name}, {'x'.join(map(str, tapped.shape[1:]))})")
+        if k < len(steps) - 1 and h.dim() == 4:
             live = list(carried)
-            if name not in tap_of:
-                live.append(f"newest ({name}, {'x'.join(map(str, h.shape[1:]))})")
-            nxt = body._modules[names[k + 1]]
-            cuts.append(DetectionCut(name, k, live, (-1,) + tuple(h.shape[1:]), before,
-                                     preferred=not _norm_or_act(nxt)))
-    feats = OrderedDict()
-    hh = tensors
-    for name in names:
-        hh = body._modules[name](hh)
-        if name in tap_of:
-            feats[tap_of[name]] = hh
-    fl_fin, u, _ = _flops(lambda: _finish_eager(model, kind, tensors, sizes, feats,
-                                               [tuple(example.shape[2:])]))
+            if tapped is None or tapped is not h:
+                live.append(f"newest ({st.name}, {'x'.join(map(str, h.shape[1:]))})")
+            cuts.append(DetectionCut(st.name, k, live, (-1,) + tuple(h.shape[1:]), before,
+                                     preferred=not _norm_or_act(steps[k + 1].module)))
+    fl_fin, u, dets = _flops(lambda: _finish_eager(model, kind, tensors, sizes, feats,
+                                                  [tuple(example.shape[2:])]))
     for op, c in u.items():
         unsupported[op] = unsupported.get(op, 0) + c
     total = before + fl_fin
@@ -376,8 +492,28 @@ def analyse_detector(model: nn.Module, config: DetectionConfig) -> DetectorAnaly
     thr = config.score_threshold
     if thr is None:
         thr = score_threshold_of(model)
+    keys, num_keypoints = output_format(model, dets[0])
     return DetectorAnalysis(model, kind, example, names, tap_of, cuts, fl_prep, flops_children,
-                            fl_fin, total, params, unsupported, float(thr))
+                            fl_fin, total, params, unsupported, float(thr), keys, num_keypoints)
+
+
+def _run_step(st: BodyStep, h: torch.Tensor):
+    """One body child in eager mode: (its output, what is tapped of it or None)."""
+    h = st.module(h)
+    return h, (st.tap_fn(h) if st.tap is not None else None)
+
+
+def output_format(model: nn.Module, dets: Dict[str, torch.Tensor]) -> Tuple[List[str], int]:
+    """(keys in order, K of keypoints or 0) of one frame's answer from the detector, so that an
+    exit's empty answer has exactly its format; a CompilerError for keys no empty can be made of."""
+    keys = list(dets)
+    odd = [k for k in keys if k not in OUTPUT_KEYS + EXTRA_KEYS]
+    if odd or not set(OUTPUT_KEYS) <= set(keys):
+        raise CompilerError(f"{type(model).__name__} answers with keys {keys}; an exit's empty "
+                            f"answer is known only for {list(OUTPUT_KEYS + EXTRA_KEYS)} (boxes, "
+                            f"scores and labels always); return those from its post-processing")
+    k = int(dets["keypoints"].shape[1]) if "keypoints" in dets else 0
+    return keys, k
 
 
 def _prepare(model, x):
@@ -386,9 +522,8 @@ def _prepare(model, x):
 
 
 def _finish_eager(model, kind, tensors, sizes, taps: "OrderedDict", original):
-    features = model.backbone.fpn(taps)
-    tail = SingleStageTail(model) if kind == "single_stage" else TwoStageTail(model)
-    dets = tail(tensors, sizes, features)
+    features = _feature_stage(model, kind)(taps)
+    dets = _tail(model, kind)(tensors, sizes, features)
     return model.transform.postprocess(dets, sizes, original)
 
 
@@ -440,24 +575,24 @@ def build_detector_artifact(an: DetectorAnalysis, cuts: List[DetectionCut],
                             config: DetectionConfig):
     """Script the cached detector. Returns (module, head specs, stage FLOPs)."""
     model = copy.deepcopy(an.model).eval()
-    body = model.backbone.body
-    fpn = model.backbone.fpn
+    steps = body_steps(model, an.kind)
+    fpn = _feature_stage(model, an.kind)
     transform = model.transform
     model.backbone = _NoBackbone()
-    tail = SingleStageTail(model) if an.kind == "single_stage" else TwoStageTail(model)
+    tail = _tail(model, an.kind)
     bounds = [c.position + 1 for c in cuts]
     spans = list(zip([0] + bounds, bounds + [len(an.names)]))
     segments = []
     for a, b in spans:
-        names = an.names[a:b]
-        segments.append(BodySegment([body._modules[n] for n in names],
-                                    [n in an.tap_of for n in names]))
+        part = steps[a:b]
+        segments.append(BodySegment([st.module for st in part], [st.tap is not None for st in part],
+                                    [st.tap_fn for st in part]))
     torch.manual_seed(config.seed)
     specs = [head_spec(c.shape, config.hidden) for c in cuts]
     blocks = [artifact.ExitBlock(seg, ExitHead(spec)) for seg, spec in zip(segments[:-1], specs)]
-    tap_names = [an.tap_of[n] for n in an.names if n in an.tap_of]
+    tap_names = [st.tap for st in steps if st.tap is not None]
     cached = CachedDetector(transform, blocks, segments[-1], fpn, tail, tap_names,
-                            an.score_threshold).eval()
+                            an.score_threshold, an.output_keys, an.num_keypoints).eval()
     try:
         module = _script(cached)
     except Exception as e:
@@ -476,7 +611,8 @@ def build_detector_artifact(an: DetectorAnalysis, cuts: List[DetectionCut],
 
 
 def check_equal(module, an: DetectorAnalysis, config: DetectionConfig):
-    """With exits inactive, the artifact returns what the detector returns, at batch 1 and 3."""
+    """With exits inactive, the artifact returns what the detector returns, at batch 1 and 3;
+    and its empty answer has the detector's format (keys in order, dtypes, per-detection shapes)."""
     g = torch.Generator().manual_seed(config.seed + 1)
     with torch.no_grad():
         for batch in (1, 3):
@@ -486,10 +622,24 @@ def check_equal(module, an: DetectorAnalysis, config: DetectionConfig):
             if not outputs_equal(got, want, config.atol, config.rtol):
                 raise CompilerError(f"the cached detector does not reproduce the original at "
                                     f"batch size {batch}; report this model")
+            if not same_format(module.empty(x), want[0]):
+                raise CompilerError(f"the cached detector's empty answer does not have the "
+                                    f"format of {type(an.model).__name__}'s (keys "
+                                    f"{list(want[0])}); report this model")
+
+
+def same_format(empty: Dict[str, torch.Tensor], like: Dict[str, torch.Tensor]) -> bool:
+    """``empty`` has no detection and ``like``'s keys in its order, dtypes and per-detection
+    shapes (all but the first dimension)."""
+    if list(empty) != list(like):
+        return False
+    return all(empty[k].shape[0] == 0 and empty[k].dtype == like[k].dtype
+               and empty[k].shape[1:] == like[k].shape[1:] for k in like)
 
 
 def outputs_equal(got: List[dict], want: List[dict], atol=1e-4, rtol=1e-4) -> bool:
-    """Per frame: the same keys, dtypes, shapes and values (within tolerance)."""
+    """Per frame: the same keys, dtypes, shapes and values (within tolerance): boxes, scores,
+    labels, and masks or keypoints where the detector returns them."""
     if len(got) != len(want):
         return False
     for a, b in zip(got, want):
@@ -525,7 +675,7 @@ def make_manifest(an: DetectorAnalysis, cuts, specs, stage_flops, source: dict,
         "num_classes": HEAD_CLASSES,          # the exit heads' classes: nothing / something
         "head_classes": ["nothing", "something"],
         "score_threshold": an.score_threshold,
-        "output_keys": list(OUTPUT_KEYS),
+        "output_keys": list(an.output_keys),
         "total_flops": int(an.total_flops),
         "backbone_params": an.params,
         "stage_flops": stage_flops,
@@ -557,7 +707,8 @@ def format_report(an: DetectorAnalysis, chosen: List[str]) -> str:
     """The cut point table --report prints for a detector."""
     lines = [f"detector {type(an.model).__name__}: {an.total_flops / 1e6:.2f} MFLOPs per frame "
              f"(estimate; transform {an.flops_prepare / 1e6:.2f}, body "
-             f"{sum(an.flops_children) / 1e6:.2f}, FPN + head + post-processing "
+             f"{sum(an.flops_children) / 1e6:.2f}, "
+             f"{'head' if an.kind == 'ssd' else 'FPN + head'} + post-processing "
              f"{an.flops_finish / 1e6:.2f}), {an.params / 1e6:.3f} M params, score threshold "
              f"{an.score_threshold:g}"]
     if an.unsupported:
@@ -567,9 +718,20 @@ def format_report(an: DetectorAnalysis, chosen: List[str]) -> str:
     for c in an.cuts:
         mark = "*" if c.name in chosen else (" " if c.preferred else "-")
         lines.append(f"{mark:2}{c.name[:20]:20}{c.flops_before / 1e6:14.2f}{c.fraction:7.3f}  "
-                     f"{'; '.join(c.carries)}")
+                     f"{_short_carries(c.carries)}")
     lines.append("* chosen exit   - right before a norm/activation (not chosen by default)")
     return "\n".join(lines)
+
+
+def _short_carries(carries: List[str]) -> str:
+    """The live set as --report prints it: with more than two taps (SSD), all but the last as a
+    range of names, then the last tap and the newest output in full."""
+    taps = [c for c in carries if c.startswith("tap '")]
+    if len(taps) <= 2:
+        return "; ".join(carries)
+    names = [t.split("'")[1] for t in taps[:-1]]
+    rest = [c for c in carries if not c.startswith("tap '")]
+    return "; ".join([f"taps '{names[0]}'..'{names[-1]}'", taps[-1]] + rest)
 
 
 # ----- ONNX ---------------------------------------------------------------------------------------
@@ -598,7 +760,8 @@ def is_detector_arch(arch: Optional[str]) -> bool:
 
 
 def default_input_shape(arch: str) -> Tuple[int, ...]:
-    size = 320 if "320" in arch else 512
+    """The frame size ``arch`` is built for: 300 (SSD300), 320 (the *_320 models), else 512."""
+    size = 300 if "300" in arch else 320 if "320" in arch else 512
     return (1, 3, size, size)
 
 
@@ -623,9 +786,13 @@ def load_detector(path: str, arch: str, num_classes: Optional[int]):
         raise ModelLoadError(f"'{path}' holds a {type(sd).__name__}, not a state dict")
     if num_classes is None:
         num_classes = _classes_in(sd)
+    extra = {}
+    kps = sd.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+    if kps is not None and arch.startswith("keypointrcnn"):
+        extra["num_keypoints"] = int(kps.shape[1])     # ConvTranspose2d weight: [in, K, k, k]
     try:
         model = torchvision.models.get_model(arch, weights=None, weights_backbone=None,
-                                             num_classes=num_classes)
+                                             num_classes=num_classes, **extra)
         model.load_state_dict(sd)
     except (RuntimeError, ValueError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -636,15 +803,21 @@ def load_detector(path: str, arch: str, num_classes: Optional[int]):
 
 
 def _classes_in(sd: dict) -> int:
-    """Classes of a detector state dict, from its classification layer's output size."""
-    for key, div in (("roi_heads.box_predictor.cls_score.weight", 1),
-                     ("head.classification_head.cls_logits.weight", 0)):
-        if key in sd:
-            if div:
-                return int(sd[key].shape[0])
-            anchors_key = "head.regression_head.bbox_reg.weight"
-            a = sd[anchors_key].shape[0] // 4 if anchors_key in sd else 1
-            return int(sd[key].shape[0] // max(a, 1))
+    """Classes of a detector state dict, from its classification layer's output size (divided by
+    the anchors per location, read from the box regression layer beside it)."""
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if key in sd:
+        return int(sd[key].shape[0])
+    # (classification layer, regression layer): RetinaNet / FCOS, SSD, SSDlite (first level)
+    for cls, reg in (("head.classification_head.cls_logits.weight",
+                      "head.regression_head.bbox_reg.weight"),
+                     ("head.classification_head.module_list.0.weight",
+                      "head.regression_head.module_list.0.weight"),
+                     ("head.classification_head.module_list.0.1.weight",
+                      "head.regression_head.module_list.0.1.weight")):
+        if cls in sd:
+            a = sd[reg].shape[0] // 4 if reg in sd else 1
+            return int(sd[cls].shape[0] // max(a, 1))
     return 91
 
 
