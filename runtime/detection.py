@@ -5,8 +5,9 @@ distillation, threshold calibration with its bound, shadow checks, drift monitor
 counters), with the task interface (``runtime/tasks.py``: ``DetectionTask``) saying what
 differs: the backbone's output is a list of per-frame dicts, a head learns "would the detector
 find anything at or above the service's score threshold", an exit answers "nothing", and a
-frame that leaves gets an empty result in the detector's format. Frames that go on get exactly
-the detector's output.
+frame that leaves gets an empty result in the detector's format (the artifact's own ``empty``:
+boxes, scores and labels, and masks or keypoints for Mask / Keypoint R-CNN). Frames that go on
+get exactly the detector's output.
 
 Its own here: the artifact's loader, the stage-by-stage serving path (the classification
 runtime's onnxruntime plans, fused fast path and CUDA graphs are built around one output
@@ -53,8 +54,9 @@ def load_artifact(path: str, map_location=None):
 def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torch.Tensor,
                  shadow: bool, collect: bool) -> Served:
     """Stage by stage: exits take their confident frames (``exit_rule``); the live state between
-    stages is the newest tensor plus the FPN's taps so far. A ``shadow`` request runs every
-    frame to the end and records where each would have left."""
+    stages is the newest tensor plus the taps so far (the FPN's or the SSD head's inputs). A
+    ``shadow`` request runs every frame to the end and records where each would have left; frames
+    that leave get the artifact's own ``module.empty``."""
     n, E = x.shape[0], len(heads)
     dev = x.device
     tensors, sizes = module.prepare(x)
@@ -96,7 +98,7 @@ def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torc
         dets = module.finish(tensors if whole else tensors[idx], taps,
                              sizes if whole else [sizes[r] for r in rows],
                              [(x.shape[2], x.shape[3])] * len(rows))
-    served = Served(task.assemble(n, exited, idx, dets, x), exit_of)
+    served = Served(task.assemble(n, exited, idx, dets, x, module.empty), exit_of)
     teacher = task.teacher(dets) if dets is not None else None
     if shadow:
         served.shadow_exit = would
@@ -162,8 +164,9 @@ class DetectionRuntime(Runtime):
 
     @torch.no_grad()
     def predict(self, x, return_exits: bool = False):
-        """The detector's answer per image, in input order: a list of dicts of boxes, labels and
-        scores; frames an exit is confident hold nothing get an empty one. ``x``: a tensor
+        """The detector's answer per image, in input order: a list of dicts in the detector's
+        format (boxes, labels, scores; masks or keypoints for Mask / Keypoint R-CNN); frames an
+        exit is confident hold nothing get an empty one (the artifact's ``empty``). ``x``: a tensor
         [N, C, H, W] or a list of [C, H, W] tensors of one size. With ``return_exits`` also each
         frame's exit (``num_exits``: the whole detector)."""
         served = self._serve(self._check(x), self._state)

@@ -9,7 +9,7 @@ its bound, shadow checks, drift and the cost model read only these, so they are 
 for both tasks (``head_confidences`` below is what calibration consumes; ``task_for`` the task
 of a manifest).
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,10 +40,13 @@ class Task:
         raise NotImplementedError
 
     def assemble(self, n: int, exited: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                 rest: torch.Tensor, backbone_out, like: torch.Tensor):
+                 rest: torch.Tensor, backbone_out, like: torch.Tensor,
+                 empty: Optional[Callable[[torch.Tensor], object]] = None):
         """The answer for n rows in input order: ``exited`` holds (rows, head logits) per exit
         that took rows, ``rest`` the rows that ran the whole model and ``backbone_out`` its
-        output for them (in that order); ``like``: a tensor on the right device and dtype."""
+        output for them (in that order); ``like``: the request's input (device, dtype, size).
+        ``empty(like)``: the artifact's own answer for a row that left with nothing to say (a
+        task whose exits answer from their logits ignores it)."""
         raise NotImplementedError
 
 
@@ -64,7 +67,7 @@ class ClassificationTask(Task):
     def answers(self, output: torch.Tensor) -> torch.Tensor:
         return output
 
-    def assemble(self, n, exited, rest, backbone_out, like):
+    def assemble(self, n, exited, rest, backbone_out, like, empty=None):
         k = backbone_out.shape[1] if backbone_out is not None else exited[0][1].shape[1]
         out = torch.empty((n, k), dtype=like.dtype, device=like.device)
         for rows, logits in exited:
@@ -75,13 +78,15 @@ class ClassificationTask(Task):
 
 
 class DetectionTask(Task):
-    """The backbone (a detector) returns one dict of boxes, labels and scores per frame.
+    """The backbone (a detector) returns one dict per frame: boxes, labels and scores, and masks
+    or keypoints where the detector has those heads.
 
     A head has two classes, 0 = nothing here, 1 = something; it learns whether the detector
     returns any detection scoring at least ``min_score`` (the service's score threshold). An
     exit answers only "nothing" (``exit_rule.class_confidence`` of class 0), so it agrees
     exactly when the detector found nothing at or above ``min_score``; a frame that leaves gets
-    an empty result in the detector's format.
+    an empty result in the detector's format, which the artifact itself makes (its ``empty``
+    method, given to ``assemble``), so the format lives in one place.
     """
 
     name = "detection"
@@ -116,18 +121,16 @@ class DetectionTask(Task):
     def answers(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
         return torch.nn.functional.one_hot(self.found(dets).long(), 2)
 
-    @staticmethod
-    def empty(like: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """No detection, in torchvision's format."""
-        return {"boxes": torch.zeros((0, 4), dtype=like.dtype, device=like.device),
-                "scores": torch.zeros((0,), dtype=like.dtype, device=like.device),
-                "labels": torch.zeros((0,), dtype=torch.int64, device=like.device)}
-
-    def assemble(self, n, exited, rest, backbone_out, like):
+    def assemble(self, n, exited, rest, backbone_out, like, empty=None):
+        """Frames that ran the detector get its dicts; the others ``empty(like)`` each (a fresh
+        dict per frame: the artifact's ``CachedDetector.empty``)."""
+        if empty is None and len(rest) < n:
+            raise ValueError("DetectionTask.assemble needs the artifact's empty(like) for frames "
+                             "that left at an exit")
         out = [None] * n
         for r, d in zip(rest.tolist(), backbone_out or []):
             out[r] = d
-        return [d if d is not None else self.empty(like) for d in out]
+        return [d if d is not None else empty(like) for d in out]
 
 
 def task_for(manifest: dict) -> Task:
