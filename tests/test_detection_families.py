@@ -1,0 +1,202 @@
+"""Detection families beyond FCOS: Mask R-CNN, Keypoint R-CNN, SSDlite and SSD300-VGG16.
+
+Per family: the artifact equals the detector with exits off (plain ``torch.jit.load``), a frame
+that leaves gets an empty answer in the detector's own format (masks [0, 1, H, W], keypoints
+[0, K, 3] and keypoints_scores [0, K] included), and the runtime serves both. The R-CNNs are tiny
+(a 4-stage body of 8-24 channels at 96 px); the SSDs are torchvision's own builds with random
+weights (SSD300-VGG16 is the slow one: about 15 s of the file's time on 2 CPU cores).
+"""
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from compiler import artifact
+from compiler.detection import (DetectionConfig, _classes_in, body_steps, output_format,
+                                outputs_equal, rewrite_detector, same_format)
+from compiler.errors import CompilerError
+
+torchvision = pytest.importorskip("torchvision")
+
+RCNN_SIZE = 96
+
+
+def _tiny_fpn_backbone():
+    """A 4-stage stride-2 body tapped by a 16-channel FPN (plus a max-pooled level)."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
+    body = nn.Sequential(OrderedDict(stem=block(3, 8), layer1=block(8, 16),
+                                     layer2=block(16, 16), layer3=block(16, 24)))
+    return BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2"}, [16, 16, 24], 16,
+                           extra_blocks=LastLevelMaxPool())
+
+
+def _rcnn_common(num_classes):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    return dict(min_size=RCNN_SIZE, max_size=RCNN_SIZE, num_classes=None,
+                box_head=TwoMLPHead(16 * 7 * 7, 64),
+                box_predictor=FastRCNNPredictor(64, num_classes),
+                rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,), (64,)),
+                                                     ((0.5, 1.0, 2.0),) * 4),
+                rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=20,
+                box_detections_per_img=6)
+
+
+def tiny_mask_rcnn():
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    torch.manual_seed(0)
+    return MaskRCNN(_tiny_fpn_backbone(), mask_head=MaskRCNNHeads(16, (16,), 1),
+                    mask_predictor=MaskRCNNPredictor(16, 16, 3), **_rcnn_common(3)).eval()
+
+
+def tiny_keypoint_rcnn():
+    from torchvision.models.detection import KeypointRCNN
+    from torchvision.models.detection.keypoint_rcnn import (KeypointRCNNHeads,
+                                                            KeypointRCNNPredictor)
+    torch.manual_seed(0)
+    return KeypointRCNN(_tiny_fpn_backbone(), keypoint_head=KeypointRCNNHeads(16, (16,)),
+                        keypoint_predictor=KeypointRCNNPredictor(16, 5),
+                        **_rcnn_common(2)).eval()
+
+
+def ssdlite():
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+    torch.manual_seed(0)
+    return ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                         num_classes=3).eval()
+
+
+def ssd300():
+    from torchvision.models.detection import ssd300_vgg16
+    torch.manual_seed(0)
+    return ssd300_vgg16(weights=None, weights_backbone=None, num_classes=3).eval()
+
+
+# family -> (builder, frame shape [C, H, W], keys each frame's answer has, in the model's order)
+FAMILIES = {
+    "mask_rcnn": (tiny_mask_rcnn, (3, RCNN_SIZE, RCNN_SIZE),
+                  ["boxes", "labels", "scores", "masks"]),
+    "keypoint_rcnn": (tiny_keypoint_rcnn, (3, RCNN_SIZE, RCNN_SIZE),
+                      ["boxes", "labels", "scores", "keypoints", "keypoints_scores"]),
+    "ssdlite320": (ssdlite, (3, 160, 160), ["boxes", "scores", "labels"]),
+    "ssd300_vgg16": (ssd300, (3, 160, 160), ["boxes", "scores", "labels"]),
+}
+
+
+def plain_load(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path)).eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def compiled(request, tmp_path_factory):
+    """(name, detector, artifact path, manifest, frames, the detector's answers to them)."""
+    build, shape, _ = FAMILIES[request.param]
+    det = build()
+    module, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1,) + shape,
+                                                                num_exits=2))
+    path = tmp_path_factory.mktemp("families") / f"{request.param}.cached.pt"
+    artifact.save(module, manifest, path)
+    x = torch.rand((2,) + shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = det(list(x))
+    return request.param, det, path, manifest, x, want
+
+
+def test_artifact_equals_the_detector_and_empties_have_its_format(compiled):
+    name, _, path, manifest, x, want = compiled
+    keys = FAMILIES[name][2]
+    assert manifest["output_keys"] == keys and all(list(w) == keys for w in want)
+    assert any(len(w["boxes"]) for w in want), "random weights should still detect something"
+    m = plain_load(path)
+    with torch.no_grad():
+        got, exits = m.forward_with_exits(x)
+    assert outputs_equal(got, want) and exits.tolist() == [len(manifest["exits"])] * 2
+    artifact.set_exit(list(m.blocks.children())[0], 0.0)   # every frame leaves at exit 0
+    with torch.no_grad():
+        got, exits = m.forward_with_exits(x)
+    assert exits.tolist() == [0, 0]
+    for g in got:
+        assert same_format(g, want[0])                      # keys in order, dtypes, shapes
+    if "masks" in keys:
+        assert got[0]["masks"].shape == (0, 1) + tuple(x.shape[2:])
+    if "keypoints" in keys:
+        assert got[0]["keypoints"].shape == (0, 5, 3)
+        assert got[0]["keypoints_scores"].shape == (0, 5)
+
+
+def test_runtime_serves_the_detectors_format(compiled):
+    import runtime
+    from runtime.serving import ServingState
+    name, _, path, _, x, want = compiled
+    rt = runtime.load(path, background=False)
+    assert outputs_equal(rt.predict(x), want)
+    st = rt.state                                           # exit 0 on for every frame
+    rt._state = ServingState(st.classifiers, (0.0,) + st.thresholds[1:], st.version + 1)
+    out, exits = rt.predict(x, return_exits=True)
+    assert exits.tolist() == [0, 0]
+    assert all(same_format(d, want[0]) for d in out)
+    rt.close()
+
+
+def test_ssd_bodies_cut_at_every_child_with_every_block_tapped():
+    """SSD-VGG: 23 features children (tap '0' rescaled by the L2 norm), 8 + 4 x 4 extra children,
+    each extra block's last child tapped; the rescaled tap is not the tensor the body goes on
+    with, so the cut after features.22 carries both."""
+    from compiler.detection import L2Rescale, analyse_detector
+    steps = body_steps(ssd300(), "ssd")
+    assert len(steps) == 23 + 8 + 4 * 4
+    taps = [(s.name, s.tap) for s in steps if s.tap is not None]
+    assert taps == [("features.22", "0"), ("extra.0.7", "1"), ("extra.1.3", "2"),
+                    ("extra.2.3", "3"), ("extra.3.3", "4"), ("extra.4.3", "5")]
+    assert isinstance(steps[22].tap_fn, L2Rescale)
+    an = analyse_detector(ssdlite(), DetectionConfig(input_shape=(1, 3, 160, 160)))
+    assert [n for n, t in an.tap_of.items()] == ["features.0.13", "features.1.3", "extra.0.2",
+                                                  "extra.1.2", "extra.2.2", "extra.3.2"]
+    by_name = {c.name: c for c in an.cuts}
+    assert len(by_name["features.1.3"].carries) == 2        # taps '0' and '1'
+    assert by_name["features.0.0"].carries[0].startswith("newest")
+
+
+def test_still_unsupported_detectors_get_one_line_errors():
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+    plain.out_channels = 8
+    frcnn = FasterRCNN(plain, num_classes=2, min_size=64, max_size=64,
+                       rpn_anchor_generator=AnchorGenerator(((16,),), ((1.0,),)))
+    with pytest.raises(CompilerError, match="not a BackboneWithFPN.*resnet_fpn_backbone"):
+        rewrite_detector(frcnn, DetectionConfig(input_shape=(1, 3, 64, 64)))
+    ssd_body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+    ssd_body.out_channels = [8]
+    ssd = SSD(ssd_body, DefaultBoxGenerator([[2]]), (64, 64), num_classes=2)
+    with pytest.raises(CompilerError, match="not torchvision's SSDFeatureExtractorVGG"):
+        rewrite_detector(ssd, DetectionConfig(input_shape=(1, 3, 64, 64)))
+    boxes = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+             "labels": torch.zeros(0, dtype=torch.long)}
+    with pytest.raises(CompilerError, match=r"answers with keys .*'depth'"):
+        output_format(frcnn, dict(boxes, depth=torch.zeros(0)))
+    assert output_format(frcnn, boxes) == (["boxes", "scores", "labels"], 0)
+
+
+def test_state_dicts_name_their_classes_and_keypoints(tmp_path):
+    from compiler.detection import load_detector
+    sd = ssdlite().state_dict()
+    assert _classes_in(sd) == 3
+    assert _classes_in(ssd300().state_dict()) == 3
+    assert _classes_in(tiny_keypoint_rcnn().state_dict()) == 2
+    path = tmp_path / "ssdlite.pt"
+    torch.save(sd, path)
+    loaded = load_detector(path, "ssdlite320_mobilenet_v3_large", None)
+    assert loaded.input_shape == (1, 3, 320, 320)
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.module.state_dict().items())
