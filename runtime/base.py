@@ -23,9 +23,11 @@ from .costs import CostModel
 from .drift import ALARM, DriftMonitor
 from .learner import HeadLearner, NonFiniteRound, RoundCancelled
 from .learning import LearnerThread, LearningLoop
+from .pacing import InFlight
 from .serving import Served, ServingState
 from .stats import Counters
 from .tasks import task_for
+from .teaching import DeferredTeacher
 
 log = logging.getLogger("layer_cache.runtime")
 
@@ -111,7 +113,12 @@ class Runtime:
         self._closed = False
         self._delegate = None                  # replica mode: see CachedRuntime.delegate_learning
         self._state = self._first_state(classifiers, thresholds)
+        self.in_flight = InFlight()            # background work yields to requests (pacing.py)
         self._thread = LearnerThread(self) if self.config.background else None
+        c = self.config.collect
+        self._teacher = DeferredTeacher(self._featurize, c.deferred_mb,
+                                        self.in_flight.yield_to_requests) \
+            if self.config.background and c.deferred else None
 
     @classmethod
     def open(cls, path: str, device="cpu", background: bool = True,
@@ -194,22 +201,55 @@ class Runtime:
     def _serve(self, x: torch.Tensor, state: ServingState, learn: bool = True) -> Served:
         """One checked request under ``state``: shadow or collect it, serve it (``_run``), then
         count it, feed drift and maybe start a round; ``learn``: it may teach the heads."""
+        with self.in_flight:
+            return self._serve_counted(x, state, learn)
+
+    def _serve_counted(self, x: torch.Tensor, state: ServingState, learn: bool) -> Served:
         t0 = time.perf_counter()
         rate = self.config.guarantee.shadow_rate
         if (self.drift if self._delegate is None else self._delegate).in_doubt:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
         shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
-        served = self._run(state, x, shadow, collect and learn)
+        teach = collect and learn
+        defer = teach and not shadow and self._teacher is not None
+        served = self._run(state, x, shadow, teach and not defer)
+        deferred = defer and self._defer(x, served, state)
         latency = (time.perf_counter() - t0) * 1e3
         self.design.observe(self.task.answers(served.out))
         if served.features is not None:
             self._collect(served, shadow, state.any_enabled, x.shape[0])
         self._account(state, served, latency)
-        self._maybe_learn(x.shape[0])
+        if not deferred:   # else counted by the deferred teacher, once buffered
+            self._maybe_learn(x.shape[0])
         return served
 
     def __call__(self, x):
         return self.predict(x)
+
+    def _defer(self, x: torch.Tensor, served: Served, state: ServingState) -> bool:
+        """Hand a served request's rows that reached the end to the deferred teacher; False
+        when there were none or its queue is full."""
+        if state.any_enabled:
+            rest = served.exit_of == self.num_exits
+            if not bool(rest.any()):
+                return False
+            if not bool(rest.all()):
+                x = x[rest]
+        return self._teacher.submit(x, state.any_enabled, served.exit_of.shape[0],
+                                    state.generation)
+
+    def _featurize(self, x: torch.Tensor, any_enabled: bool, rows: int, generation: int):
+        """The deferred teacher's work (its thread): the rows through the whole backbone with
+        every exit's pooled features, buffered as the request would have buffered them; rows
+        served before a drift alarm are dropped."""
+        state = self._state
+        if generation != self._generation:
+            return
+        off = ServingState(state.classifiers, (INF,) * self.num_exits)
+        served = self._run(off, x, False, True)
+        if served.features is not None and generation == self._generation:
+            self._collect(served, False, any_enabled, rows)
+        self._maybe_learn(rows)   # counted once buffered: a round then finds them
 
     def _account(self, state: ServingState, served: Served, latency: float):
         E = self.num_exits
@@ -273,7 +313,12 @@ class Runtime:
                 log.exception("learning round failed; exits keep their previous state")
 
     def _should_stop(self) -> bool:
-        return self._thread is not None and self._thread.stop.is_set()
+        """Polled between a background round's steps: first yields to the requests in flight
+        (``pacing.py``), then says whether the round must stop (the runtime is closing)."""
+        if self._thread is None:
+            return False
+        self.in_flight.yield_to_requests()
+        return self._thread.stop.is_set()
 
     def learn(self) -> bool:
         """One learning round: distil heads on recent rows, re-choose thresholds, publish.
@@ -379,6 +424,7 @@ class Runtime:
                 "buffer_rows": self.buffer.size,
                 "buffer_capacity": self.buffer.capacity,
                 "buffer_rows_rejected": self.buffer.rows_rejected,
+                **DeferredTeacher.stats_of(self._teacher),
                 **self._evidence_report()}
 
     def _evidence_report(self) -> dict:
@@ -439,6 +485,8 @@ class Runtime:
     def close(self):
         """Stop learning within a second, abandoning a round in progress; serving still works."""
         self._closed = True
+        if self._teacher is not None:
+            self._teacher.close()
         if self._thread is not None:
             if not self._thread.close():
                 log.warning("learner thread still busy after %.0f s; left to finish as a daemon",

@@ -62,6 +62,13 @@ class CollectConfig:
                     ``holdout_gap_rows`` of a held-out block are not kept at all: a camera's
                     scene (or a client's run) then rarely sits on both sides of the split,
                     where the held-out rows would look easier than new traffic.
+    deferred:       background mode: a request that teaches (not a shadowed one) is answered on
+                    the fastest path, and a background thread runs its rows that reached the
+                    end through the backbone again with every exit's pooled features and
+                    buffers them (runtime/teaching.py). Those rows cost twice the CPU; no
+                    request waits for it. False: the request computes its features itself.
+    deferred_mb:    at most this many MB of input wait for that thread; a request that finds
+                    the queue full does not teach (``stats()["learning"]["deferred_rows_dropped"]``).
     """
 
     buffer_mb: float = 256.0
@@ -70,6 +77,8 @@ class CollectConfig:
     warmup_collect_rate: float = 1.0
     holdout_block_rows: int = 64
     holdout_gap_rows: int = 16
+    deferred: bool = True
+    deferred_mb: float = 64.0
 
 
 @dataclass
@@ -253,6 +262,7 @@ class RuntimeConfig:
                               f"{self.guard.range_window_rows} and {self.guard.range_warmup_rows}")
         for name, v, zero_ok in (("lr", self.learning.lr, False),
                                  ("buffer_mb", self.collect.buffer_mb, False),
+                                 ("deferred_mb", self.collect.deferred_mb, False),
                                  ("weight_decay", self.learning.weight_decay, True)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or zero_ok and v == 0)):
                 raise ConfigError(f"{name} must be a finite number "

@@ -165,8 +165,9 @@ class CachedRuntime(Runtime):
 
     def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
         """The fastest path the request allows: the onnxruntime plan or the fused scripted model
-        when it neither teaches nor is shadowed, else stage by stage."""
-        if state.compiled is not None and state.compiled.whole and not shadow and not collect:
+        when it neither teaches nor is shadowed (a request whose teaching is deferred included),
+        else stage by stage."""
+        if state.compiled is not None and not shadow and not collect:
             served = serve_plan(state, x)
         elif self.backend is not None and not state.any_enabled and not collect:
             served = serve_backbone(self.backend, x)

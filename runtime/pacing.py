@@ -1,0 +1,42 @@
+"""Background work (learning rounds, deferred teaching) yields to the requests in flight.
+
+Python runs one thread at a time (the GIL). A learning round is many small steps of Python and
+small tensor ops; while one runs beside a request, the request's own Python waits for the GIL
+at every turn, and at batch 1 that adds more than the backbone's time. So background threads
+call ``yield_to_requests`` between steps: while any request is being served it waits (at most
+``max_wait`` seconds, so learning still advances on a saturated service), and runs in the gaps.
+"""
+import threading
+
+
+class InFlight:
+    """Counts the requests being served; ``with in_flight:`` around each."""
+
+    MAX_WAIT = 0.002     # a step waits at most this long: rounds slow down, never stall
+
+    def __init__(self):
+        self._n = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def __enter__(self):
+        with self._lock:
+            self._n += 1
+            self._idle.clear()
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._n -= 1
+            if self._n == 0:
+                self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+    def yield_to_requests(self, max_wait: float = MAX_WAIT) -> bool:
+        """From a background thread: wait until no request is in flight, at most ``max_wait``
+        seconds. True when none is (or none was by the deadline)."""
+        return self._idle.wait(max_wait)

@@ -1,0 +1,166 @@
+"""Deferred teaching (runtime/teaching.py) and background work yielding to requests (pacing.py)."""
+import gc
+import threading
+import time
+
+import torch
+
+import pytest
+
+import runtime
+from runtime.buffer import CALIB, TRAIN
+from runtime.pacing import InFlight
+
+BATCH = 16
+
+
+def teacher_threads():
+    return [t for t in threading.enumerate() if t.name == "layer-cache-teacher" and t.is_alive()]
+
+
+def wait_for(cond, seconds: float, step: float = 0.02) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+@pytest.fixture(scope="module")
+def backbone_logits(teacher_artifact):
+    """The artifact with its exits off, as plain TorchScript: the backbone's answer."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(teacher_artifact)).eval()
+    return lambda x: module(x)
+
+
+def _rows(fashion_small, n=1200):
+    xtr, _, _, _ = fashion_small
+    return xtr[7000:7000 + n]
+
+
+def _serve(rt, x):
+    for i in range(0, len(x), BATCH):
+        rt.predict(x[i:i + BATCH])
+
+
+def test_deferred_rows_reach_the_buffer_as_inline_ones_do(teacher_artifact, fashion_small):
+    """Before any exit is on, every row teaches: deferred or inline, the same rows are buffered
+    (the hold-out clock follows the rows, not the thread), with the same features."""
+    x = _rows(fashion_small)
+    kw = dict(train_every=10 ** 9, seed=3)
+    deferred = runtime.load(teacher_artifact, background=True, **kw)
+    inline = runtime.load(teacher_artifact, background=True, deferred=False, **kw)
+    try:
+        _serve(deferred, x)
+        _serve(inline, x)
+        assert deferred._teacher.drain(30)
+        a, b = deferred.stats()["learning"], inline.stats()["learning"]
+        assert a["deferred_rows_taught"] > len(x) // 2 and a["deferred_rows_dropped"] == 0
+        assert b["deferred_rows_taught"] == 0
+        assert a["buffer_rows"] == b["buffer_rows"] > 0
+        assert a["held_out_rows"] == b["held_out_rows"] > 0
+        for role in (TRAIN, CALIB):
+            fa, ta = deferred.buffer.snapshot(role)
+            fb, tb = inline.buffer.snapshot(role)
+            assert torch.allclose(ta, tb, atol=1e-4)
+            for a_e, b_e in zip(fa, fb):
+                assert torch.allclose(a_e, b_e, atol=1e-2, rtol=1e-2)   # stored as float16
+    finally:
+        deferred.close()
+        inline.close()
+
+
+def test_caller_reusing_its_tensor_does_not_corrupt_what_is_learned(teacher_artifact,
+                                                                    fashion_small):
+    x = _rows(fashion_small, 256)
+    rt = runtime.load(teacher_artifact, background=True, train_every=10 ** 9)
+    try:
+        buf = torch.empty(BATCH, *x.shape[1:])
+        for i in range(0, len(x), BATCH):
+            buf.copy_(x[i:i + BATCH])
+            out = rt.predict(buf)
+            assert torch.isfinite(out).all()
+            buf.fill_(float("nan"))       # the caller reuses its buffer at once
+        assert rt._teacher.drain(30)
+        s = rt.stats()["learning"]
+        assert s["deferred_rows_taught"] > 0 and s["deferred_rows_dropped"] == 0
+        assert s["buffer_rows_rejected"] == 0     # no NaN row reached the buffer
+        assert s["buffer_rows"] > 0
+    finally:
+        rt.close()
+
+
+def test_full_queue_answers_but_does_not_teach(teacher_artifact, fashion_small, backbone_logits):
+    x = _rows(fashion_small, 256)
+    rt = runtime.load(teacher_artifact, background=True, train_every=10 ** 9,
+                      deferred_mb=1e-4)          # smaller than one request
+    try:
+        for i in range(0, len(x), BATCH):
+            out = rt.predict(x[i:i + BATCH])
+            assert torch.allclose(out, backbone_logits(x[i:i + BATCH]), atol=1e-4)
+        assert rt._teacher.drain(10)
+        s = rt.stats()["learning"]
+        warm = rt.config.guard.range_warmup_rows     # the guard's warm-up teaches nothing
+        assert s["deferred_rows_dropped"] == len(x) - warm
+        assert s["deferred_rows_taught"] == 0 and s["buffer_rows"] == 0
+    finally:
+        rt.close()
+
+
+def test_rows_served_before_a_drift_alarm_are_not_learned(teacher_artifact, fashion_small):
+    x = _rows(fashion_small, 64)
+    rt = runtime.load(teacher_artifact, background=True, train_every=10 ** 9)
+    try:
+        rt._generation += 1                       # as a drift alarm does
+        rt._featurize(x, False, len(x), 0)        # an item queued under generation 0
+        assert rt.stats()["learning"]["buffer_rows"] == 0
+        rt._featurize(x, False, len(x), rt._generation)
+        assert rt.stats()["learning"]["buffer_rows"] > 0
+    finally:
+        rt.close()
+
+
+def test_synchronous_mode_has_no_teacher_thread(teacher_artifact, fashion_small):
+    base = len(teacher_threads())
+    rt = runtime.load(teacher_artifact, background=False, train_every=10 ** 9)
+    assert rt._teacher is None and len(teacher_threads()) == base
+    _serve(rt, _rows(fashion_small, 128))                 # past the guard's warm-up
+    assert rt.stats()["learning"]["buffer_rows"] > 0      # taught inline
+    assert rt.stats()["learning"]["deferred_rows_taught"] == 0
+
+
+def test_load_and_del_leave_no_teacher_thread(teacher_artifact):
+    base = len(teacher_threads())
+    rt = runtime.load(teacher_artifact, background=True)
+    assert len(teacher_threads()) == base + 1
+    del rt
+    gc.collect()
+    assert wait_for(lambda: len(teacher_threads()) == base, 2.0), "teacher outlived its runtime"
+    with runtime.load(teacher_artifact, background=True):
+        assert len(teacher_threads()) == base + 1
+    assert wait_for(lambda: len(teacher_threads()) == base, 2.0)
+
+
+def test_background_work_waits_for_the_request_in_flight():
+    gate = InFlight()
+    events = []
+    gate.__enter__()
+    worker = threading.Thread(target=lambda: events.append(("yielded", gate.yield_to_requests(5.0))))
+    worker.start()
+    time.sleep(0.05)
+    events.append(("request done", None))
+    gate.__exit__(None, None, None)
+    worker.join(5)
+    assert events == [("request done", None), ("yielded", True)]
+    assert gate.count == 0
+
+
+def test_background_work_never_stalls_behind_a_busy_service():
+    gate = InFlight()
+    with gate:                                    # a request that never ends
+        assert gate.yield_to_requests(0.01) is False   # the step goes on after max_wait
+    assert gate.yield_to_requests(0.0) is True
