@@ -724,10 +724,10 @@ def format_report(an: DetectorAnalysis, chosen: List[str]) -> str:
 
 
 def _short_carries(carries: List[str]) -> str:
-    """The live set as --report prints it: with more than two taps (SSD), all but the last as a
-    range of names, then the last tap and the newest output in full."""
+    """The live set as --report prints it: with more than three taps (SSD), all but the last as
+    a range of names, then the last tap and the newest output in full."""
     taps = [c for c in carries if c.startswith("tap '")]
-    if len(taps) <= 2:
+    if len(taps) <= 3:
         return "; ".join(carries)
     names = [t.split("'")[1] for t in taps[:-1]]
     rest = [c for c in carries if not c.startswith("tap '")]
