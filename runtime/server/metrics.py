@@ -92,6 +92,13 @@ class _RuntimeCollector:
                                   labels=["model"])
             g.add_metric([model], float(learning["independent_rows_needed"]))
             yield g
+        if "deferred_rows_dropped" in learning:
+            c = CounterMetricFamily(f"{PREFIX}_untaught_rows", "Rows that would have taught "
+                                    "the heads but found the deferred-teaching queue full "
+                                    "(the service is saturated: learning slows)",
+                                    labels=["model"])
+            c.add_metric([model], learning["deferred_rows_dropped"])
+            yield c
         c = CounterMetricFamily(f"{PREFIX}_drift_events", "Drift alarms (every exit switched "
                                 "off, heads relearn)", labels=["model"])
         c.add_metric([model], s.get("drift_events", 0))
