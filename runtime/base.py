@@ -116,9 +116,11 @@ class Runtime:
         self.in_flight = InFlight()            # background work yields to requests (pacing.py)
         self._thread = LearnerThread(self) if self.config.background else None
         c = self.config.collect
+        # CPU only: on CUDA the staged path's CUDA graphs are captured per batch size and not
+        # meant to be replayed from two threads at once (and the GPU is not the GIL's problem).
         self._teacher = DeferredTeacher(self._featurize, c.deferred_mb,
                                         self.in_flight.yield_to_requests) \
-            if self.config.background and c.deferred else None
+            if self.config.background and c.deferred and self.device.type == "cpu" else None
 
     @classmethod
     def open(cls, path: str, device="cpu", background: bool = True,
