@@ -18,8 +18,8 @@ order, ``--reps`` times over (a shared machine's load hits them alike):
 - misses: the same cache modes with thresholds no row reaches (exits on, every row runs them).
 
 Then ``runtime.predict`` along a learning stream (background mode, starting with exits off) is
-timed request by request against the backbone's best mode at that batch size, in windows.
-Prints the tables (p50 and p99 in ms, rows/s, each with the spread of the per-rep medians) and
+timed request by request against the backbone's best mode at that batch size, in windows
+(with the rows the deferred-teaching queue turned away, ``runtime/teaching.py``). Prints the tables (p50 and p99 in ms, rows/s, each with the spread of the per-rep medians) and
 writes ``OUT/latency.json`` with the machine, versions, date and commit.
 """
 from __future__ import annotations
@@ -197,6 +197,7 @@ def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int,
                                 "missed_requests": int(len(miss)),
                                 "missed_ratio_p50": float(np.median(miss)) if len(miss) else None,
                                 "rounds": st["learning"]["rounds"],
+                                "untaught_rows": st["learning"]["deferred_rows_dropped"],
                                 "exits_on": sum(st["enabled"]),
                                 "plan": rt.state.compiled is not None})
                 pt, bt, missed = [], [], []
@@ -299,7 +300,8 @@ def main(argv=None) -> int:
                   f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}); requests missing "
                   f"every exit {w['missed_requests']}" + (
                       f" ({w['missed_ratio_p50'] - 1:+.1%})" if w["missed_ratio_p50"] else "") +
-                  f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}")
+                  f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}, "
+                  f"untaught rows {w['untaught_rows']}")
     (out / "latency.json").write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out / 'latency.json'}")
     return 0
