@@ -178,6 +178,35 @@ def test_runtime_learns_from_a_scene_stream(compiled):
     assert len(m(stream.frames[:3])) == 3
 
 
+def test_background_detection_runtime_defers_teaching(compiled):
+    """Background mode: frames are answered with exactly the detector's output at once and
+    taught by the deferred teacher (runtime/teaching.py): the same rows reach the buffer as
+    when each request teaches itself."""
+    from runtime.detection import load
+    det, path, _, _ = compiled
+    x = frames(48, seed=5)
+    kw = dict(train_every=10 ** 9, holdout_block_rows=16, holdout_gap_rows=4)
+    deferred = load(path, background=True, **kw)
+    inline = load(path, background=True, deferred=False, **kw)
+    try:
+        with torch.no_grad():
+            want = det(list(x))
+        for s in range(0, 48, 8):
+            got = deferred.predict(x[s:s + 8])
+            inline.predict(x[s:s + 8])
+            for g, w in zip(got, want[s:s + 8]):
+                assert torch.equal(g["labels"], w["labels"])
+                assert torch.allclose(g["boxes"], w["boxes"], atol=1e-4)
+        assert deferred._teacher.drain(30)
+        a, b = deferred.stats()["learning"], inline.stats()["learning"]
+        assert a["deferred_rows_taught"] == 48 and b["deferred_rows_taught"] == 0
+        assert a["buffer_rows"] == b["buffer_rows"] > 0
+        assert a["held_out_rows"] == b["held_out_rows"]
+    finally:
+        deferred.close()
+        inline.close()
+
+
 def test_select_and_bad_exits(compiled):
     _, _, _, an = compiled
     assert [c.name for c in select_cuts(an, DetectionConfig(exits=["layer2"]))] == ["layer2"]
