@@ -97,8 +97,9 @@ class Plan:
     ``segments[j]`` = (session, exit, threshold as float32); the last has exit None and returns
     the backbone's output. ``collecting``: the same segments, each also returning the pooled
     features of every exit among its stages (on or off), for requests that teach the heads.
-    ``whole``: the state may serve requests with nothing to learn from (the runtime's
-    ``fast_after``); before that, only collecting requests use the plan.
+    ``whole``: the state was learned on ``fast_after`` rows, so requests need no longer all
+    teach (``ServingState.servable_whole``; then a ``collect_rate`` share does). Any request
+    with nothing to check or teach inline runs the plan, before that too.
     """
 
     def __init__(self, segments, collecting, num_exits: int, num_classes: int, whole: bool):

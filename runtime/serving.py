@@ -22,7 +22,7 @@ class ServingState:
                   drift monitor; None when no exit is on.
     plan:         the calibration plan behind the thresholds (None: not chosen by a round).
     compiled:     the same exits compiled for the onnxruntime backend (``backends.Plan``), or
-                  None; built with ``fast`` (when it may serve requests whole).
+                  None (TorchScript, or no exit on); ``whole`` set with ``fast``.
     """
 
     classifiers: tuple
@@ -36,7 +36,9 @@ class ServingState:
 
     @property
     def servable_whole(self) -> bool:
-        """Requests with nothing to check or learn from may run the cached model whole."""
+        """The heads were learned on ``fast_after`` rows: requests need no longer all teach
+        (``Collector.decide``), and those with nothing to check or learn from run the cached
+        model whole."""
         return self.fast is not None or (self.compiled is not None and self.compiled.whole)
 
     @property
