@@ -240,6 +240,7 @@ class Runtime:
         return self._teacher.submit(x, state.any_enabled, served.exit_of.shape[0],
                                     state.generation)
 
+    @torch.no_grad()   # grad mode is per thread: the teacher's thread starts with it on
     def _featurize(self, x: torch.Tensor, any_enabled: bool, rows: int, generation: int):
         """The deferred teacher's work (its thread): the rows through the whole backbone with
         every exit's pooled features, buffered as the request would have buffered them; rows

@@ -9,9 +9,9 @@ frame that leaves gets an empty result in the detector's format (the artifact's 
 boxes, scores and labels, and masks or keypoints for Mask / Keypoint R-CNN). Frames that go on
 get exactly the detector's output.
 
-Its own here: the artifact's loader, the stage-by-stage serving path (the classification
-runtime's onnxruntime plans, fused fast path and CUDA graphs are built around one output
-tensor), the input check and the learning loop's task-aware calibration.
+Its own here: the artifact's loader, the stage-by-stage serving path and the scripted
+whole-model path (the classification runtime's onnxruntime plans and CUDA graphs are built
+around one output tensor), the input check and the learning loop's task-aware calibration.
 """
 import warnings
 from typing import Optional
@@ -110,10 +110,27 @@ def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torc
 
 class DetectionLoop(LearningLoop):
     """``LearningLoop`` for detectors: the same rounds (the task gives confidence and
-    agreement), with no fused whole-model path to build."""
+    agreement); its whole-model path is a scripted ``CachedDetector`` made of the artifact's
+    own pieces (transform, stages, FPN, tail) and the learned heads."""
+
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.module = module
 
     def fast_module(self, classifiers, thresholds):
-        return None
+        """The serving state as one scripted detector (CPU), or None."""
+        from compiler.detection import OUTPUT_KEYS, CachedDetector
+        if self.device.type != "cpu" or all(t == INF for t in thresholds):
+            return None
+        m = self.module
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blocks = self.exit_blocks(classifiers, thresholds)
+            # artifacts compiled before Mask / Keypoint R-CNN support carry no format fields
+            keys = list(getattr(m, "output_keys", OUTPUT_KEYS))
+            return torch.jit.script(CachedDetector(
+                m.transform, blocks, self.scripted_stages[-1], m.fpn, m.tail, list(m.tap_names),
+                float(m.score_threshold), keys, int(getattr(m, "num_keypoints", 0))).eval())
 
 
 class DetectionRuntime(Runtime):
@@ -124,8 +141,14 @@ class DetectionRuntime(Runtime):
         return load_artifact(self.path, map_location=self.device)
 
     def _make_loop(self, scripted_stages) -> DetectionLoop:
-        return DetectionLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
-                             scripted_stages, self.device, self.design, self.task)
+        return DetectionLoop(self.module, self.learner, self.buffer, self.costs, self.config,
+                             self.exits, scripted_stages, self.device, self.design, self.task)
+
+    def _first_state(self, classifiers, thresholds) -> ServingState:
+        """A learned artifact serves whole (it is its own fast path) until the first round."""
+        fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" \
+            else None
+        return ServingState(classifiers, thresholds, fast=fast)
 
     # ----- serving ------------------------------------------------------------------------------
     def _check(self, x) -> torch.Tensor:
@@ -173,6 +196,11 @@ class DetectionRuntime(Runtime):
         return (served.out, served.exit_of) if return_exits else served.out
 
     def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
+        """The scripted whole-model path when the request neither teaches inline nor is
+        shadowed, else stage by stage."""
+        if state.fast is not None and not shadow and not collect:
+            out, exit_of = state.fast.forward_with_exits(x)
+            return Served(out, exit_of)
         return serve_staged(self.module, self.stages, self.heads, self.task, state, x, shadow,
                             collect)
 

@@ -104,17 +104,23 @@ class LearningLoop:
         its CUDA graphs), sharing the artifact's scripted stages."""
         if self.device.type != "cpu" or all(t == INF for t in thresholds):
             return None
-        blocks = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for e, ex in enumerate(self.exits):
-                head = ExitHead(HeadSpec(*(ex["head"][k] for k in ("pool", "feature_dim", "hidden",
-                                                                    "num_classes"))))
-                head.classifier.load_state_dict(classifiers[e].state_dict())
-                blk = artifact.ExitBlock(self.scripted_stages[e], torch.jit.script(head.eval()))
-                artifact.set_exit(blk, thresholds[e])
-                blocks.append(blk)
+            blocks = self.exit_blocks(classifiers, thresholds)
             return torch.jit.script(artifact.CachedModel(blocks, self.scripted_stages[-1]).eval())
+
+    def exit_blocks(self, classifiers, thresholds) -> list:
+        """Per exit, the artifact's scripted stage and a freshly scripted head holding
+        ``classifiers[e]``, at ``thresholds[e]`` (a whole-model path's blocks)."""
+        blocks = []
+        for e, ex in enumerate(self.exits):
+            head = ExitHead(HeadSpec(*(ex["head"][k] for k in ("pool", "feature_dim", "hidden",
+                                                                "num_classes"))))
+            head.classifier.load_state_dict(classifiers[e].state_dict())
+            blk = artifact.ExitBlock(self.scripted_stages[e], torch.jit.script(head.eval()))
+            artifact.set_exit(blk, thresholds[e])
+            blocks.append(blk)
+        return blocks
 
 
 # Every live runtime, so the interpreter's exit can stop their learners before it tears down

@@ -115,6 +115,44 @@ def test_frames_that_go_on_get_exactly_the_detectors_output(compiled):
             assert outputs_equal([got[i]], [want[i]])
 
 
+def test_whole_model_path_answers_as_the_staged_path(compiled):
+    """The runtime's scripted whole-model path (``DetectionLoop.fast_module``) for a learned
+    state: the same answers and exits as stage by stage, with frames leaving at an exit."""
+    from runtime.calibrate import INF
+    from runtime.detection import load, serve_staged
+    from runtime.serving import ServingState
+    _, path, _, _ = compiled
+    rt = load(path, background=False, train_every=10 ** 9)
+    x = frames(8, seed=3)
+    g = torch.Generator().manual_seed(0)
+    classifiers = tuple(c.__class__(*[type(l)(l.in_features, l.out_features)
+                                      if isinstance(l, torch.nn.Linear) else l for l in c])
+                        for c in rt.state.classifiers)
+    for c in classifiers:                                 # heads that differ from the file's
+        for prm in c.parameters():
+            prm.data = torch.randn(prm.shape, generator=g)
+    with torch.no_grad():
+        staged_off = serve_staged(rt.module, rt.stages, rt.heads, rt.task,
+                                  ServingState(classifiers, (INF,) * rt.num_exits), x, False,
+                                  False)
+        h, taps = rt.module.prepare(x)[0], []
+        h, taps = rt.stages[0](h, taps)
+        conf = rt.task.confidence(classifiers[0](rt.heads[0].features(h)))
+    thresholds = (float(conf.median()),) + (INF,) * (rt.num_exits - 1)
+    fast = rt.loop.fast_module(classifiers, thresholds)
+    state = ServingState(classifiers, thresholds, fast=fast)
+    with torch.no_grad():
+        staged = serve_staged(rt.module, rt.stages, rt.heads, rt.task, state, x, False, False)
+        served = rt._run(state, x, False, False)
+    assert torch.equal(served.exit_of, staged.exit_of)
+    assert 0 < int((served.exit_of == 0).sum()) < 8
+    for got, want, off in zip(served.out, staged.out, staged_off.out):
+        assert list(got) == list(want) and outputs_equal([got], [want])
+    for i in torch.nonzero(served.exit_of != 0).flatten().tolist():
+        assert outputs_equal([served.out[i]], [staged_off.out[i]])   # frames that go on: the detector's
+    rt.close()
+
+
 def test_runtime_predict_order_shadow_and_bad_input(compiled):
     from runtime.core import InputError
     from runtime.detection import load

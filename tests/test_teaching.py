@@ -164,3 +164,22 @@ def test_background_work_never_stalls_behind_a_busy_service():
     with gate:                                    # a request that never ends
         assert gate.yield_to_requests(0.01) is False   # the step goes on after max_wait
     assert gate.yield_to_requests(0.0) is True
+
+
+def test_the_teacher_thread_builds_no_autograd_graph(teacher_artifact, fashion_small):
+    """Grad mode is per thread: the teacher's own thread must run the backbone without it."""
+    rt = runtime.load(teacher_artifact, background=True, train_every=10 ** 9)
+    seen, run = [], rt._run
+
+    def spy(state, x, shadow, collect):
+        if threading.current_thread().name == "layer-cache-teacher":
+            seen.append(torch.is_grad_enabled())
+        return run(state, x, shadow, collect)
+
+    rt._run = spy
+    try:
+        _serve(rt, _rows(fashion_small, 256))
+        assert rt._teacher.drain(30)
+        assert seen and not any(seen)
+    finally:
+        rt.close()
