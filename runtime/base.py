@@ -213,7 +213,7 @@ class Runtime:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
         shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
         teach = collect and learn
-        defer = teach and not shadow and self._teacher is not None
+        defer = teach and not shadow and self._teacher is not None and not self._teacher.behind
         served = self._run(state, x, shadow, teach and not defer)
         deferred = defer and self._defer(x, served, state)
         latency = (time.perf_counter() - t0) * 1e3

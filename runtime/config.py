@@ -66,7 +66,8 @@ class CollectConfig:
                     the fastest path, and a background thread runs its rows that reached the
                     end through the backbone again with every exit's pooled features and
                     buffers them (runtime/teaching.py). Those rows cost twice the CPU; no
-                    request waits for it. False (and on CUDA): the request computes its
+                    request waits for it. While that thread falls behind (a saturated CPU),
+                    requests teach inline. False (and on CUDA): the request computes its
                     features itself.
     deferred_mb:    at most this many MB of input wait for that thread; a request that finds
                     the queue full does not teach (``stats()["learning"]["deferred_rows_dropped"]``).

@@ -7,8 +7,10 @@ hands its rows that reached the end to this queue; one thread runs them, batched
 backbone again with every exit's features and buffers them. Those rows cost twice the CPU, but no
 request waits for it.
 
-The queue is bounded in bytes of input: a request that finds it full does not teach (counted),
-so a saturated service learns more slowly rather than queueing without end. Items carry the
+When the thread falls behind (more than one batch waiting: the CPU or the GIL is saturated,
+e.g. by many serving threads), requests teach inline again until it catches up, so a busy
+service still learns as fast as it did without this thread. The queue is also bounded in bytes
+of input: a request that finds it full does not teach (counted). Items carry the
 drift generation they were served in; an item from before a drift alarm is dropped, not
 learned from.
 """
@@ -128,6 +130,12 @@ class DeferredTeacher:
     @property
     def pending_rows(self) -> int:
         return self._rows
+
+    @property
+    def behind(self) -> bool:
+        """More rows wait than one batch: the thread is not keeping up (the CPU or the GIL is
+        saturated), so requests should teach inline meanwhile, as without this thread."""
+        return self._rows >= self.BATCH_ROWS
 
     @staticmethod
     def stats_of(teacher) -> dict:

@@ -55,9 +55,10 @@ def test_deferred_rows_reach_the_buffer_as_inline_ones_do(teacher_artifact, fash
     deferred = runtime.load(teacher_artifact, background=True, **kw)
     inline = runtime.load(teacher_artifact, background=True, deferred=False, **kw)
     try:
-        _serve(deferred, x)
+        for i in range(0, len(x), BATCH):      # a teacher that keeps up: every request deferred
+            deferred.predict(x[i:i + BATCH])
+            assert deferred._teacher.drain(30)
         _serve(inline, x)
-        assert deferred._teacher.drain(30)
         a, b = deferred.stats()["learning"], inline.stats()["learning"]
         assert a["deferred_rows_taught"] > len(x) // 2 and a["deferred_rows_dropped"] == 0
         assert b["deferred_rows_taught"] == 0
@@ -182,4 +183,33 @@ def test_the_teacher_thread_builds_no_autograd_graph(teacher_artifact, fashion_s
         assert rt._teacher.drain(30)
         assert seen and not any(seen)
     finally:
+        rt.close()
+
+
+def test_requests_teach_inline_while_the_teacher_is_behind(teacher_artifact, fashion_small):
+    """A teacher that cannot keep up (a saturated CPU): requests teach inline meanwhile, so
+    learning goes on at the pace it had without the thread."""
+    x = _rows(fashion_small, 1024)
+    rt = runtime.load(teacher_artifact, background=True, train_every=10 ** 9)
+    release, run = threading.Event(), rt._run
+
+    def stuck(state, x, shadow, collect):       # the teacher's thread waits for release
+        if threading.current_thread().name == "layer-cache-teacher":
+            release.wait(30)
+        return run(state, x, shadow, collect)
+
+    rt._run = stuck
+    try:
+        _serve(rt, x)
+        s = rt.stats()["learning"]
+        assert rt._teacher.behind
+        assert s["buffer_rows"] > 0                   # taught inline while the teacher was stuck
+        assert s["deferred_rows_pending"] >= rt._teacher.BATCH_ROWS
+        release.set()
+        assert rt._teacher.drain(30)
+        after = rt.stats()["learning"]
+        assert after["deferred_rows_taught"] >= rt._teacher.BATCH_ROWS
+        assert after["buffer_rows"] > s["buffer_rows"]
+    finally:
+        release.set()
         rt.close()
