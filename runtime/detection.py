@@ -119,9 +119,14 @@ class DetectionLoop(LearningLoop):
 
     def fast_module(self, classifiers, thresholds):
         """The serving state as one scripted detector (CPU), or None."""
-        from compiler.detection import OUTPUT_KEYS, CachedDetector
         if self.device.type != "cpu" or all(t == INF for t in thresholds):
             return None
+        return self.whole_module(classifiers, thresholds)
+
+    def whole_module(self, classifiers, thresholds):
+        """A scripted ``CachedDetector`` with these heads and thresholds (all ``inf``: the
+        detector itself, as one call)."""
+        from compiler.detection import OUTPUT_KEYS, CachedDetector
         m = self.module
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -145,9 +150,13 @@ class DetectionRuntime(Runtime):
                              self.exits, scripted_stages, self.device, self.design, self.task)
 
     def _first_state(self, classifiers, thresholds) -> ServingState:
-        """A learned artifact serves whole (it is its own fast path) until the first round."""
-        fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" \
-            else None
+        """A learned artifact serves whole (it is its own fast path) until the first round.
+        Also builds the whole detector as one scripted call (CPU), for requests served with
+        every exit off that neither teach inline nor are shadowed."""
+        cpu = self.device.type == "cpu"
+        self._detector = self.loop.whole_module(classifiers, (INF,) * self.num_exits) \
+            if cpu else None
+        fast = self.module if any(t != INF for t in thresholds) and cpu else None
         return ServingState(classifiers, thresholds, fast=fast)
 
     # ----- serving ------------------------------------------------------------------------------
@@ -198,9 +207,11 @@ class DetectionRuntime(Runtime):
     def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
         """The scripted whole-model path when the request neither teaches inline nor is
         shadowed, else stage by stage."""
-        if state.fast is not None and not shadow and not collect:
-            out, exit_of = state.fast.forward_with_exits(x)
-            return Served(out, exit_of)
+        if not shadow and not collect:
+            whole = state.fast if state.any_enabled else self._detector
+            if whole is not None:
+                out, exit_of = whole.forward_with_exits(x)
+                return Served(out, exit_of)
         return serve_staged(self.module, self.stages, self.heads, self.task, state, x, shadow,
                             collect)
 

@@ -236,6 +236,7 @@ def test_background_detection_runtime_defers_teaching(compiled):
                 assert torch.equal(g["labels"], w["labels"])
                 assert torch.allclose(g["boxes"], w["boxes"], atol=1e-4)
         assert deferred._teacher.drain(30)
+        assert deferred._detector is not None    # answered by the whole detector, one call
         a, b = deferred.stats()["learning"], inline.stats()["learning"]
         assert a["deferred_rows_taught"] == 48 and b["deferred_rows_taught"] == 0
         assert a["buffer_rows"] == b["buffer_rows"] > 0

@@ -94,9 +94,11 @@ def summarise(rec: dict, stream, rt, total_flops: float) -> dict:
     }
 
 
-def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3) -> dict:
-    """p50 ms per frame: the saved artifact (plain torch.jit.load) against the detector in its
-    best CPU mode (eager or TorchScript, whichever is faster here)."""
+def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3,
+            served=None) -> dict:
+    """p50 ms per frame: the saved artifact (plain torch.jit.load), and ``served`` (the
+    runtime on it, not learning) when given, against the detector in its best CPU mode (eager
+    or TorchScript, whichever is faster here)."""
     from tools.timing import median
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,6 +106,8 @@ def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3) -
     modes = {"cached": lambda x: cached(x),
              "detector_eager": lambda x: detector(list(x)),
              "detector_scripted": lambda x: scripted(list(x))}
+    if served is not None:
+        modes["runtime_predict"] = lambda x: served.predict(x)
     reqs = list(frames[: 120 * batch].split(batch))
     times = {k: [] for k in modes}
     with torch.no_grad():
@@ -192,8 +196,10 @@ def main(argv=None) -> int:
         rt.save(learned_path)
         learned = torch.jit.load(str(learned_path)).eval()
         half = stream.frames[len(stream) // 2:]
-        summary["latency_ms_per_frame"] = {str(b): latency(learned, detector, half, b)
-                                           for b in (1, 8)}
+        served = load_runtime(str(learned_path), background=False, train_every=10 ** 12)
+        summary["latency_ms_per_frame"] = {str(b): latency(learned, detector, half, b,
+                                                           served=served) for b in (1, 8)}
+        served.close()
         st = rt.stats()
         summary["stream_seconds"] = time.perf_counter() - t1
         summary["runtime"] = {"live_agreement": st["live_agreement"],
@@ -217,7 +223,8 @@ def main(argv=None) -> int:
             print(f"  latency p50 per frame, batch {b}: cached {lat['cached']:.2f} ms, detector "
                   f"{lat['detector_best']:.2f} ms ({lat['detector_best_mode'].split('_')[1]}; "
                   f"{lat['cached'] / lat['detector_best'] - 1:+.0%}; saved artifact, plain "
-                  f"torch.jit.load)")
+                  f"torch.jit.load); runtime.predict {lat['runtime_predict']:.2f} ms "
+                  f"({lat['runtime_predict'] / lat['detector_best'] - 1:+.0%}; not learning)")
         print(f"  learning: {st['learning']['rounds']} rounds, "
               f"{st['learning']['train_seconds']:.1f} s;"
               f" live agreement (shadow frames) "
