@@ -1,10 +1,14 @@
-"""Background work (learning rounds, deferred teaching) yields to the requests in flight.
+"""Background work (deferred teaching) yields to the requests in flight.
 
-Python runs one thread at a time (the GIL). A learning round is many small steps of Python and
-small tensor ops; while one runs beside a request, the request's own Python waits for the GIL
-at every turn, and at batch 1 that adds more than the backbone's time. So background threads
-call ``yield_to_requests`` between steps: while any request is being served it waits (at most
-``max_wait`` seconds, so learning still advances on a saturated service), and runs in the gaps.
+Python runs one thread at a time (the GIL). The deferred teacher (``teaching.py``) featurises
+queued requests with small tensor ops and Python between them; while it runs beside a request,
+the request's own Python waits for the GIL at every turn. So it calls ``yield_to_requests``
+before each batch: while any request is being served it waits (at most ``max_wait`` seconds, so
+it still advances on a saturated service), and runs in the gaps.
+
+Learning rounds do not wait here: with many serving threads a request is always in flight,
+rounds then ran 5-10x longer, and drift on the state in force went unanswered for a minute
+(``tests/test_runtime_threads.py``). The learner yields the GIL after each step instead.
 """
 import threading
 

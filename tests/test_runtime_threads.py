@@ -97,8 +97,11 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
             rt.save(p)
             saves.append(p)
         switch.set()
-        assert wait_for(lambda: rt.stats()["drift_events"] >= 1, 60), "inverted traffic not caught"
+        assert wait_for(lambda: rt.stats()["drift_events"] >= 1, 60), f"inverted traffic not caught {rt.stats()}"
         rt.save(tmp_path / "after_drift.pt")
+    except BaseException:
+        rt.close()   # a failure here must not leave a learner to the next tests
+        raise
     finally:
         stop.set()
         for t in threads:
