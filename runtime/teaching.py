@@ -79,7 +79,7 @@ class DeferredTeacher:
         batch, n = [first], int(first[0].shape[0])
         while self._items:
             nxt = self._items[0]
-            if nxt[1:2] + nxt[3:4] != first[1:2] + first[3:4] or \
+            if (nxt[1], nxt[3]) != (first[1], first[3]) or \
                     n + int(nxt[0].shape[0]) > self.BATCH_ROWS:
                 break
             batch.append(self._items.popleft())

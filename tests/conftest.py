@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,21 @@ _default_threads = "1" if (os.cpu_count() or 1) <= 2 else "0"
 _threads = int(os.environ.get("LAYER_CACHE_TEST_THREADS", _default_threads))
 if _threads > 0:
     torch.set_num_threads(_threads)
+
+def wait_for(cond, seconds: float, step: float = 0.02) -> bool:
+    """Poll ``cond`` until it is true or ``seconds`` have passed; its last value."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def live_threads(name: str) -> list:
+    """The live threads called ``name`` (the runtime's learner, teacher...)."""
+    return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
 
 SIZE = 14  # Fashion-MNIST downsampled 28 -> 14 by 2x2 average pooling
 TEACHER_TRAIN_ROWS = 5000

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import live_threads, wait_for
+
 import runtime
 from runtime.drift import ALARM, Verdict
 
@@ -29,16 +31,7 @@ def jit_load(path):
 
 
 def learner_threads():
-    return [t for t in threading.enumerate() if t.name == "layer-cache-learner" and t.is_alive()]
-
-
-def wait_for(cond, seconds: float, step: float = 0.02) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
+    return live_threads("layer-cache-learner")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Deferred teaching (runtime/teaching.py) and background work yielding to requests (pacing.py)."""
+"""Deferred teaching (runtime/teaching.py) and the teacher yielding to requests (pacing.py)."""
 import gc
 import threading
 import time
 
-import torch
-
 import pytest
+import torch
+from conftest import live_threads, wait_for
 
 import runtime
 from runtime.buffer import CALIB, TRAIN
@@ -15,16 +15,7 @@ BATCH = 16
 
 
 def teacher_threads():
-    return [t for t in threading.enumerate() if t.name == "layer-cache-teacher" and t.is_alive()]
-
-
-def wait_for(cond, seconds: float, step: float = 0.02) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
+    return live_threads("layer-cache-teacher")
 
 
 @pytest.fixture(scope="module")
