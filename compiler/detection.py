@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection.image_list import ImageList
 
-from . import artifact, exit_rule
+from . import artifact, detection_onnx, exit_rule
 from .analysis.flops import FlopCounter
 from .errors import CompilerError, ModelLoadError, ShapeError
 from .heads import ExitHead, HeadSpec
@@ -76,6 +76,11 @@ class DetectionConfig:
     hidden:          hidden units of each head's classifier (0: one Linear).
     seed:            seeds head initialisation and the example input.
     atol, rtol:      tolerance when checking the artifact against the detector.
+    onnx_parts:      store the detector's frozen parts as ONNX in the artifact (batch 1, traced
+                     by torchvision's own path; ``compiler/detection_onnx.py``), which
+                     ``python -m compiler.export`` needs; costs the detector's weights once more
+                     in the file. When they do not export the artifact is written all the same
+                     and its manifest says why.
     """
 
     input_shape: Optional[Tuple[int, ...]] = None
@@ -87,6 +92,7 @@ class DetectionConfig:
     seed: int = 0
     atol: float = 1e-4
     rtol: float = 1e-4
+    onnx_parts: bool = True
 
 
 @dataclass
@@ -232,6 +238,9 @@ class CachedDetector(nn.Module):
         self.output_keys = list(output_keys or OUTPUT_KEYS)
         self.num_keypoints = int(num_keypoints)
         self.register_buffer("score_threshold", torch.tensor(float(score_threshold)))
+        # The detector's frozen parts as ONNX (``compiler/detection_onnx.py``), back to back.
+        self.register_buffer("onnx_parts", torch.zeros([0], dtype=torch.uint8))
+        self.register_buffer("onnx_part_sizes", torch.zeros([0], dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
         return self.forward_with_exits(x)[0]
@@ -700,7 +709,10 @@ def rewrite_detector(model: nn.Module, config: Optional[DetectionConfig] = None,
     cuts = select_cuts(an, config)
     module, specs, stage_flops = build_detector_artifact(an, cuts, config)
     check_equal(module, an, config)
-    return module, make_manifest(an, cuts, specs, stage_flops, source or {}, config), an
+    manifest = make_manifest(an, cuts, specs, stage_flops, source or {}, config)
+    if config.onnx_parts:
+        detection_onnx.attach(module, manifest, an, cuts)
+    return module, manifest, an
 
 
 def format_report(an: DetectorAnalysis, chosen: List[str]) -> str:
@@ -735,20 +747,6 @@ def _short_carries(carries: List[str]) -> str:
 
 
 # ----- ONNX ---------------------------------------------------------------------------------------
-ONNX_UNSUPPORTED = (
-    "detection artifacts do not export to ONNX: their exits drop frames from the batch "
-    "mid-network (data-dependent control flow in a scripted model), which torch.onnx cannot "
-    "trace, and torchvision's own ONNX path exports only whole detectors; serve the TorchScript "
-    "artifact (plain torch.jit.load after import torchvision)")
-
-
-def check_exportable(manifest: dict):
-    """Raise ExportError with the one-line reason when ``manifest`` is a detection artifact's."""
-    from .errors import ExportError
-    if manifest.get("task") == TASK:
-        raise ExportError(ONNX_UNSUPPORTED)
-
-
 # ----- loading and the CLI hook -----------------------------------------------------------------
 def detector_archs() -> List[str]:
     import torchvision
@@ -847,6 +845,7 @@ def compile_cli(loaded, args, out_path: str) -> int:
         check_equal(module, an, config)
         manifest = make_manifest(an, cuts, specs, stage_flops,
                                  {"sha256": loaded.sha256, "kind": loaded.source}, config)
+        detection_onnx.attach(module, manifest, an, cuts)
         artifact.save(module, manifest, out_path)
         print(f"wrote {out_path}: {len(cuts)} 'nothing here' exits after "
               f"{', '.join(f'{c.name} ({c.fraction:.0%})' for c in cuts)}; score threshold "

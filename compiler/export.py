@@ -284,15 +284,32 @@ class _Composer:
 
         Initializers and functions go to the main graph (If branches read outer-scope names).
         """
+        return self.inline_many(nodes, model, prefix, [src], hint, outputs=1)[0]
+
+    def inline_many(self, nodes: list, model, prefix: str, srcs, hint: str,
+                    outputs: Optional[int] = None, initializers: Optional[list] = None) -> List[str]:
+        """``inline`` for a model of several inputs and outputs; returns the outputs' names, in
+        order (``outputs``: how many it must have; None: any). ``srcs``: the values fed to its
+        inputs, in order (a list), or by input name (a dict; inputs the exporter dropped as
+        unused are simply not fed). ``initializers``: the list of the (branch) graph that
+        ``nodes`` belong to, to hold the model's weights there; None: the main graph's.
+        (onnxruntime hands an If branch every outer-scope value it reads on each call, so weights
+        kept in the branch that reads them make deep branches cheap.)"""
         helper = self.onnx.helper
         model = self.onnx.compose.add_prefix(model, prefix)
         g = model.graph
         inits = {i.name for i in g.initializer}
         inputs = [i.name for i in g.input if i.name not in inits]
-        if len(inputs) != 1 or len(g.output) != 1:
-            raise ExportError(f"{hint}: expected an exported module with one input and one "
-                              f"output, got {len(inputs)} and {len(g.output)}")
-        self.initializers.extend(g.initializer)
+        if isinstance(srcs, dict):
+            missing = [i[len(prefix):] for i in inputs if i[len(prefix):] not in srcs]
+            if missing:
+                raise ExportError(f"{hint}: its inputs {missing} are not among {list(srcs)}")
+            srcs = [srcs[i[len(prefix):]] for i in inputs]
+        if len(inputs) != len(srcs) or (outputs is not None and len(g.output) != outputs):
+            raise ExportError(f"{hint}: expected an exported module with {len(srcs)} input(s) "
+                              f"and {outputs or 'some'} output(s), got {len(inputs)} and "
+                              f"{len(g.output)}")
+        (self.initializers if initializers is None else initializers).extend(g.initializer)
         for f in model.functions:
             self.functions.append(f)
         for op in model.opset_import:
@@ -303,12 +320,15 @@ class _Composer:
                 continue
             self.opsets[op.domain] = max(self.opsets.get(op.domain, 0), op.version)
         self.ir_version = max(self.ir_version, model.ir_version)
-        nodes.append(helper.make_node("Identity", [src], [inputs[0]], name=self.name("Identity")))
+        for src, name in zip(srcs, inputs):
+            nodes.append(helper.make_node("Identity", [src], [name], name=self.name("Identity")))
         nodes.extend(g.node)
-        out = self.name(hint)
-        nodes.append(helper.make_node("Identity", [g.output[0].name], [out],
-                                      name=self.name("Identity")))
-        return out
+        outs = []
+        for o in g.output:
+            outs.append(self.name(hint))
+            nodes.append(helper.make_node("Identity", [o.name], [outs[-1]],
+                                          name=self.name("Identity")))
+        return outs
 
     def reduce_max(self, nodes, x, axis, hint):
         if self.opset >= 18:
@@ -441,10 +461,13 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
                           f"(default {DEFAULT_OPSET})")
     onnx_path = os.fspath(onnx_path)
     _check_output(os.fspath(artifact_path), onnx_path)
+    if artifact.read_manifest(artifact_path).get("task") == "detection":
+        from . import detection_onnx
+        model, summary = detection_onnx.build(os.fspath(artifact_path), opset)
+        _write(model, onnx_path)
+        return dict(summary, path=onnx_path, bytes=os.path.getsize(onnx_path))
     # artifact.load checks the file's content hash, its manifest (compiler.manifest) and the
     # model against it: every manifest field read below is there and agrees with the model.
-    from .detection import check_exportable
-    check_exportable(artifact.read_manifest(artifact_path))   # one line, before torch loads it
     module, manifest = artifact.load(artifact_path, map_location="cpu")
     if manifest.get("input_dtype", "float32") != "float32":
         raise ExportError(f"the artifact takes {manifest['input_dtype']} input; ONNX export "
@@ -506,9 +529,23 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
     }
     onnx.helper.set_model_props(model, meta)
 
-    # Write beside the target (a locked temp file, see artifact.temp_beside), check the written
-    # file (the checker takes a path past 2 GiB), then move it into place: a failed export
-    # leaves no file and an older one whole.
+    external = _write(model, onnx_path)
+    return {"path": onnx_path, "opset": opset, "bytes": os.path.getsize(onnx_path),
+            "num_exits": n, "enabled_exits": enabled, "exit_names": names,
+            "thresholds": [thresholds[i] for i in enabled], "num_classes": num_classes,
+            "input_shape": [BATCH] + list(manifest["input_shape"][1:]),
+            "exporter": sorted(used), "external_data": external,
+            "nodes": len(model.graph.node), "inputs": [INPUT], "outputs": [LOGITS, EXIT_INDEX],
+            "notice": None if enabled else
+            f"no exit of '{artifact_path}' is enabled; exported the plain backbone (exit_index is "
+            f"{n} for every row); learn exits with the runtime first to get early exits"}
+
+
+def _write(model, onnx_path: str) -> bool:
+    """Write ``model`` beside the target (a locked temp file, see artifact.temp_beside), check
+    the written file (the checker takes a path past 2 GiB), then move it into place: a failed
+    export leaves no file and an older one whole. Returns whether weights went to a .data file."""
+    onnx = _import_onnx()
     external = model.ByteSize() > 1_800_000_000  # protobuf's 2 GiB limit
     with artifact.temp_beside(onnx_path, ".onnx", "the ONNX model") as tmp:
         try:
@@ -530,15 +567,7 @@ def export_onnx(artifact_path: str, onnx_path: str, opset: int = DEFAULT_OPSET,
         except OSError as e:
             raise ArtifactWriteError(f"cannot save the ONNX model to '{onnx_path}': "
                                      f"{e.strerror or first_line(e)}") from None
-    return {"path": onnx_path, "opset": opset, "bytes": os.path.getsize(onnx_path),
-            "num_exits": n, "enabled_exits": enabled, "exit_names": names,
-            "thresholds": [thresholds[i] for i in enabled], "num_classes": num_classes,
-            "input_shape": [BATCH] + list(manifest["input_shape"][1:]),
-            "exporter": sorted(used), "external_data": external,
-            "nodes": len(model.graph.node), "inputs": [INPUT], "outputs": [LOGITS, EXIT_INDEX],
-            "notice": None if enabled else
-            f"no exit of '{artifact_path}' is enabled; exported the plain backbone (exit_index is "
-            f"{n} for every row); learn exits with the runtime first to get early exits"}
+    return external
 
 
 MAX_CHECK_ROWS = 100_000
@@ -621,6 +650,12 @@ def _main(argv) -> int:
         exits = ", ".join(f"{i} '{summary['exit_names'][i]}' >= {t:.4g}"
                           for i, t in zip(summary["enabled_exits"], summary["thresholds"]))
         exits = f"{len(summary['enabled_exits'])} of {n} exits enabled: {exits}"
+    if summary.get("task") == "detection":
+        print(f"wrote {out}: ONNX opset {summary['opset']}, {summary['bytes'] / 1024:.1f} KiB, "
+              f"{exits}; one frame per call: input {summary['inputs'][0]} "
+              f"{summary['input_shape']}, outputs {', '.join(summary['outputs'])} "
+              f"({n} = whole detector)")
+        return _check_detection(args.artifact, out, args.check) if args.check > 0 else 0
     print(f"wrote {out}: ONNX opset {summary['opset']}, {summary['bytes'] / 1024:.1f} KiB, "
           f"{exits}; inputs {INPUT} {summary['input_shape']}, outputs {LOGITS} "
           f"[{BATCH}, {summary['num_classes']}], {EXIT_INDEX} [{BATCH}] int64 "
@@ -636,6 +671,19 @@ def _main(argv) -> int:
             print("error: the ONNX model does not match the artifact; report this artifact",
                   file=sys.stderr)
             return 1
+    return 0
+
+
+def _check_detection(artifact_path: str, onnx_path: str, frames: int) -> int:
+    from . import detection_onnx
+    r = detection_onnx.check(artifact_path, onnx_path, frames)
+    ok = r["exit_agreement"] == 1.0 and r["answer_agreement"] == 1.0
+    print(f"check on {r['frames']} random frames: same exit {r['exit_agreement']:.2%}, same "
+          f"answer {r['answer_agreement']:.2%}{'' if ok else '  MISMATCH'}")
+    if not ok:
+        print("error: the ONNX model does not match the artifact; report this artifact",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -309,10 +309,75 @@ def test_runtime_load_opens_a_detection_artifact(compiled):
     assert len(rt.predict(frames(2))) == 2
 
 
-def test_onnx_export_of_a_detection_artifact_is_one_line_that_says_why(compiled, tmp_path):
-    """In a fresh process (torchvision not imported, so torch cannot even load the file)."""
-    _, path, _, _ = compiled
+def _mixed_exits(path, out):
+    """A copy of the artifact at ``path`` whose exits 1 and 3 let some of 16 frames go (exit 1
+    at its median confidence, exit 3 at 0: every frame still there leaves)."""
+    m, manifest = artifact.load(path)
+    x = frames(16, seed=5)
+    with torch.no_grad():
+        h, taps = m.prepare(x)[0], []
+        for b in _blocks(m)[:2]:
+            h, taps = b.stage(h, taps)
+        conf = exit_rule.class_confidence(_blocks(m)[1].head(h), 0)
+    artifact.set_exit(_blocks(m)[1], float(conf.median()))
+    artifact.set_exit(_blocks(m)[3], 0.0)
+    artifact.save(m, manifest, out)
+    return x
+
+
+def test_onnx_export_of_a_detection_artifact_matches_it_frame_by_frame(compiled, tmp_path):
+    """In a fresh process (torchvision not imported by the caller), as a user runs it: the
+    composed model answers every frame as the artifact does, exits included."""
+    import onnxruntime as ort
+    _, path, manifest, _ = compiled
+    assert manifest["onnx"]["parts"] == len(manifest["exits"]) + 1
+    learned = tmp_path / "mixed.pt"
+    x = _mixed_exits(path, learned)
+    r = subprocess.run([sys.executable, "-m", "compiler.export", str(learned), "-o",
+                        str(tmp_path / "det.onnx"), "--check", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 of 4 exits enabled" in r.stdout and "same answer 100.00%" in r.stdout
+    assert r.stderr == "", r.stderr
+    sess = ort.InferenceSession(str(tmp_path / "det.onnx"), providers=["CPUExecutionProvider"])
+    m = plain_load(learned)
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["boxes", "scores", "labels", "exit_index"]
+    seen = set()
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            want, want_exit = m.forward_with_exits(x[i:i + 1])
+            got = dict(zip(names, sess.run(None, {"image": x[i:i + 1].numpy()})))
+            assert int(got.pop("exit_index")[0]) == int(want_exit[0])
+            seen.add(int(want_exit[0]))
+            assert outputs_equal([{k: torch.from_numpy(v) for k, v in got.items()}], want,
+                                 atol=1e-3, rtol=1e-3)
+    assert seen == {1, 3}, seen      # frames left at both enabled exits
+
+
+def test_onnx_export_without_parts_is_one_line_that_says_why(tmp_path):
+    det = tiny_detector()
+    module, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, SIZE, SIZE),
+                                                                onnx_parts=False))
+    path = tmp_path / "old.pt"
+    artifact.save(module, manifest, path)
     r = subprocess.run([sys.executable, "-m", "compiler.export", str(path), "-o",
                         str(tmp_path / "det.onnx")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "do not export to ONNX" in r.stderr and not (tmp_path / "det.onnx").exists()
+    assert "re-run python -m compiler.rewrite" in r.stderr
+    assert not (tmp_path / "det.onnx").exists()
+    r = subprocess.run([sys.executable, "-m", "compiler.export", str(path), "-o",
+                        str(tmp_path / "det.onnx"), "--opset", "17"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_runtime_save_keeps_the_onnx_parts(compiled, tmp_path):
+    import runtime
+    _, path, _, _ = compiled
+    with runtime.load(path, background=False) as rt:
+        rt.save(tmp_path / "saved.pt")
+    m, manifest = artifact.load(tmp_path / "saved.pt")
+    m0, _ = artifact.load(path)
+    assert manifest["onnx"]["parts"] == 5
+    assert torch.equal(m.onnx_parts, m0.onnx_parts) and m.onnx_parts.numel() > 0
