@@ -148,6 +148,49 @@ def test_runtime_serves_the_detectors_format(compiled):
     rt.close()
 
 
+def _torchvision_onnx(det, x):
+    """The detector's answer to frame ``x`` [C, H, W] through torchvision's own ONNX path."""
+    import io
+
+    import onnxruntime as ort
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(det, ([x],), f, opset_version=18, dynamo=False)
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(a) for a in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
+
+
+def test_onnx_export_answers_as_torchvisions_own_export(compiled, tmp_path):
+    """Every family's parts trace through torchvision's ONNX path at compile time. With exits
+    off the composed model answers a frame exactly as torchvision's own export of the whole
+    detector; with every frame leaving at exit 1, it answers the artifact's empty answer (the
+    detector's format, from a Constant in the graph). (Against TorchScript the random-weight
+    SSDs differ in both exports alike: they score every box 1/3 and torchvision's traced
+    post-processing keeps a different number of tied boxes.)"""
+    import onnxruntime as ort
+
+    from compiler import detection_onnx
+    from compiler.export import export_onnx
+    name, det, path, manifest, x, want = compiled
+    assert manifest["onnx"]["parts"] == len(manifest["exits"]) + 1, manifest["onnx"]
+    export_onnx(path, tmp_path / "plain.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": x[:1].numpy()})
+    assert int(got[-1][0]) == len(manifest["exits"])
+    ref = _torchvision_onnx(det, x[0])
+    assert len(got) == len(ref) + 1
+    for a, b in zip(got, ref):
+        assert a.shape == tuple(b.shape) and torch.allclose(torch.from_numpy(a).double(),
+                                                            b.double(), atol=1e-4), name
+    m, man = artifact.load(path)
+    artifact.set_exit(list(m.blocks.children())[1], 0.0)
+    artifact.save(m, man, tmp_path / "leaves.pt")
+    export_onnx(tmp_path / "leaves.pt", tmp_path / "leaves.onnx")
+    r = detection_onnx.check(str(tmp_path / "leaves.pt"), str(tmp_path / "leaves.onnx"), frames=2)
+    assert r["answer_agreement"] == 1.0 and r["exits_onnx"] == [1, 1], r
+
+
 def test_ssd_bodies_cut_at_every_child_with_every_block_tapped():
     """SSD-VGG: 23 features children (tap '0' rescaled by the L2 norm), 8 + 4 x 4 extra children,
     each extra block's last child tapped; the rescaled tap is not the tensor the body goes on
