@@ -13,6 +13,7 @@ Its own here: the artifact's loader, the stage-by-stage serving path and the scr
 whole-model path (the classification runtime's onnxruntime plans and CUDA graphs are built
 around one output tensor), the input check and the learning loop's task-aware calibration.
 """
+import logging
 import warnings
 from typing import Optional
 
@@ -21,12 +22,17 @@ import torch
 from compiler import artifact, exit_rule
 from compiler.errors import ArtifactError
 
+from .backends import BackendError, resolve
 from .base import InputError, Runtime
 from .calibrate import INF
 from .config import RuntimeConfig
+from .costs import CostModel
 from .learning import LearningLoop
 from .serving import Served, ServingState
 from .tasks import Task
+
+log = logging.getLogger("layer_cache.runtime")
+
 
 def load_artifact(path: str, map_location=None):
     """(module, manifest) of a detection artifact: the manifest checked by
@@ -149,15 +155,49 @@ class DetectionRuntime(Runtime):
         return DetectionLoop(self.module, self.learner, self.buffer, self.costs, self.config,
                              self.exits, scripted_stages, self.device, self.design, self.task)
 
+    def _build_serving(self, classifiers) -> CostModel:
+        """The onnxruntime pieces when the backend setting resolves to onnxruntime (the
+        artifact's stored ONNX parts, ``runtime/detection_ort.py``). Under ``auto`` an artifact
+        without them serves with TorchScript, with a warning; asked for by name, that is an
+        error."""
+        self._ort = None
+        asked = self.config.serving.backend
+        if resolve(asked, self.device) == "onnxruntime":
+            from .detection_ort import DetectionOrt
+            try:
+                self._ort = DetectionOrt(self.module, self.manifest, self.path)
+            except Exception as e:  # export and session errors come in many types
+                if asked == "onnxruntime":
+                    raise BackendError(f"cannot serve '{self.path}' with onnxruntime: {e}")
+                log.warning("serving with TorchScript: the onnxruntime backend cannot be built "
+                            "(%s)", e)
+        return super()._build_serving(classifiers)
+
     def _first_state(self, classifiers, thresholds) -> ServingState:
         """A learned artifact serves whole (it is its own fast path) until the first round.
-        Also builds the whole detector as one scripted call (CPU), for requests served with
-        every exit off that neither teach inline nor are shadowed."""
+        Also builds the whole detector as one call (onnxruntime, or scripted on the CPU), for
+        requests served with every exit off that neither teach inline nor are shadowed."""
         cpu = self.device.type == "cpu"
-        self._detector = self.loop.whole_module(classifiers, (INF,) * self.num_exits) \
-            if cpu else None
+        if self._ort is not None:
+            self._detector = self._ort.detector
+        else:
+            self._detector = self.loop.whole_module(classifiers, (INF,) * self.num_exits) \
+                if cpu else None
         fast = self.module if any(t != INF for t in thresholds) and cpu else None
-        return ServingState(classifiers, thresholds, fast=fast)
+        return ServingState(classifiers, thresholds, fast=fast,
+                            compiled=self._compile(classifiers, thresholds, fast is not None))
+
+    def _compile(self, classifiers, thresholds, whole: bool):
+        """A state as one onnxruntime session (``detection_ort.OrtDetector``); None: no exit
+        on, or TorchScript serves."""
+        if self._ort is None or all(t == INF for t in thresholds):
+            return None
+        try:
+            return self._ort.compile(classifiers, thresholds, whole)
+        except Exception as e:  # serving goes on with the scripted path
+            log.warning("onnxruntime session not built (%s); this state serves with TorchScript",
+                        e)
+            return None
 
     # ----- serving ------------------------------------------------------------------------------
     def _check(self, x) -> torch.Tensor:
@@ -208,7 +248,7 @@ class DetectionRuntime(Runtime):
         """The scripted whole-model path when the request neither teaches inline nor is
         shadowed, else stage by stage."""
         if not shadow and not collect:
-            whole = state.fast if state.any_enabled else self._detector
+            whole = (state.compiled or state.fast) if state.any_enabled else self._detector
             if whole is not None:
                 out, exit_of = whole.forward_with_exits(x)
                 return Served(out, exit_of)
@@ -222,6 +262,7 @@ class DetectionRuntime(Runtime):
     # ----- monitoring ---------------------------------------------------------------------------
     def _report(self, state: ServingState) -> dict:
         return {"task": "detection",
+                "backend": "torchscript" if self._ort is None else "onnxruntime",
                 "score_threshold": self.task.min_score,
                 "exit_names": [e["name"] for e in self.exits] + ["detector"],
                 **self._state_report(state),

@@ -13,6 +13,7 @@ from compiler import artifact, exit_rule
 from compiler.detection import (DetectionConfig, outputs_equal, rewrite_detector,
                                 select_cuts)
 from compiler.errors import CompilerError
+from runtime.calibrate import INF
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -223,7 +224,10 @@ def test_background_detection_runtime_defers_teaching(compiled):
     from runtime.detection import load
     det, path, _, _ = compiled
     x = frames(48, seed=5)
-    kw = dict(train_every=10 ** 9, holdout_block_rows=16, holdout_gap_rows=4)
+    # TorchScript: the tiny random detector's scores tie, and its ONNX export orders ties
+    # otherwise (test_onnxruntime_serves_the_trained_detector checks that backend)
+    kw = dict(train_every=10 ** 9, holdout_block_rows=16, holdout_gap_rows=4,
+              backend="torchscript")
     deferred = load(path, background=True, **kw)
     inline = load(path, background=True, deferred=False, **kw)
     try:
@@ -244,6 +248,46 @@ def test_background_detection_runtime_defers_teaching(compiled):
     finally:
         deferred.close()
         inline.close()
+
+
+def test_onnxruntime_serves_the_trained_detector(tmp_path):
+    """The default backend on the CPU: the demo detector's stored ONNX parts, composed with the
+    live heads. Frames answer as the detector does; with an exit on, each frame leaves where
+    the scripted artifact lets it leave and gets the same answer."""
+    from runtime.detection import load
+    from runtime.serving import ServingState
+    from tools.scenes import make_stream
+    from tools.train_detector import load_demo_detector
+    det, _ = load_demo_detector()
+    module, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, 96, 96)))
+    path = tmp_path / "demo.cached.pt"
+    artifact.save(module, manifest, path)
+    x = make_stream(frames=400, empty_share=0.5, seed=7).frames[::25]     # 16 frames
+    rt = load(path, background=True, train_every=10 ** 9)
+    try:
+        assert rt.stats()["backend"] == "onnxruntime"
+        with torch.no_grad():
+            want = det(list(x))
+        assert any(len(w["boxes"]) for w in want) and any(not len(w["boxes"]) for w in want)
+        assert outputs_equal(rt.predict(x), want, atol=1e-3, rtol=1e-3)
+        with torch.no_grad():
+            h, taps = module.prepare(x)[0], []
+            for b in _blocks(module)[:2]:
+                h, taps = b.stage(h, taps)
+            conf = exit_rule.class_confidence(_blocks(module)[1].head(h), 0)
+        st = rt.state
+        mid = conf.sort().values[7:9].mean()      # between two frames: no frame sits on it
+        thresholds = (INF, float(mid), INF, INF)
+        rt._state = ServingState(st.classifiers, thresholds, st.version + 1,
+                                 compiled=rt._compile(st.classifiers, thresholds, True))
+        got, exits = rt.predict(x, return_exits=True)
+        artifact.set_exit(_blocks(module)[1], thresholds[1])
+        with torch.no_grad():
+            ref, ref_exits = module.forward_with_exits(x)
+        assert torch.equal(exits, ref_exits) and 0 < int((exits == 1).sum()) < 16
+        assert outputs_equal(got, ref, atol=1e-3, rtol=1e-3)
+    finally:
+        rt.close()
 
 
 def test_select_and_bad_exits(compiled):

@@ -1,0 +1,95 @@
+"""Detection serving in onnxruntime: the artifact's stored ONNX parts (``compiler/detection_onnx``)
+composed with the live heads into one session per serving state, run one frame at a time.
+
+The composed model is the one ``python -m compiler.export`` writes for a detection artifact:
+after each enabled exit an ``If`` whose taken branch is the detector's empty answer, so a frame
+that leaves never runs the rest. Heads are built from the learned weights directly (the pooling
+exported once at load, the classifier as Gemm / Relu nodes), so a new serving state costs a
+graph composition and a session, no torch export. Frames run one by one, as torchvision's own
+ONNX path exports detectors (its transform and post-processing trace for one image).
+"""
+import time
+from typing import Dict, List
+
+import torch
+
+from compiler.heads import StridedPool
+
+from .backends import OPSET, BackendError, _classifier_nodes, _session
+
+
+class OrtDetector:
+    """One composed session; ``forward_with_exits`` as the scripted ``CachedDetector``'s."""
+
+    def __init__(self, session, keys: List[str], whole: bool):
+        self.session = session
+        self.keys = keys          # the detector's, in its order
+        self.whole = whole        # as ``backends.Plan.whole``: learned on ``fast_after`` rows
+
+    def forward_with_exits(self, x: torch.Tensor):
+        out, exits = [], []
+        for i in range(x.shape[0]):
+            *got, exit_index = self.session.run(None, {"image": x[i:i + 1].numpy()})
+            out.append({k: torch.from_numpy(v) for k, v in zip(self.keys, got)})
+            exits.append(int(exit_index[0]))
+        return out, torch.tensor(exits, dtype=torch.long)
+
+
+class DetectionOrt:
+    """The artifact's parts and each exit's pooling as ONNX, ready to compose (built at load)."""
+
+    def __init__(self, module, manifest: dict, path: str, threads: int = 1):
+        from compiler import detection_onnx
+        from compiler.errors import ExportError
+        from compiler.export import _import_onnx, export_module
+        t0 = time.perf_counter()
+        onnx = _import_onnx()
+        try:
+            blobs = detection_onnx.parts_of(module, manifest, path)
+        except ExportError as e:
+            raise BackendError(f"{e}; or serve with backend='torchscript'") from None
+        if int(manifest["onnx"]["opset"]) != OPSET:
+            raise BackendError(f"'{path}' holds ONNX parts of opset {manifest['onnx']['opset']}, "
+                               f"the runtime composes opset {OPSET}; re-run python -m "
+                               f"compiler.rewrite on the detector")
+        self.parts = [onnx.load_from_string(b) for b in blobs]
+        self.threads = threads
+        self.num_exits = len(manifest["exits"])
+        self.input_shape = [1] + list(manifest["input_shape"][1:])
+        x = torch.zeros(self.input_shape, device=next(iter(module.buffers())).device)
+        self.pools = []
+        with torch.no_grad():
+            h, taps = module.prepare(x)[0], []
+            for e in range(self.num_exits):
+                h, taps = getattr(module.blocks, str(e)).stage(h, taps)
+                pool = StridedPool(manifest["exits"][e]["head"]["pool"], h.shape).eval()
+                self.pools.append(export_module(pool, h.cpu(), f"the pooling of exit {e}",
+                                                OPSET, "torchscript")[0])
+            self.empty = {k: v.cpu() for k, v in module.empty(x).items()}
+        self.detector = self.compile(None, (float("inf"),) * self.num_exits)
+        self.build_seconds = time.perf_counter() - t0
+
+    def _head(self, e: int, classifier):
+        """Exit ``e``'s head (pooling, then the classifier's layers) as one ONNX model."""
+        from compiler.export import _Composer
+        from onnx import TensorProto, helper
+        c = _Composer(OPSET)
+        nodes: list = []
+        f = c.inline(nodes, self.pools[e], f"p{e}/", "x", f"pool{e}")
+        logits = _classifier_nodes(c, nodes, f, classifier, f"head{e}")
+        nodes.append(helper.make_node("Identity", [logits], ["y"], name=c.name("Id")))
+        graph = helper.make_graph(nodes, f"head{e}",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  initializer=c.initializers)
+        return helper.make_model(graph, ir_version=c.ir_version,
+                                 opset_imports=[helper.make_opsetid("", OPSET)])
+
+    def compile(self, classifiers, thresholds, whole: bool = True) -> OrtDetector:
+        """The serving state (heads, thresholds; ``inf`` = off) as one session."""
+        from compiler import detection_onnx
+        on = [e for e, t in enumerate(thresholds) if t != float("inf")]
+        heads: Dict[int, object] = {e: self._head(e, classifiers[e]) for e in on}
+        model = detection_onnx.compose(self.parts, heads, {e: float(thresholds[e]) for e in on},
+                                       self.empty, self.input_shape, OPSET)
+        return OrtDetector(_session(model, self.threads), list(self.empty), whole)
