@@ -168,7 +168,8 @@ class DetectionRuntime(Runtime):
                 self._ort = DetectionOrt(self.module, self.manifest, self.path)
             except Exception as e:  # export and session errors come in many types
                 if asked == "onnxruntime":
-                    raise BackendError(f"cannot serve '{self.path}' with onnxruntime: {e}")
+                    raise BackendError(f"cannot serve with onnxruntime: {e}; or use "
+                                       f"backend='torchscript'") from None
                 log.warning("serving with TorchScript: the onnxruntime backend cannot be built "
                             "(%s)", e)
         return super()._build_serving(classifiers)

@@ -47,7 +47,7 @@ class DetectionOrt:
         try:
             blobs = detection_onnx.parts_of(module, manifest, path)
         except ExportError as e:
-            raise BackendError(f"{e}; or serve with backend='torchscript'") from None
+            raise BackendError(str(e)) from None
         if int(manifest["onnx"]["opset"]) != OPSET:
             raise BackendError(f"'{path}' holds ONNX parts of opset {manifest['onnx']['opset']}, "
                                f"the runtime composes opset {OPSET}; re-run python -m "

@@ -416,6 +416,31 @@ def test_onnx_export_without_parts_is_one_line_that_says_why(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_runtime_backend_for_an_artifact_without_onnx_parts(tmp_path, caplog):
+    """``auto`` serves it with TorchScript (one warning); asked for by name, onnxruntime is a
+    one-line error that says what to do."""
+    from runtime.backends import BackendError
+    from runtime.detection import load
+    det = tiny_detector()
+    module, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, SIZE, SIZE),
+                                                                onnx_parts=False))
+    path = tmp_path / "old.pt"
+    artifact.save(module, manifest, path)
+    with pytest.raises(BackendError, match="re-run python -m compiler.rewrite.*torchscript") as e:
+        load(path, background=False, backend="onnxruntime")
+    assert "\n" not in str(e.value)
+    with caplog.at_level("WARNING", logger="layer_cache.runtime"):
+        rt = load(path, background=False)
+    try:
+        assert rt.stats()["backend"] == "torchscript"
+        assert any("serving with TorchScript" in r.message for r in caplog.records)
+        x = frames(2)
+        with torch.no_grad():
+            assert outputs_equal(rt.predict(x), det(list(x)))
+    finally:
+        rt.close()
+
+
 def test_runtime_save_keeps_the_onnx_parts(compiled, tmp_path):
     import runtime
     _, path, _, _ = compiled
