@@ -353,9 +353,10 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
     enabled = sorted(heads)
     main = []
 
-    def run_stages(nodes, h, start, stop):
+    def run_stages(nodes, inits, h, start, stop):
         for s in range(start, stop + 1):
-            h = c.inline(nodes, stages[s], f"stage{s}/", h, f"stage{s}_out")
+            h = c.inline_many(nodes, stages[s], f"stage{s}/", [h], f"stage{s}_out", outputs=1,
+                              initializers=inits)[0]
         return h
 
     def to_float(nodes, y):
@@ -364,7 +365,7 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
 
     shape1 = c.node(main, "Shape", [INPUT], "batch_size", start=0, end=1)        # [N]
     if not enabled:
-        y = run_stages(main, INPUT, 0, n_exits)
+        y = run_stages(main, c.initializers, INPUT, 0, n_exits)
         main.append(helper.make_node("Identity", [y], [LOGITS], name=c.name("Identity")))
         main.append(helper.make_node("ConstantOfShape", [shape1], [EXIT_INDEX],
                                      name=c.name("ConstantOfShape"),
@@ -381,17 +382,19 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
         ex = c.node(main, "ConstantOfShape", [shape1], "exit_of",
                     value=helper.make_tensor("v", TP.INT64, [1], [n_exits]))
 
-        def segment(nodes, h, idx, out, ex, start):
-            """Stages from ``start`` on, with the exits among them; returns (out, exit_index)."""
+        def segment(nodes, inits, h, idx, out, ex, start):
+            """Stages from ``start`` on, with the exits among them, their weights in ``inits``
+            (the branch's own: see ``_Composer.inline_many``); returns (out, exit_index)."""
             nxt = next((e for e in enabled if e >= start), None)
             if nxt is None:
-                y = to_float(nodes, run_stages(nodes, h, start, n_exits))
+                y = to_float(nodes, run_stages(nodes, inits, h, start, n_exits))
                 rows = c.node(nodes, "Unsqueeze", [idx, c.const([1], "int64", "axes")], "rows")
                 # a branch's outputs must be made inside it: ex comes from the outer scope
                 return (c.node(nodes, "ScatterND", [out, rows, y], "out"),
                         c.node(nodes, "Identity", [ex], "exit_of"))
-            h = run_stages(nodes, h, start, nxt)
-            logits = c.inline(nodes, heads[nxt], f"head{nxt}/", h, f"head{nxt}_logits")
+            h = run_stages(nodes, inits, h, start, nxt)
+            logits = c.inline_many(nodes, heads[nxt], f"head{nxt}/", [h], f"head{nxt}_logits",
+                                   outputs=1, initializers=inits)[0]
             conf = confidence_nodes(c, nodes, logits, f"head{nxt}")
             take = c.node(nodes, "GreaterOrEqual",
                           [conf, c.const(thresholds[nxt], "float32", f"threshold{nxt}")],
@@ -409,24 +412,25 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
             idx = c.node(nodes, "Compress", [idx, keep], "row_index", axis=0)
             left = c.node(nodes, "Greater", [c.node(nodes, "Size", [idx], "rows_left"),
                                              c.const(0, "int64", "zero")], "any_left")
-            then_nodes = []
-            t_out, t_ex = segment(then_nodes, h, idx, out, ex, nxt + 1)
+            then_nodes, then_inits = [], []
+            t_out, t_ex = segment(then_nodes, then_inits, h, idx, out, ex, nxt + 1)
             else_nodes = [helper.make_node("Identity", [out], [c.name("out")], name=c.name("Id")),
                           helper.make_node("Identity", [ex], [c.name("exit_of")],
                                            name=c.name("Id"))]
             e_out, e_ex = else_nodes[0].output[0], else_nodes[1].output[0]
 
-            def branch(body, o, x, tag):
+            def branch(body, o, x, tag, weights=()):
                 return helper.make_graph(
                     body, c.name(f"after_exit{nxt}_{tag}"), [],
                     [helper.make_tensor_value_info(o, TP.FLOAT, None),
-                     helper.make_tensor_value_info(x, TP.INT64, None)])
+                     helper.make_tensor_value_info(x, TP.INT64, None)],
+                    initializer=list(weights))
 
             return c.node(nodes, "If", [left], "rest", n_out=2,
-                          then_branch=branch(then_nodes, t_out, t_ex, "rows_left"),
+                          then_branch=branch(then_nodes, t_out, t_ex, "rows_left", then_inits),
                           else_branch=branch(else_nodes, e_out, e_ex, "none_left"))
 
-        f_out, f_ex = segment(main, INPUT, idx, out, ex, 0)
+        f_out, f_ex = segment(main, c.initializers, INPUT, idx, out, ex, 0)
         main.append(helper.make_node("Identity", [f_out], [LOGITS], name=c.name("Identity")))
         main.append(helper.make_node("Identity", [f_ex], [EXIT_INDEX], name=c.name("Identity")))
         logits_type = TP.FLOAT

@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold-rule", default="ltt", choices=("crossfit", "ltt"),
                    help="how held-out frames choose thresholds (runtime/calibrate.py; the "
                         "runtime's default, ltt, is the valid one)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torchscript", "onnxruntime"),
+                   help="the runtime's serving backend (auto: onnxruntime on the CPU)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
                           agreement_budget=args.budget, train_every=args.train_every,
                           min_train=args.train_every, min_calib=args.min_calib,
                           calib_fraction=args.calib_fraction,
-                          threshold_rule=args.threshold_rule)
+                          threshold_rule=args.threshold_rule, backend=args.backend)
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))
@@ -222,7 +224,8 @@ def main(argv=None) -> int:
         rt.save(learned_path)
         learned = torch.jit.load(str(learned_path)).eval()
         half = stream.frames[len(stream) // 2:]
-        served = load_runtime(str(learned_path), background=False, train_every=10 ** 12)
+        served = load_runtime(str(learned_path), background=False, train_every=10 ** 12,
+                              backend=args.backend)
         from compiler.export import export_onnx
         export_onnx(learned_path, learned_path.with_suffix(".onnx"))
         summary["latency_ms_per_frame"] = {
