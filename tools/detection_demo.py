@@ -111,7 +111,8 @@ def _per_frame(sess, name: str, squeeze: bool):
 
 def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3,
             served=None, cached_onnx: Optional[str] = None) -> dict:
-    """p50 ms per frame, turns interleaved: the saved artifact (plain torch.jit.load) and its
+    """p50 ms per frame over 120 requests spread over ``frames``, turns interleaved: the saved
+    artifact (plain torch.jit.load) and its
     ONNX export in onnxruntime (``cached_onnx``), and ``served`` (the runtime on it, not
     learning) when given, against the detector in each CPU mode: eager, TorchScript, and
     onnxruntime through torchvision's own ONNX path (one frame per call, as it exports)."""
@@ -132,7 +133,11 @@ def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3,
         modes["cached_onnxruntime"] = _per_frame(_onnx_session(cached_onnx), "image", False)
     if served is not None:
         modes["runtime_predict"] = lambda x: served.predict(x)
-    reqs = list(frames[: 120 * batch].split(batch))
+    # 120 requests spread evenly over ``frames``: a camera's frames come in scenes, and the
+    # first 120 requests would be one or two of them
+    chunks = frames.shape[0] // batch
+    reqs = [frames[k * batch:(k + 1) * batch]
+            for k in torch.linspace(0, chunks - 1, min(120, chunks)).long().tolist()]
     times = {k: [] for k in modes}
     with torch.no_grad():
         for fn in modes.values():
