@@ -112,10 +112,10 @@ def _per_frame(sess, name: str, squeeze: bool):
 def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3,
             served=None, cached_onnx: Optional[str] = None) -> dict:
     """p50 ms per frame over 120 requests spread over ``frames``, turns interleaved: the saved
-    artifact (plain torch.jit.load) and its
-    ONNX export in onnxruntime (``cached_onnx``), and ``served`` (the runtime on it, not
-    learning) when given, against the detector in each CPU mode: eager, TorchScript, and
-    onnxruntime through torchvision's own ONNX path (one frame per call, as it exports)."""
+    artifact (plain torch.jit.load) and its ONNX export in onnxruntime (``cached_onnx``), and
+    ``served`` (the runtime on it, not learning) when given, against the detector in each CPU
+    mode: eager, TorchScript, and onnxruntime through torchvision's own ONNX path (one frame
+    per call, as it exports)."""
     import io
 
     from tools.timing import median
