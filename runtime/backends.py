@@ -4,13 +4,18 @@
 whole cached model as one scripted module (``serving.serve_fast``).
 
 ``onnxruntime``: each stage is exported to ONNX once, at load. Every published serving state is
-compiled into a ``Plan``: one onnxruntime session per *segment* (the stages up to an enabled
-exit, then that exit's head), whose outputs are the activation, the head's logits and its
-confidence; the exit decision is taken in numpy between sessions (``exit_rule.leaves_np``), so
-the graph has no control flow and a batch of one needs no index bookkeeping. Exits that are off
-are not in the plan at all: their stages run inside the neighbouring segment. Two sessions are
-built once: the plain backbone (all stages, nothing else) and the *collect* model (the backbone
-plus every exit's pooled features), which serves the requests that learn or are shadowed.
+compiled into a ``Plan``: the whole cached model as one session (``compiler.export``'s graph:
+after an enabled exit the rows that stay are compressed and an If runs the rest when any did;
+each branch holds the weights it reads), which serves every request that teaches nothing; and,
+for requests that teach, one session per *segment* (the stages up to an enabled exit, then that
+exit's head) returning the activation, the head's logits and confidence and the pooled features,
+with the exit decision in numpy between sessions (``exit_rule.leaves_np``). Exits that are off
+are in neither. (The single graph replaced segments for serving on 2026-11-28: on the demo's
+learned artifact at batch 1, 0.238 against 0.245 ms, and a row missing every exit +24% against
++34% of the backbone; at batch 16 -45% against -39%; docs/latency.md.) Two sessions are built
+once: the plain backbone (all stages, nothing else) and the *collect* model (the backbone plus
+every exit's pooled features), which serves the requests that learn or are shadowed while no
+exit is on.
 
 Heads pool with ``compiler.heads.StridedPool`` (``AveragePool`` / ``MaxPool`` with a kernel and a
 stride, plus a ``Gather`` where adaptive pooling's windows overlap unevenly): the same windows as
@@ -73,6 +78,25 @@ def _session(model, threads: int = 1):
                                 providers=["CPUExecutionProvider"])
 
 
+def head_model(pool_model, classifier: nn.Module, hint: str):
+    """A head as one ONNX model (input ``x``, output ``y``: logits): its pooling (exported once)
+    then its classifier's layers, built from the learned weights with no torch export."""
+    from compiler.export import _Composer
+    from onnx import TensorProto, helper
+    c = _Composer(OPSET)
+    nodes: list = []
+    f = c.inline(nodes, pool_model, f"{hint}_pool/", "x", f"{hint}_pool")
+    logits = _classifier_nodes(c, nodes, f, classifier, hint)
+    nodes.append(helper.make_node("Identity", [logits], ["y"], name=c.name("Id")))
+    graph = helper.make_graph(nodes, hint,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=c.initializers)
+    return helper.make_model(graph, ir_version=c.ir_version,
+                             opset_imports=[helper.make_opsetid(d, v)
+                                            for d, v in sorted(c.opsets.items())])
+
+
 def _classifier_nodes(c, nodes: list, f: str, classifier: nn.Module, hint: str) -> str:
     """A head's classifier (Linear / ReLU layers) as Gemm / Relu nodes reading ``f``."""
     h = f
@@ -92,18 +116,21 @@ def _classifier_nodes(c, nodes: list, f: str, classifier: nn.Module, hint: str) 
 
 
 class Plan:
-    """One serving state compiled for onnxruntime: segments and their thresholds (immutable).
+    """One serving state compiled for onnxruntime (immutable).
 
-    ``segments[j]`` = (session, exit, threshold as float32); the last has exit None and returns
-    the backbone's output. ``collecting``: the same segments, each also returning the pooled
-    features of every exit among its stages (on or off), for requests that teach the heads.
-    ``whole``: the state was learned on ``fast_after`` rows, so requests need no longer all
-    teach (``ServingState.servable_whole``; then a ``collect_rate`` share does). Any request
-    with nothing to check or teach inline runs the plan, before that too.
+    ``composed``: the whole cached model as one session, the graph ``compiler.export`` writes
+    (after each enabled exit the rows that stay are compressed and an If runs the rest when any
+    did; each branch holds the weights it reads); it serves the requests that teach nothing.
+    ``collecting``: segments (session, exit, threshold as float32, the exits whose pooled
+    features it returns), the stages up to an enabled exit and that exit's head, with the exit
+    decision in numpy between them, for requests that teach the heads. ``whole``: the state was
+    learned on ``fast_after`` rows, so requests need no longer all teach
+    (``ServingState.servable_whole``; then a ``collect_rate`` share does). Any request with
+    nothing to check or teach inline runs ``composed``, before that too.
     """
 
-    def __init__(self, segments, collecting, num_exits: int, num_classes: int, whole: bool):
-        self.segments = segments
+    def __init__(self, composed, collecting, num_exits: int, num_classes: int, whole: bool):
+        self.composed = composed
         self.collecting = collecting
         self.num_exits = num_exits
         self.num_classes = num_classes
@@ -143,36 +170,8 @@ class Plan:
 
     def run(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
-        n = x.shape[0]
-        E = self.num_exits
-        h = x
-        if n == 1:  # one row: no index bookkeeping
-            for sess, e, thr in self.segments[:-1]:
-                h, logits, conf = sess.run(None, {"x": h})
-                if exit_rule.leaves_np(conf, thr)[0]:
-                    return logits, np.full(1, e, dtype=np.int64)
-            return self.segments[-1][0].run(None, {"x": h})[0], np.full(1, E, dtype=np.int64)
-        idx = np.arange(n)
-        exit_of = np.full(n, E, dtype=np.int64)
-        out = None
-        for sess, e, thr in self.segments[:-1]:
-            h, logits, conf = sess.run(None, {"x": h})
-            take = exit_rule.leaves_np(conf, thr)
-            if take.any():
-                if out is None:
-                    out = np.empty((n, logits.shape[1]), dtype=np.float32)
-                rows = idx[take]
-                out[rows] = logits[take]
-                exit_of[rows] = e
-                keep = ~take
-                if not keep.any():
-                    return out, exit_of
-                h, idx = h[keep], idx[keep]
-        y = self.segments[-1][0].run(None, {"x": h})[0]
-        if out is None:
-            return y, exit_of
-        out[idx] = y
-        return out, exit_of
+        logits, exit_of = self.composed.run(None, {"input": x})
+        return logits, exit_of
 
 
 class OnnxRuntimeBackend:
@@ -262,24 +261,32 @@ class OnnxRuntimeBackend:
             nodes.append(helper.make_node("Identity", [src], [dst], name=c.name("Id")))
         return self._finish(c, nodes, [dst for _, dst in outs])
 
+    def composed(self, classifiers, thresholds):
+        """The whole cached model under these heads and thresholds (``inf``: off) as one ONNX
+        graph: ``compiler.export``'s composition of the stages and the heads."""
+        from compiler.export import _compose
+        on = [e for e, t in enumerate(thresholds) if t != float("inf")]
+        heads = {e: head_model(self.pool_models[e], classifiers[e], f"head{e}") for e in on}
+        out_type = self.stage_models[-1].graph.output[0].type.tensor_type.elem_type
+        return _compose(self.stage_models, heads, {e: float(thresholds[e]) for e in on},
+                        self.num_classes, {"input_shape": [-1] + list(self._input_shape())},
+                        OPSET, out_type)
+
     def compile(self, classifiers, thresholds, whole: bool = True) -> Optional[Plan]:
         """The plan for a serving state (None when no exit is on: the backbone session serves)."""
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
         if not on:
             return None
-        segments, collecting, start = [], [], 0
+        collecting, start = [], 0
         for e in on:
             thr = np.float32(thresholds[e])
-            sess = _session(self._segment(start, e, e, classifiers[e]), self.threads)
-            segments.append((sess, e, thr))
             sess = _session(self._segment(start, e, e, classifiers[e], True), self.threads)
             collecting.append((sess, e, thr, list(range(start, e + 1))))
             start = e + 1
-        last = _session(self._segment(start, self.num_exits, None), self.threads)
-        segments.append((last, None, None))
         last = _session(self._segment(start, self.num_exits, None, None, True), self.threads)
         collecting.append((last, None, None, list(range(start, self.num_exits))))
-        return Plan(segments, collecting, self.num_exits, self.num_classes, whole)
+        composed = _session(self.composed(classifiers, thresholds), self.threads)
+        return Plan(composed, collecting, self.num_exits, self.num_classes, whole)
 
     # -- running --
     def run_backbone(self, x: np.ndarray) -> np.ndarray:
@@ -322,21 +329,16 @@ class OnnxRuntimeBackend:
 
     def miss_profile(self, classifiers, reps: int = 15) -> torch.Tensor:
         """Per exit, what a row pays at batch 1 when that exit alone is on and the row misses
-        it, as a share of the backbone session's time: the head, the decision and the session
-        boundary (two sessions instead of one). Turns interleaved; the minimum over ``reps``."""
+        it, as a share of the backbone session's time: the head, the decision and the If, in
+        the composed graph that serves (``Plan.composed``). Turns interleaved; the minimum over
+        ``reps``."""
         x = np.random.default_rng(0).standard_normal((1,) + self._input_shape()) \
             .astype(np.float32)
-        never = np.float32(exit_rule.DISABLED_THRESHOLD)
-        split = []
-        for e in range(self.num_exits):
-            split.append((_session(self._segment(0, e, e, classifiers[e]), self.threads),
-                          _session(self._segment(e + 1, self.num_exits, None), self.threads)))
-
-        def missed(first, rest):
-            h, _, conf = first.run(None, {"x": x})
-            if not exit_rule.leaves_np(conf, never)[0]:
-                rest.run(None, {"x": h})
-
+        never = float(exit_rule.DISABLED_THRESHOLD)
+        inf = float("inf")
+        alone = [_session(self.composed(classifiers, [never if j == e else inf
+                                                      for j in range(self.num_exits)]),
+                          self.threads) for e in range(self.num_exits)]
         best = [float("inf")] * (self.num_exits + 1)
         for _ in range(reps + 1):   # the first pass warms up
             for k in range(self.num_exits + 1):
@@ -344,7 +346,7 @@ class OnnxRuntimeBackend:
                 if k == self.num_exits:
                     self.backbone.run(None, {"x": x})
                 else:
-                    missed(*split[k])
+                    alone[k].run(None, {"input": x})
                 best[k] = min(best[k], time.perf_counter() - t0)
         base = best[-1]
         return torch.tensor([max(b - base, 0.0) / base for b in best[:-1]], dtype=torch.float64)

@@ -15,7 +15,7 @@ import torch
 
 from compiler.heads import StridedPool
 
-from .backends import OPSET, BackendError, _classifier_nodes, _session
+from .backends import OPSET, BackendError, _session, head_model
 
 
 class OrtDetector:
@@ -69,27 +69,12 @@ class DetectionOrt:
         self.detector = self.compile(None, (float("inf"),) * self.num_exits)
         self.build_seconds = time.perf_counter() - t0
 
-    def _head(self, e: int, classifier):
-        """Exit ``e``'s head (pooling, then the classifier's layers) as one ONNX model."""
-        from compiler.export import _Composer
-        from onnx import TensorProto, helper
-        c = _Composer(OPSET)
-        nodes: list = []
-        f = c.inline(nodes, self.pools[e], f"p{e}/", "x", f"pool{e}")
-        logits = _classifier_nodes(c, nodes, f, classifier, f"head{e}")
-        nodes.append(helper.make_node("Identity", [logits], ["y"], name=c.name("Id")))
-        graph = helper.make_graph(nodes, f"head{e}",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                                  initializer=c.initializers)
-        return helper.make_model(graph, ir_version=c.ir_version,
-                                 opset_imports=[helper.make_opsetid("", OPSET)])
-
     def compile(self, classifiers, thresholds, whole: bool = True) -> OrtDetector:
         """The serving state (heads, thresholds; ``inf`` = off) as one session."""
         from compiler import detection_onnx
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
-        heads: Dict[int, object] = {e: self._head(e, classifiers[e]) for e in on}
+        heads: Dict[int, object] = {e: head_model(self.pools[e], classifiers[e], f"head{e}")
+                                    for e in on}
         model = detection_onnx.compose(self.parts, heads, {e: float(thresholds[e]) for e in on},
                                        self.empty, self.input_shape, OPSET)
         return OrtDetector(_session(model, self.threads), list(self.empty), whole)
