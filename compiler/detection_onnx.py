@@ -91,7 +91,7 @@ def export_parts(an, cuts, opset: int = OPSET) -> Tuple[List[bytes], dict]:
     tap_names = [st.tap for st in steps if st.tap is not None]
     example = an.example
     with torch.no_grad():
-        tensors, sizes = _prepare(model, example)
+        sizes = _prepare(model, example)[1]      # constants of the traced pieces
     original = [tuple(example.shape[2:])]
     fpn = _feature_stage(model, an.kind)
     model.backbone = _NoBackbone()
