@@ -746,7 +746,6 @@ def _short_carries(carries: List[str]) -> str:
     return "; ".join([f"taps '{names[0]}'..'{names[-1]}'", taps[-1]] + rest)
 
 
-# ----- ONNX ---------------------------------------------------------------------------------------
 # ----- loading and the CLI hook -----------------------------------------------------------------
 def detector_archs() -> List[str]:
     import torchvision

@@ -10,9 +10,10 @@ each branch holds the weights it reads), which serves every request that teaches
 for requests that teach, one session per *segment* (the stages up to an enabled exit, then that
 exit's head) returning the activation, the head's logits and confidence and the pooled features,
 with the exit decision in numpy between sessions (``exit_rule.leaves_np``). Exits that are off
-are in neither. (The single graph replaced segments for serving on 2026-11-28: on the demo's
-learned artifact at batch 1, 0.238 against 0.245 ms, and a row missing every exit +24% against
-+34% of the backbone; at batch 16 -45% against -39%; docs/latency.md.) Two sessions are built
+are in neither. (The single graph replaced segments for serving on 2026-11-28: against the best
+backbone mode on the demo's learned artifact, -58% at batch 1 where segments gave -54%, a row
+missing every exit +46% where they gave +65%, +84% rows/s at batch 64 where +58%;
+docs/latency.md.) Two sessions are built
 once: the plain backbone (all stages, nothing else) and the *collect* model (the backbone plus
 every exit's pooled features), which serves the requests that learn or are shadowed while no
 exit is on.

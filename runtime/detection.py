@@ -9,8 +9,9 @@ frame that leaves gets an empty result in the detector's format (the artifact's 
 boxes, scores and labels, and masks or keypoints for Mask / Keypoint R-CNN). Frames that go on
 get exactly the detector's output.
 
-Its own here: the artifact's loader, the stage-by-stage serving path and the scripted
-whole-model path (the classification runtime's onnxruntime plans and CUDA graphs are built
+Its own here: the artifact's loader, the stage-by-stage serving path and the whole-model path
+(on the CPU by default one onnxruntime session per learned state, ``runtime/detection_ort.py``;
+else a scripted ``CachedDetector``; the classification runtime's plans and CUDA graphs are built
 around one output tensor), the input check and the learning loop's task-aware calibration.
 """
 import logging
@@ -246,8 +247,8 @@ class DetectionRuntime(Runtime):
         return (served.out, served.exit_of) if return_exits else served.out
 
     def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
-        """The scripted whole-model path when the request neither teaches inline nor is
-        shadowed, else stage by stage."""
+        """The whole-model path (onnxruntime, or scripted) when the request neither teaches
+        inline nor is shadowed, else stage by stage."""
         if not shadow and not collect:
             whole = (state.compiled or state.fast) if state.any_enabled else self._detector
             if whole is not None:
