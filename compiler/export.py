@@ -287,7 +287,8 @@ class _Composer:
         return self.inline_many(nodes, model, prefix, [src], hint, outputs=1)[0]
 
     def inline_many(self, nodes: list, model, prefix: str, srcs, hint: str,
-                    outputs: Optional[int] = None, initializers: Optional[list] = None) -> List[str]:
+                    outputs: Optional[int] = None,
+                    initializers: Optional[list] = None) -> List[str]:
         """``inline`` for a model of several inputs and outputs; returns the outputs' names, in
         order (``outputs``: how many it must have; None: any). ``srcs``: the values fed to its
         inputs, in order (a list), or by input name (a dict; inputs the exporter dropped as
@@ -344,8 +345,12 @@ def confidence_nodes(c: _Composer, nodes: list, logits: str, hint: str) -> str:
 
 
 def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, manifest: dict,
-             opset: int, out_elem_type: int):
-    """The full ONNX model from exported stages (n exits + final) and enabled heads {i: model}."""
+             opset: int, out_elem_type: int, one_row: bool = False):
+    """The full ONNX model from exported stages (n exits + final) and enabled heads {i: model}.
+
+    ``one_row``: a model for batches of exactly one row (the runtime's batch-1 path): after an
+    enabled exit one If on that row's decision, with no index bookkeeping (Compress, ScatterND),
+    which a row that misses every exit would otherwise pay at each exit."""
     c = _Composer(opset)
     onnx, helper = c.onnx, c.onnx.helper
     TP = onnx.TensorProto
@@ -371,6 +376,45 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
                                      name=c.name("ConstantOfShape"),
                                      value=helper.make_tensor("v", TP.INT64, [1], [n_exits])))
         logits_type = out_elem_type
+    elif one_row:
+        def segment1(nodes, inits, h, start):
+            """Stages from ``start`` on for one row; returns (logits, exit_index) made inside
+            ``nodes`` (a branch's outputs must be)."""
+            nxt = next((e for e in enabled if e >= start), None)
+            if nxt is None:
+                y = to_float(nodes, run_stages(nodes, inits, h, start, n_exits))
+                return y, c.node(nodes, "Constant", [], "exit_of",
+                                 value=helper.make_tensor(c.name("v"), TP.INT64, [1], [n_exits]))
+            h = run_stages(nodes, inits, h, start, nxt)
+            logits = c.inline_many(nodes, heads[nxt], f"head{nxt}/", [h], f"head{nxt}_logits",
+                                   outputs=1, initializers=inits)[0]
+            take = c.node(nodes, "GreaterOrEqual",
+                          [confidence_nodes(c, nodes, logits, f"head{nxt}"),
+                           c.const([thresholds[nxt]], "float32", f"threshold{nxt}")],
+                          f"exit{nxt}_take")
+            then_nodes = [helper.make_node("Identity", [logits], [c.name("out")],
+                                           name=c.name("Id"))]
+            t_ex = c.node(then_nodes, "Constant", [], "exit_of",
+                          value=helper.make_tensor(c.name("v"), TP.INT64, [1], [nxt]))
+            else_nodes, else_inits = [], []
+            e_out, e_ex = segment1(else_nodes, else_inits, h, nxt + 1)
+
+            def branch(body, o, x, tag, weights=()):
+                return helper.make_graph(
+                    body, c.name(f"after_exit{nxt}_{tag}"), [],
+                    [helper.make_tensor_value_info(o, TP.FLOAT, None),
+                     helper.make_tensor_value_info(x, TP.INT64, None)],
+                    initializer=list(weights))
+
+            return c.node(nodes, "If", [take], "rest", n_out=2,
+                          then_branch=branch(then_nodes, then_nodes[0].output[0], t_ex,
+                                             "leaves"),
+                          else_branch=branch(else_nodes, e_out, e_ex, "goes_on", else_inits))
+
+        f_out, f_ex = segment1(main, c.initializers, INPUT, 0)
+        main.append(helper.make_node("Identity", [f_out], [LOGITS], name=c.name("Identity")))
+        main.append(helper.make_node("Identity", [f_ex], [EXIT_INDEX], name=c.name("Identity")))
+        logits_type = TP.FLOAT
     else:
         n_scalar = c.node(main, "Squeeze", [shape1, c.const([0], "int64", "axes")], "n")
         idx = c.node(main, "Range", [c.const(0, "int64", "zero"), n_scalar,
@@ -435,11 +479,13 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
         main.append(helper.make_node("Identity", [f_ex], [EXIT_INDEX], name=c.name("Identity")))
         logits_type = TP.FLOAT
 
+    rows = 1 if one_row else BATCH
     graph = helper.make_graph(
         main, "layer_cache_exits",
-        [helper.make_tensor_value_info(INPUT, TP.FLOAT, [BATCH] + list(manifest["input_shape"][1:]))],
-        [helper.make_tensor_value_info(LOGITS, logits_type, [BATCH, num_classes]),
-         helper.make_tensor_value_info(EXIT_INDEX, TP.INT64, [BATCH])],
+        [helper.make_tensor_value_info(INPUT, TP.FLOAT,
+                                       [rows] + list(manifest["input_shape"][1:]))],
+        [helper.make_tensor_value_info(LOGITS, logits_type, [rows, num_classes]),
+         helper.make_tensor_value_info(EXIT_INDEX, TP.INT64, [rows])],
         initializer=c.initializers)
     model = helper.make_model(graph, producer_name=PRODUCER, ir_version=c.ir_version,
                               opset_imports=[helper.make_opsetid(d, v)

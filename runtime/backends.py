@@ -6,7 +6,8 @@ whole cached model as one scripted module (``serving.serve_fast``).
 ``onnxruntime``: each stage is exported to ONNX once, at load. Every published serving state is
 compiled into a ``Plan``: the whole cached model as one session (``compiler.export``'s graph:
 after an enabled exit the rows that stay are compressed and an If runs the rest when any did;
-each branch holds the weights it reads), which serves every request that teaches nothing; and,
+each branch holds the weights it reads; for a single row, a second graph with one If on its
+decision per exit and no index bookkeeping), which serves every request that teaches nothing; and,
 for requests that teach, one session per *segment* (the stages up to an enabled exit, then that
 exit's head) returning the activation, the head's logits and confidence and the pooled features,
 with the exit decision in numpy between sessions (``exit_rule.leaves_np``). Exits that are off
@@ -130,8 +131,10 @@ class Plan:
     nothing to check or teach inline runs ``composed``, before that too.
     """
 
-    def __init__(self, composed, collecting, num_exits: int, num_classes: int, whole: bool):
+    def __init__(self, composed, composed1, collecting, num_exits: int, num_classes: int,
+                 whole: bool):
         self.composed = composed
+        self.composed1 = composed1       # the same for one row: an If per exit, no bookkeeping
         self.collecting = collecting
         self.num_exits = num_exits
         self.num_classes = num_classes
@@ -171,7 +174,8 @@ class Plan:
 
     def run(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
-        logits, exit_of = self.composed.run(None, {"input": x})
+        sess = self.composed1 if x.shape[0] == 1 else self.composed
+        logits, exit_of = sess.run(None, {"input": x})
         return logits, exit_of
 
 
@@ -262,16 +266,17 @@ class OnnxRuntimeBackend:
             nodes.append(helper.make_node("Identity", [src], [dst], name=c.name("Id")))
         return self._finish(c, nodes, [dst for _, dst in outs])
 
-    def composed(self, classifiers, thresholds):
+    def composed(self, classifiers, thresholds, one_row: bool = False):
         """The whole cached model under these heads and thresholds (``inf``: off) as one ONNX
-        graph: ``compiler.export``'s composition of the stages and the heads."""
+        graph: ``compiler.export``'s composition of the stages and the heads (``one_row``: its
+        form for batches of one row)."""
         from compiler.export import _compose
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
         heads = {e: head_model(self.pool_models[e], classifiers[e], f"head{e}") for e in on}
         out_type = self.stage_models[-1].graph.output[0].type.tensor_type.elem_type
         return _compose(self.stage_models, heads, {e: float(thresholds[e]) for e in on},
                         self.num_classes, {"input_shape": [-1] + list(self._input_shape())},
-                        OPSET, out_type)
+                        OPSET, out_type, one_row)
 
     def compile(self, classifiers, thresholds, whole: bool = True) -> Optional[Plan]:
         """The plan for a serving state (None when no exit is on: the backbone session serves)."""
@@ -287,7 +292,8 @@ class OnnxRuntimeBackend:
         last = _session(self._segment(start, self.num_exits, None, None, True), self.threads)
         collecting.append((last, None, None, list(range(start, self.num_exits))))
         composed = _session(self.composed(classifiers, thresholds), self.threads)
-        return Plan(composed, collecting, self.num_exits, self.num_classes, whole)
+        composed1 = _session(self.composed(classifiers, thresholds, True), self.threads)
+        return Plan(composed, composed1, collecting, self.num_exits, self.num_classes, whole)
 
     # -- running --
     def run_backbone(self, x: np.ndarray) -> np.ndarray:
@@ -331,14 +337,14 @@ class OnnxRuntimeBackend:
     def miss_profile(self, classifiers, reps: int = 15) -> torch.Tensor:
         """Per exit, what a row pays at batch 1 when that exit alone is on and the row misses
         it, as a share of the backbone session's time: the head, the decision and the If, in
-        the composed graph that serves (``Plan.composed``). Turns interleaved; the minimum over
-        ``reps``."""
+        the one-row graph that serves batch 1 (``Plan.composed1``). Turns interleaved; the
+        minimum over ``reps``."""
         x = np.random.default_rng(0).standard_normal((1,) + self._input_shape()) \
             .astype(np.float32)
         never = float(exit_rule.DISABLED_THRESHOLD)
         inf = float("inf")
         alone = [_session(self.composed(classifiers, [never if j == e else inf
-                                                      for j in range(self.num_exits)]),
+                                                      for j in range(self.num_exits)], True),
                           self.threads) for e in range(self.num_exits)]
         best = [float("inf")] * (self.num_exits + 1)
         for _ in range(reps + 1):   # the first pass warms up

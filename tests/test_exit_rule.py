@@ -380,7 +380,8 @@ def test_every_path_follows_the_one_exit_rule(templates, ort_confidence, tmp_pat
         onnx_rows += n
 
         # 3b. the onnxruntime backend's plan: the same confidences (onnxruntime's Softmax and
-        # ReduceMax, via compiler.export.confidence_nodes), compared in numpy by exit_rule
+        # ReduceMax, via compiler.export.confidence_nodes) in its composed graphs, the batch's
+        # and the one-row graph's
         plan = backend.compile(state.classifiers, state.thresholds)
         if plan is None:
             assert not any(on), case
