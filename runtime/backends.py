@@ -11,9 +11,9 @@ decision per exit and no index bookkeeping), which serves every request that tea
 for requests that teach, one session per *segment* (the stages up to an enabled exit, then that
 exit's head) returning the activation, the head's logits and confidence and the pooled features,
 with the exit decision in numpy between sessions (``exit_rule.leaves_np``). Exits that are off
-are in neither. (The single graph replaced segments for serving on 2026-11-28: against the best
-backbone mode on the demo's learned artifact, -58% at batch 1 where segments gave -54%, a row
-missing every exit +46% where they gave +65%, +84% rows/s at batch 64 where +58%;
+are in neither. (The composed graphs replaced segments for serving on 2026-11-28: against the
+best backbone mode on the demo's learned artifact, -63% at batch 1 where segments gave -54%, a
+row missing every exit +33% where they gave +65%, +82% rows/s at batch 64 where +58%;
 docs/latency.md.) Two sessions are built
 once: the plain backbone (all stages, nothing else) and the *collect* model (the backbone plus
 every exit's pooled features), which serves the requests that learn or are shadowed while no
