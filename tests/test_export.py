@@ -150,6 +150,29 @@ def test_rows_exit_like_the_artifact(exported):
 ONE = pytest.mark.parametrize("exported", [1.0], indirect=True, ids=["grid-and-mlp-heads"])
 
 
+def test_one_row_model_exits_like_the_artifact_at_every_exit(exported, tmp_path):
+    """``--one-row``: input [1, ...]; each row answered as ``forward_with_exits`` answers it,
+    whichever exit it leaves at; a batch of two is refused by onnxruntime, not misanswered."""
+    path, _, _, module = exported
+    summary = ex.export_onnx(str(path), str(tmp_path / "one.onnx"), one_row=True)
+    assert summary["one_row"] and summary["input_shape"][0] == 1
+    sess = _session(tmp_path / "one.onnx")
+    assert sess.get_inputs()[0].shape[0] == 1
+    x = _rows()
+    with torch.no_grad():
+        exits = module.forward_with_exits(x)[1]
+    seen = set()
+    for e in range(summary["num_exits"] + 1):
+        for row in torch.nonzero(exits == e)[:3, 0].tolist():
+            seen.add(int(_compare(sess, module, x[row:row + 1])[0]))
+    assert seen == set(range(summary["num_exits"] + 1))
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        sess.run(None, {ex.INPUT: x[:2].numpy()})
+    r = ex.check_onnx(str(path), str(tmp_path / "one.onnx"), rows=32)
+    assert r["exit_agreement"] == 1.0 and r["max_logit_diff"] < 1e-3
+
+
+
 @ONE
 def test_dynamo_exporter_agrees(exported, tmp_path):
     path, _, _, module = exported
