@@ -125,12 +125,15 @@ class ServingConfig:
     latency_weight: the cost model mixes each stage's FLOPs share and measured latency share;
                     None: 0.5 with background learning, 0 (FLOPs only) in synchronous mode,
                     which must not depend on the clock to stay deterministic.
-    backend:        where requests run (runtime/backends.py): "onnxruntime" (stages as
-                    onnxruntime sessions, the exit decision in numpy between them; CPU only),
-                    "torchscript" (the artifact's scripted stages), or "auto": onnxruntime on
-                    the CPU when onnx and onnxruntime are installed and the stages export,
-                    TorchScript otherwise (docs/latency.md has the measurements behind it).
-                    The cost model's latency is measured in the backend chosen.
+    backend:        where requests run (runtime/backends.py): "onnxruntime" (each learned
+                    state as one composed onnxruntime graph, a one-row form at batch 1; requests
+                    that teach run segments with the decision in numpy; CPU only; detection:
+                    the artifact's stored ONNX parts, runtime/detection_ort.py), "torchscript"
+                    (the artifact's scripted stages), or "auto": onnxruntime on the CPU when
+                    onnx and onnxruntime are installed and the stages export (a detection
+                    artifact holds its parts), TorchScript otherwise (docs/latency.md has the
+                    measurements behind it). The cost model's latency is measured in the
+                    backend chosen.
     max_miss_overhead: a cap on what a row that misses every exit pays for passing the enabled
                     heads, as a share of the backbone's time (measured at load in the backend
                     chosen, ``CostModel.miss_overhead``), e.g. 0.05: calibration never enables a
