@@ -252,7 +252,7 @@ def main(argv=None) -> int:
               f"request); {SECOND_HALF}:")
         print(f"  FLOPs saved, heads counted:  {summary['flops_saved']:.1%}")
         print(f"  agreement with the detector: {summary['agreement']:.2%}   (budget "
-              f"{args.budget:.0%}); boxes lost on busy frames: "
+              f"{100 * args.budget:g}%); boxes lost on busy frames: "
               f"{summary['boxes_lost_on_busy_frames']} of "
               f"{summary['detector_boxes_on_busy_frames']}")
         print(f"  mAP@0.5 (labels, report only): cached {summary['map50_cached']:.4f}, detector "
