@@ -365,6 +365,13 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
                               initializers=inits)[0]
         return h
 
+    def branch(name, body, out, exit_of, weights=()):
+        """An If branch: its nodes, its outputs (logits, exit index) and its own weights."""
+        return helper.make_graph(body, c.name(name), [],
+                                 [helper.make_tensor_value_info(out, TP.FLOAT, None),
+                                  helper.make_tensor_value_info(exit_of, TP.INT64, None)],
+                                 initializer=list(weights))
+
     def to_float(nodes, y):
         return y if out_elem_type == TP.FLOAT else c.node(nodes, "Cast", [y], "final_logits",
                                                           to=TP.FLOAT)
@@ -400,17 +407,11 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
             else_nodes, else_inits = [], []
             e_out, e_ex = segment1(else_nodes, else_inits, h, nxt + 1)
 
-            def branch(body, o, x, tag, weights=()):
-                return helper.make_graph(
-                    body, c.name(f"after_exit{nxt}_{tag}"), [],
-                    [helper.make_tensor_value_info(o, TP.FLOAT, None),
-                     helper.make_tensor_value_info(x, TP.INT64, None)],
-                    initializer=list(weights))
-
             return c.node(nodes, "If", [take], "rest", n_out=2,
-                          then_branch=branch(then_nodes, then_nodes[0].output[0], t_ex,
-                                             "leaves"),
-                          else_branch=branch(else_nodes, e_out, e_ex, "goes_on", else_inits))
+                          then_branch=branch(f"after_exit{nxt}_leaves", then_nodes,
+                                             then_nodes[0].output[0], t_ex),
+                          else_branch=branch(f"after_exit{nxt}_goes_on", else_nodes, e_out,
+                                             e_ex, else_inits))
 
         f_out, f_ex = segment1(main, c.initializers, INPUT, 0)
         main.append(helper.make_node("Identity", [f_out], [LOGITS], name=c.name("Identity")))
@@ -464,16 +465,11 @@ def _compose(stages: List, heads: dict, thresholds: dict, num_classes: int, mani
                                            name=c.name("Id"))]
             e_out, e_ex = else_nodes[0].output[0], else_nodes[1].output[0]
 
-            def branch(body, o, x, tag, weights=()):
-                return helper.make_graph(
-                    body, c.name(f"after_exit{nxt}_{tag}"), [],
-                    [helper.make_tensor_value_info(o, TP.FLOAT, None),
-                     helper.make_tensor_value_info(x, TP.INT64, None)],
-                    initializer=list(weights))
-
             return c.node(nodes, "If", [left], "rest", n_out=2,
-                          then_branch=branch(then_nodes, t_out, t_ex, "rows_left", then_inits),
-                          else_branch=branch(else_nodes, e_out, e_ex, "none_left"))
+                          then_branch=branch(f"after_exit{nxt}_rows_left", then_nodes, t_out,
+                                             t_ex, then_inits),
+                          else_branch=branch(f"after_exit{nxt}_none_left", else_nodes, e_out,
+                                             e_ex))
 
         f_out, f_ex = segment(main, c.initializers, INPUT, idx, out, ex, 0)
         main.append(helper.make_node("Identity", [f_out], [LOGITS], name=c.name("Identity")))
