@@ -248,12 +248,20 @@ class DetectionRuntime(Runtime):
 
     def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
         """The whole-model path (onnxruntime, or scripted) when the request neither teaches
-        inline nor is shadowed, else stage by stage."""
+        inline nor is shadowed; the onnxruntime collect model when it teaches with every exit
+        off; else stage by stage."""
         if not shadow and not collect:
             whole = (state.compiled or state.fast) if state.any_enabled else self._detector
             if whole is not None:
                 out, exit_of = whole.forward_with_exits(x)
                 return Served(out, exit_of)
+        if collect and not state.any_enabled and self._ort is not None:
+            # teaching with every exit off (all frames before the first exit; the deferred
+            # teacher's): the whole detector and each exit's pooled features in onnxruntime
+            out, feats = self._ort.collect(x)
+            served = Served(out, torch.full((x.shape[0],), self.num_exits, dtype=torch.long))
+            served.features, served.teacher = feats, self.task.teacher(out)
+            return served
         return serve_staged(self.module, self.stages, self.heads, self.task, state, x, shadow,
                             collect)
 

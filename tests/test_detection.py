@@ -270,6 +270,18 @@ def test_onnxruntime_serves_the_trained_detector(tmp_path):
             want = det(list(x))
         assert any(len(w["boxes"]) for w in want) and any(not len(w["boxes"]) for w in want)
         assert outputs_equal(rt.predict(x), want, atol=1e-3, rtol=1e-3)
+        # a frame that teaches with every exit off runs the onnxruntime collect model: the
+        # same answer, pooled features and teacher as stage by stage in TorchScript
+        from runtime.detection import serve_staged
+        off = ServingState(rt.state.classifiers, (INF,) * 4)
+        with torch.no_grad():   # as predict runs them
+            got = rt._run(off, x, False, True)
+            ref = serve_staged(rt.module, rt.stages, rt.heads, rt.task, off, x, False, True)
+        assert outputs_equal(got.out, ref.out, atol=1e-3, rtol=1e-3)
+        assert len(got.features) == 4 and all(
+            f.shape == g.shape and torch.allclose(f, g, atol=1e-4)
+            for f, g in zip(got.features, ref.features))
+        assert torch.allclose(got.teacher, ref.teacher, atol=1e-3)
         with torch.no_grad():
             h, taps = module.prepare(x)[0], []
             for b in _blocks(module)[:2]:

@@ -138,7 +138,9 @@ def test_runtime_serves_the_detectors_format(compiled):
     import runtime
     from runtime.serving import ServingState
     name, _, path, _, x, want = compiled
-    rt = runtime.load(path, background=False)
+    # TorchScript, to compare with the eager detector exactly: the random-weight SSDs score
+    # every box 1/3, and onnxruntime keeps other tied boxes (the export test covers that backend)
+    rt = runtime.load(path, background=False, backend="torchscript")
     assert outputs_equal(rt.predict(x), want)
     st = rt.state                                           # exit 0 on for every frame
     rt._state = ServingState(st.classifiers, (0.0,) + st.thresholds[1:], st.version + 1)
@@ -146,6 +148,14 @@ def test_runtime_serves_the_detectors_format(compiled):
     assert exits.tolist() == [0, 0]
     assert all(same_format(d, want[0]) for d in out)
     rt.close()
+    rt = runtime.load(path, background=False)               # the default: onnxruntime
+    try:
+        assert rt.stats()["backend"] == "onnxruntime"
+        for d, w in zip(rt.predict(x), want):               # frames that teach: collect model
+            assert list(d) == list(w) and len(d["boxes"]) > 0
+            assert all(d[k].dtype == w[k].dtype and d[k].shape[1:] == w[k].shape[1:] for k in w)
+    finally:
+        rt.close()
 
 
 def _torchvision_onnx(det, x):
