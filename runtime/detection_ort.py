@@ -7,6 +7,10 @@ that leaves never runs the rest. Heads are built from the learned weights direct
 exported once at load, the classifier as Gemm / Relu nodes), so a new serving state costs a
 graph composition and a session, no torch export. Frames run one by one, as torchvision's own
 ONNX path exports detectors (its transform and post-processing trace for one image).
+
+A second session, built once, is the *collect* model: every piece in a row with each exit's
+pooled features as extra outputs; frames that teach while no exit is on (every frame before the
+first exit, and the deferred teacher's) run it instead of the TorchScript stages.
 """
 import time
 from typing import Dict, List
