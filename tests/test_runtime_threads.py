@@ -50,7 +50,8 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
     rt = runtime.load(teacher_artifact, background=True, shadow_rate=0.3, **QUICK)
     E = rt.num_exits
     failures, sent, requests = [], [0] * THREADS, [0] * THREADS
-    switch = threading.Event()    # after it, half the threads send inverted images (drift)
+    switch = threading.Event()    # after it, half the threads send drifted rows
+    drifted = []                  # inverted rows the served exits answer wrongly (set at the switch)
     stop = threading.Event()
     versions = set()
 
@@ -63,7 +64,7 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
                                     generator=gen)
                 x = rows[idx]
                 if switch.is_set() and k % 2 == 0:
-                    x = -x
+                    x = drifted[0][idx % len(drifted[0])]
                 out, exits = rt.predict(x, return_exits=True)
                 versions.add(rt.state.version)
                 sent[k] += len(x)
@@ -89,6 +90,16 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
             p = tmp_path / f"saved{i}.pt"
             rt.save(p)
             saves.append(p)
+        # Inverted images are a drift the cache may survive: its exits answer most of them as the
+        # backbone does, and a round learned on them can agree again. The drifted traffic is the
+        # inverted rows on which the state just saved exits with another answer than the
+        # backbone's, so that the alarm (not a lucky round) is what the test waits for.
+        inverted = -rows[:6000]
+        with torch.no_grad():
+            out, exits = jit_load(saves[-1]).forward_with_exits(inverted)
+            wrong = (exits < E) & (out.argmax(1) != backbone(inverted).argmax(1))
+        assert int(wrong.sum()) >= BATCH, f"only {int(wrong.sum())} inverted rows exit wrongly"
+        drifted.append(inverted[wrong])
         switch.set()
         assert wait_for(lambda: rt.stats()["drift_events"] >= 1, 60), f"inverted traffic not caught {rt.stats()}"
         rt.save(tmp_path / "after_drift.pt")
