@@ -174,12 +174,18 @@ def _renamed(value_info, name: str):
 
 
 def compose(parts: list, heads: Dict[int, object], thresholds: Dict[int, float],
-            empty: Dict[str, torch.Tensor], input_shape: List[int], opset: int):
+            empty: Dict[str, torch.Tensor], input_shape: List[int], opset: int,
+            pools: Optional[List[Tuple[object, int]]] = None):
     """The exits model: ``parts`` (ONNX models, E + 1) with exit k's ``heads[k]`` and
     ``thresholds[k]`` for each enabled k; a frame that leaves gets ``empty`` (the artifact's
     ``empty()``: the detector's keys, dtypes and per-detection shapes). Input ``image``
     ``input_shape`` ([1, C, H, W]); outputs the detector's keys and ``exit_index`` [1] (int64;
-    E = ran the whole detector)."""
+    E = ran the whole detector).
+
+    ``pools`` (the runtime's teaching model): per exit, its pooling as an ONNX model and the
+    width D of what it gives; every exit then pools (on or off), ``heads[k]`` read the pooled
+    features, and outputs ``f0`` ... [1, D] follow ``exit_index``: a frame's pooled features at
+    each exit, zeros at the exits after the one it left at."""
     from .export import _Composer
     c = _Composer(opset)
     onnx, helper = c.onnx, c.onnx.helper
@@ -188,6 +194,9 @@ def compose(parts: list, heads: Dict[int, object], thresholds: Dict[int, float],
     tail = parts[-1].graph
     keys = [o.name for o in tail.output]
     types = {o.name: o.type.tensor_type.elem_type for o in tail.output}
+    feat_names = [f"f{e}" for e in range(E)] if pools is not None else []
+    for f in feat_names:
+        types[f] = TP.FLOAT
     if keys != list(empty):
         raise ExportError(f"the stored detector parts answer with {keys}, the artifact with "
                           f"{list(empty)}; re-run python -m compiler.rewrite on the detector")
@@ -202,6 +211,10 @@ def compose(parts: list, heads: Dict[int, object], thresholds: Dict[int, float],
             outs.append(c.node(nodes, "Constant", [], f"empty_{k}", value=arr))
         outs.append(c.node(nodes, "Constant", [], "exit_index",
                            value=helper.make_tensor(c.name("x"), TP.INT64, [1], [exit_no])))
+        for e in range(exit_no + 1, E if pools is not None else 0):   # not reached: zeros
+            d = pools[e][1]
+            outs.append(c.node(nodes, "Constant", [], f"unreached_f{e}",
+                               value=helper.make_tensor(c.name("x"), TP.FLOAT, [1, d], [0.0] * d)))
         return outs
 
     def segment(nodes, inits, live: Dict[str, str], start: int) -> List[str]:
@@ -212,10 +225,16 @@ def compose(parts: list, heads: Dict[int, object], thresholds: Dict[int, float],
                                  initializers=inits)
             if s == E:
                 return outs + [c.node(nodes, "Constant", [], "exit_index",
-                                      value=helper.make_tensor(c.name("x"), TP.INT64, [1], [E]))]
+                                      value=helper.make_tensor(c.name("x"), TP.INT64, [1],
+                                                               [E]))] + pooled
             live = {o.name[:-len("_out")]: v for o, v in zip(parts[s].graph.output, outs)}
+            head_in = live["h"]
+            if pools is not None:
+                head_in = c.inline_many(nodes, pools[s][0], f"pool{s}/", [live["h"]],
+                                        f"pool{s}", outputs=1, initializers=inits)[0]
+                pooled.append(head_in)
             if s in heads:
-                logits = c.inline_many(nodes, heads[s], f"head{s}/", [live["h"]],
+                logits = c.inline_many(nodes, heads[s], f"head{s}/", [head_in],
                                        f"head{s}_logits", outputs=1, initializers=inits)[0]
                 prob = c.node(nodes, "Softmax", [logits], f"head{s}_prob", axis=1)
                 nothing = c.node(nodes, "Gather", [prob, c.const([0], "int64", "nothing")],
@@ -228,29 +247,38 @@ def compose(parts: list, heads: Dict[int, object], thresholds: Dict[int, float],
                 t_out = empties(then_nodes, s)
                 else_nodes: list = []
                 else_inits: list = []
+                before, pooled[:] = list(pooled), []     # features pooled so far stay outside
                 e_out = segment(else_nodes, else_inits, live, s + 1)
+                later = feat_names[s + 1:]
 
                 def branch(body, outs, tag, weights=()):
                     return helper.make_graph(
                         body, c.name(f"exit{s}_{tag}"), [],
                         [helper.make_tensor_value_info(o, types[k] if k in types else TP.INT64,
                                                        None)
-                         for o, k in zip(outs, keys + [EXIT_INDEX])], initializer=list(weights))
+                         for o, k in zip(outs, keys + [EXIT_INDEX] + later)],
+                        initializer=list(weights))
 
-                return c.node(nodes, "If", [cond], f"after_exit{s}", n_out=len(keys) + 1,
-                              then_branch=branch(then_nodes, t_out, "leaves"),
-                              else_branch=branch(else_nodes, e_out, "goes_on", else_inits))
+                got = c.node(nodes, "If", [cond], f"after_exit{s}",
+                             n_out=len(keys) + 1 + len(later),
+                             then_branch=branch(then_nodes, t_out, "leaves"),
+                             else_branch=branch(else_nodes, e_out, "goes_on", else_inits))
+                got = [got] if isinstance(got, str) else list(got)
+                return got[:len(keys) + 1] + before + got[len(keys) + 1:]
         raise AssertionError("unreachable")
 
+    pooled: List[str] = []
     outs = segment(main, c.initializers, {IMAGE: IMAGE}, 0)
-    names = keys + [EXIT_INDEX]
+    names = keys + [EXIT_INDEX] + feat_names
     for o, n in zip(outs, names):
         main.append(helper.make_node("Identity", [o], [n], name=c.name("Identity")))
     graph = helper.make_graph(
         main, "layer_cache_detection_exits",
         [helper.make_tensor_value_info(IMAGE, TP.FLOAT, list(input_shape))],
         [_renamed(o, o.name) for o in tail.output]      # the detector's own types and shapes
-        + [helper.make_tensor_value_info(EXIT_INDEX, TP.INT64, [1])],
+        + [helper.make_tensor_value_info(EXIT_INDEX, TP.INT64, [1])]
+        + [helper.make_tensor_value_info(f, TP.FLOAT, [1, pools[e][1]])
+           for e, f in enumerate(feat_names)],
         initializer=c.initializers)
     return helper.make_model(graph, producer_name="layer-cache compiler.export",
                              ir_version=c.ir_version,

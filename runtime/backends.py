@@ -81,13 +81,15 @@ def _session(model, threads: int = 1):
 
 
 def head_model(pool_model, classifier: nn.Module, hint: str):
-    """A head as one ONNX model (input ``x``, output ``y``: logits): its pooling (exported once)
-    then its classifier's layers, built from the learned weights with no torch export."""
+    """A head as one ONNX model (input ``x``, output ``y``: logits): its pooling (exported once;
+    None: ``x`` is already pooled) then its classifier's layers, built from the learned weights
+    with no torch export."""
     from compiler.export import _Composer
     from onnx import TensorProto, helper
     c = _Composer(OPSET)
     nodes: list = []
-    f = c.inline(nodes, pool_model, f"{hint}_pool/", "x", f"{hint}_pool")
+    f = "x" if pool_model is None else \
+        c.inline(nodes, pool_model, f"{hint}_pool/", "x", f"{hint}_pool")
     logits = _classifier_nodes(c, nodes, f, classifier, hint)
     nodes.append(helper.make_node("Identity", [logits], ["y"], name=c.name("Id")))
     graph = helper.make_graph(nodes, hint,

@@ -155,6 +155,11 @@ class Runtime:
         """Serve one checked request under ``state``."""
         raise NotImplementedError
 
+    def _teaches_inline(self, state: ServingState) -> bool:
+        """True: a request that teaches under ``state`` costs little more than serving it, so it
+        teaches inline rather than through the deferred teacher."""
+        return False
+
     def _collect(self, served: Served, shadow: bool, any_enabled: bool, rows: int):
         """Buffer what a request taught (``Collector.add``). ``rows``, the request's size, is not
         read here: only the rows that ran the whole model advance the hold-out blocks' clock."""
@@ -213,7 +218,8 @@ class Runtime:
             rate = max(rate, self.config.drift.doubt_shadow_rate)
         shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
         teach = collect and learn
-        defer = teach and not shadow and self._teacher is not None and not self._teacher.behind
+        defer = teach and not shadow and self._teacher is not None and \
+            not self._teacher.behind and not self._teaches_inline(state)
         served = self._run(state, x, shadow, teach and not defer)
         deferred = defer and self._defer(x, served, state)
         latency = (time.perf_counter() - t0) * 1e3

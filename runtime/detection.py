@@ -9,7 +9,7 @@ frame that leaves gets an empty result in the detector's format (the artifact's 
 boxes, scores and labels, and masks or keypoints for Mask / Keypoint R-CNN). Frames that go on
 get exactly the detector's output.
 
-Its own here: the artifact's loader, the stage-by-stage serving path and the whole-model path
+Its own here: the artifact's loader, the stage-by-stage and collect serving paths, the whole-model path
 (on the CPU by default one onnxruntime session per learned state, ``runtime/detection_ort.py``;
 else a scripted ``CachedDetector``; the classification runtime's plans and CUDA graphs are built
 around one output tensor), the input check and the learning loop's task-aware calibration.
@@ -112,6 +112,47 @@ def serve_staged(module, stages, heads, task: Task, state: ServingState, x: torc
         served.shadow_ok = (would == E) | task.agrees(would_logits, teacher)
     if collect and teacher is not None and len(feats) == E and all(f is not None for f in feats):
         served.features, served.teacher = feats, teacher
+    return served
+
+
+def serve_collected(ort, task: Task, state: ServingState, x: torch.Tensor, shadow: bool,
+                    collect: bool) -> Served:
+    """Every frame through the whole detector in onnxruntime, with each exit's pooled features
+    (``DetectionOrt.collect``): requests that teach while no exit is on, and shadowed requests
+    (the live heads then say, in torch, where each frame would have left). As ``serve_staged``
+    with the same flags: every frame gets the detector's answer."""
+    n, E = x.shape[0], ort.num_exits
+    out, feats = ort.collect(x)
+    served = Served(out, torch.full((n,), E, dtype=torch.long))
+    teacher = task.teacher(out)
+    if shadow:
+        would = torch.full((n,), E, dtype=torch.long)
+        would_logits = torch.zeros((n, 2))
+        for e in range(E):
+            if state.thresholds[e] == INF:
+                continue
+            logits = state.classifiers[e](feats[e])
+            newly = exit_rule.leaves(task.confidence(logits),
+                                     torch.tensor(state.thresholds[e]), True) & (would == E)
+            would[newly] = e
+            would_logits[newly] = logits[newly].float()
+        served.shadow_exit = would
+        served.shadow_ok = (would == E) | task.agrees(would_logits, teacher)
+    if collect:
+        served.features, served.teacher = feats, teacher
+    return served
+
+
+def serve_teaching(compiled, task: Task, x: torch.Tensor) -> Served:
+    """A request that teaches while exits are on, in onnxruntime (``OrtDetector.teach``): frames
+    leave where the serving state says, as when served; those that ran the whole detector teach,
+    with their pooled features at every exit. As ``serve_staged`` unshadowed with ``collect``."""
+    out, exit_of, feats = compiled.teach(x)
+    served = Served(out, exit_of)
+    rest = exit_of == len(feats)
+    if bool(rest.any()):
+        served.features = [f[rest] for f in feats]
+        served.teacher = task.teacher([d for d, r in zip(out, rest.tolist()) if r])
     return served
 
 
@@ -248,22 +289,25 @@ class DetectionRuntime(Runtime):
 
     def _run(self, state: ServingState, x: torch.Tensor, shadow: bool, collect: bool) -> Served:
         """The whole-model path (onnxruntime, or scripted) when the request neither teaches
-        inline nor is shadowed; the onnxruntime collect model when it teaches with every exit
-        off; else stage by stage."""
+        inline nor is shadowed; in onnxruntime, the collect model when it is shadowed or teaches
+        with every exit off (all frames before the first exit; the deferred teacher's) and the
+        state's teaching model when it teaches with exits on; else stage by stage."""
         if not shadow and not collect:
             whole = (state.compiled or state.fast) if state.any_enabled else self._detector
             if whole is not None:
                 out, exit_of = whole.forward_with_exits(x)
                 return Served(out, exit_of)
-        if collect and not state.any_enabled and self._ort is not None:
-            # teaching with every exit off (all frames before the first exit; the deferred
-            # teacher's): the whole detector and each exit's pooled features in onnxruntime
-            out, feats = self._ort.collect(x)
-            served = Served(out, torch.full((x.shape[0],), self.num_exits, dtype=torch.long))
-            served.features, served.teacher = feats, self.task.teacher(out)
-            return served
+        if self._ort is not None and (shadow or not state.any_enabled):
+            return serve_collected(self._ort, self.task, state, x, shadow, collect)
+        if collect and state.compiled is not None:
+            return serve_teaching(state.compiled, self.task, x)
         return serve_staged(self.module, self.stages, self.heads, self.task, state, x, shadow,
                             collect)
+
+    def _teaches_inline(self, state: ServingState) -> bool:
+        """A state's teaching model costs a served request little more than serving it, less
+        than serving it and then running its frames again in the deferred teacher."""
+        return state.compiled is not None
 
     def _collect(self, served: Served, shadow: bool, any_enabled: bool, rows: int):
         """Frames that left at exits advance the hold-out blocks' clock too."""

@@ -8,9 +8,11 @@ exported once at load, the classifier as Gemm / Relu nodes), so a new serving st
 graph composition and a session, no torch export. Frames run one by one, as torchvision's own
 ONNX path exports detectors (its transform and post-processing trace for one image).
 
-A second session, built once, is the *collect* model: every piece in a row with each exit's
+Each state has a second session, its *teaching* model: the same exits, every exit pooling, and
+each exit's pooled features as extra outputs; requests that teach while exits are on run it.
+One more session, built once, is the *collect* model: every piece in a row with each exit's
 pooled features as extra outputs; frames that teach while no exit is on (every frame before the
-first exit, and the deferred teacher's) run it instead of the TorchScript stages.
+first exit, and the deferred teacher's) and shadowed frames run it.
 """
 import time
 from typing import Dict, List
@@ -24,20 +26,35 @@ from .backends import OPSET, BackendError, _session, head_model
 
 
 class OrtDetector:
-    """One composed session; ``forward_with_exits`` as the scripted ``CachedDetector``'s."""
+    """One serving state as two composed sessions: ``forward_with_exits`` as the scripted
+    ``CachedDetector``'s, and ``teach``, the same exits with each exit's pooled features as
+    outputs (requests that teach)."""
 
-    def __init__(self, session, keys: List[str], whole: bool):
+    def __init__(self, session, teaching, keys: List[str], whole: bool):
         self.session = session
+        self.teaching = teaching
         self.keys = keys          # the detector's, in its order
         self.whole = whole        # as ``backends.Plan.whole``: learned on ``fast_after`` rows
 
     def forward_with_exits(self, x: torch.Tensor):
-        out, exits = [], []
+        out, exits, _ = self._run(self.session, x)
+        return out, exits
+
+    def teach(self, x: torch.Tensor):
+        """(answers, exits, each exit's pooled features [n, D]) with the serving state's exits:
+        a frame that left at exit k has zeros for the exits after k."""
+        return self._run(self.teaching, x)
+
+    def _run(self, session, x: torch.Tensor):
+        k = len(self.keys)
+        out, exits, feats = [], [], []
         for i in range(x.shape[0]):
-            *got, exit_index = self.session.run(None, {"image": x[i:i + 1].numpy()})
-            out.append({k: torch.from_numpy(v) for k, v in zip(self.keys, got)})
-            exits.append(int(exit_index[0]))
-        return out, torch.tensor(exits, dtype=torch.long)
+            got = session.run(None, {"image": x[i:i + 1].numpy()})
+            out.append({key: torch.from_numpy(v) for key, v in zip(self.keys, got)})
+            exits.append(int(got[k][0]))
+            feats.append(got[k + 1:])
+        feats = [torch.from_numpy(np.concatenate(f)) for f in zip(*feats)] if feats else []
+        return out, torch.tensor(exits, dtype=torch.long), feats
 
 
 class DetectionOrt:
@@ -62,7 +79,7 @@ class DetectionOrt:
         self.num_exits = len(manifest["exits"])
         self.input_shape = [1] + list(manifest["input_shape"][1:])
         x = torch.zeros(self.input_shape, device=next(iter(module.buffers())).device)
-        self.pools = []
+        self.pools, self.widths = [], []
         with torch.no_grad():
             h, taps = module.prepare(x)[0], []
             for e in range(self.num_exits):
@@ -70,6 +87,7 @@ class DetectionOrt:
                 pool = StridedPool(manifest["exits"][e]["head"]["pool"], h.shape).eval()
                 self.pools.append(export_module(pool, h.cpu(), f"the pooling of exit {e}",
                                                 OPSET, "torchscript")[0])
+                self.widths.append(int(pool(h.cpu()).shape[1]))
             self.empty = {k: v.cpu() for k, v in module.empty(x).items()}
         self.detector = self.compile(None, (float("inf"),) * self.num_exits)
         self.collector = _session(self._collect_model(), threads)
@@ -119,11 +137,17 @@ class DetectionOrt:
         return out, [torch.from_numpy(np.concatenate(f)) for f in feats]
 
     def compile(self, classifiers, thresholds, whole: bool = True) -> OrtDetector:
-        """The serving state (heads, thresholds; ``inf`` = off) as one session."""
+        """The serving state (heads, thresholds; ``inf`` = off) as its two sessions."""
         from compiler import detection_onnx
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
+        limits = {e: float(thresholds[e]) for e in on}
         heads: Dict[int, object] = {e: head_model(self.pools[e], classifiers[e], f"head{e}")
                                     for e in on}
-        model = detection_onnx.compose(self.parts, heads, {e: float(thresholds[e]) for e in on},
-                                       self.empty, self.input_shape, OPSET)
-        return OrtDetector(_session(model, self.threads), list(self.empty), whole)
+        model = detection_onnx.compose(self.parts, heads, limits, self.empty, self.input_shape,
+                                       OPSET)
+        classify = {e: head_model(None, classifiers[e], f"head{e}") for e in on}
+        teaching = detection_onnx.compose(self.parts, classify, limits, self.empty,
+                                          self.input_shape, OPSET,
+                                          pools=list(zip(self.pools, self.widths)))
+        return OrtDetector(_session(model, self.threads), _session(teaching, self.threads),
+                           list(self.empty), whole)

@@ -292,6 +292,28 @@ def test_onnxruntime_serves_the_trained_detector(tmp_path):
         thresholds = (INF, float(mid), INF, INF)
         rt._state = ServingState(st.classifiers, thresholds, st.version + 1,
                                  compiled=rt._compile(st.classifiers, thresholds, True))
+        # a shadowed frame runs the collect model too: where each frame would have left, and
+        # whether its exit's answer agrees, as stage by stage
+        with torch.no_grad():
+            got = rt._run(rt._state, x, True, True)
+            ref = serve_staged(rt.module, rt.stages, rt.heads, rt.task, rt._state, x, True, True)
+        assert outputs_equal(got.out, ref.out, atol=1e-3, rtol=1e-3)
+        assert torch.equal(got.exit_of, ref.exit_of) and bool((got.exit_of == 4).all())
+        assert torch.equal(got.shadow_exit, ref.shadow_exit)
+        assert 0 < int((got.shadow_exit == 1).sum()) < 16
+        assert torch.equal(got.shadow_ok, ref.shadow_ok)
+        assert all(torch.allclose(f, g, atol=1e-4) for f, g in zip(got.features, ref.features))
+        # a request that teaches with the exit on runs the state's teaching model: frames
+        # leave as served, and those that ran the detector teach as stage by stage
+        with torch.no_grad():
+            got = rt._run(rt._state, x, False, True)
+            ref = serve_staged(rt.module, rt.stages, rt.heads, rt.task, rt._state, x, False, True)
+        assert torch.equal(got.exit_of, ref.exit_of) and 0 < int((got.exit_of == 1).sum()) < 16
+        assert outputs_equal(got.out, ref.out, atol=1e-3, rtol=1e-3)
+        assert [f.shape for f in got.features] == [f.shape for f in ref.features]
+        assert all(torch.allclose(f, g, atol=1e-4) for f, g in zip(got.features, ref.features))
+        assert torch.allclose(got.teacher, ref.teacher, atol=1e-3)
+        assert rt._teaches_inline(rt._state)
         got, exits = rt.predict(x, return_exits=True)
         artifact.set_exit(_blocks(module)[1], thresholds[1])
         with torch.no_grad():
