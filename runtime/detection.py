@@ -15,6 +15,7 @@ else a scripted ``CachedDetector``; the classification runtime's plans and CUDA 
 around one output tensor), the input check and the learning loop's task-aware calibration.
 """
 import logging
+import math
 import warnings
 from typing import Optional
 
@@ -270,8 +271,9 @@ class DetectionRuntime(Runtime):
                              f"{str(x.dtype).replace('torch.', '')}; convert with x.float()")
         if x.shape[0] == 0:
             raise InputError("empty batch: send at least one image")
-        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-        if not bool(finite.all()):
+        lo, hi = torch.aminmax(x)   # one pass; NaN propagates, and the common case ends here
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
             bad = torch.nonzero(~finite).flatten().tolist()
             raise InputError(f"images {bad[:10]} contain NaN or Inf; clean or drop them and resend "
                              f"(nothing was served or learned)")

@@ -99,8 +99,11 @@ class DetectionTask(Task):
 
     def found(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
         """bool [n]: frames where the detector returned a detection scoring >= min_score."""
-        return torch.tensor([bool((d["scores"] >= self.min_score).any()) for d in dets],
-                            dtype=torch.bool)
+        return torch.tensor(self._found(dets), dtype=torch.bool)
+
+    def _found(self, dets) -> List[bool]:
+        return [d["scores"].numel() > 0 and float(d["scores"].max()) >= self.min_score
+                for d in dets]
 
     def teacher(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
         """[n, 2] logits (nothing, something): the sign says which, the size how far the best
@@ -119,7 +122,7 @@ class DetectionTask(Task):
         return teacher.argmax(1) == self.NOTHING
 
     def answers(self, dets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
-        return torch.nn.functional.one_hot(self.found(dets).long(), 2)
+        return torch.tensor([[0, 1] if hit else [1, 0] for hit in self._found(dets)])
 
     def assemble(self, n, exited, rest, backbone_out, like, empty=None):
         """Frames that ran the detector get its dicts; the others ``empty(like)`` each (a fresh

@@ -192,6 +192,10 @@ def test_runtime_predict_order_shadow_and_bad_input(compiled):
         with pytest.raises(InputError) as e:
             rt.predict(b)
         assert "\n" not in str(e.value) and str(e.value)
+    mixed = torch.rand(3, 1, SIZE, SIZE)
+    mixed[1, 0, 5, 5] = float("inf")
+    with pytest.raises(InputError, match=r"images \[1\] contain NaN or Inf"):
+        rt.predict(mixed)
     assert (rt.buffer.added, rt.counters.requests) == before, "bad input was served or learned"
 
 
