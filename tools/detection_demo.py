@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                   f"{lat['runtime_predict_mean']:.2f} ms "
                   f"({lat['runtime_predict'] / lat['detector_best'] - 1:+.0%} / "
                   f"{lat['runtime_predict_mean'] / lat['detector_best_mean'] - 1:+.0%}; "
-                  f"no rounds, its shadow and teaching requests stage by stage)")
+                  f"no rounds; it still shadows and teaches)")
         print(f"  learning: {st['learning']['rounds']} rounds, "
               f"{st['learning']['train_seconds']:.1f} s;"
               f" live agreement (shadow frames) "
