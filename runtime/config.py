@@ -133,7 +133,8 @@ class ServingConfig:
                     onnx and onnxruntime are installed and the stages export (a detection
                     artifact holds its parts), TorchScript otherwise (docs/latency.md has the
                     measurements behind it). The cost model's latency is measured in the
-                    backend chosen.
+                    backend chosen (detection: in onnxruntime only; with TorchScript its cost
+                    model counts FLOPs).
     max_miss_overhead: a cap on what a row that misses every exit pays for passing the enabled
                     heads, as a share of the backbone's time (measured at load in the backend
                     chosen, ``CostModel.miss_overhead``), e.g. 0.05: calibration never enables a

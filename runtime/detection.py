@@ -202,7 +202,8 @@ class DetectionRuntime(Runtime):
         """The onnxruntime pieces when the backend setting resolves to onnxruntime (the
         artifact's stored ONNX parts, ``runtime/detection_ort.py``). Under ``auto`` an artifact
         without them serves with TorchScript, with a warning; asked for by name, that is an
-        error."""
+        error. The cost model mixes in the latency measured there (``latency_weight``), and
+        ``max_miss_overhead`` caps what a frame that passes every enabled exit pays."""
         self._ort = None
         asked = self.config.serving.backend
         if resolve(asked, self.device) == "onnxruntime":
@@ -215,7 +216,14 @@ class DetectionRuntime(Runtime):
                                        f"backend='torchscript'") from None
                 log.warning("serving with TorchScript: the onnxruntime backend cannot be built "
                             "(%s)", e)
-        return super()._build_serving(classifiers)
+        w = self.config.serving.latency_weight
+        if w is None:
+            w = 0.5 if self.config.background else 0.0
+        if self._ort is None or (not w and self.config.serving.max_miss_overhead is None):
+            return super()._build_serving(classifiers)
+        # In onnxruntime a head costs far more than its FLOPs (pooling, the If that hands the
+        # branch its inputs): 4-10% of the detector each, against 0.1% of its FLOPs.
+        return CostModel(self.manifest, w, self._ort.profile(list(classifiers)))
 
     def _first_state(self, classifiers, thresholds) -> ServingState:
         """A learned artifact serves whole (it is its own fast path) until the first round.

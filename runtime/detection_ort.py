@@ -136,18 +136,58 @@ class DetectionOrt:
                 feats[e].append(f)
         return out, [torch.from_numpy(np.concatenate(f)) for f in feats]
 
+    def profile(self, classifiers, reps: int = 15):
+        """(stage_ms [E + 1], head_ms [E]) at batch 1 in onnxruntime, for the cost model: each
+        piece as its own session on a frame of zeros; a head as what a frame that passes its
+        exit pays in the composed model (pooling, classifier, decision and the If), measured as
+        that exit alone on at a threshold no frame reaches, less the detector session. Turns
+        interleaved; the minimum over ``reps`` after a warm-up pass."""
+        from compiler import exit_rule
+        E = self.num_exits
+        x = np.zeros(self.input_shape, dtype=np.float32)
+        pieces = [_session(p, self.threads) for p in self.parts]
+        never = float(exit_rule.DISABLED_THRESHOLD)
+        alone = [_session(self._serving_model(
+            classifiers, [never if j == e else float("inf") for j in range(E)]), self.threads)
+            for e in range(E)]
+        feeds, live = [], {"image": x}
+        for sess, part in zip(pieces, self.parts):
+            feed = {i.name: live[i.name] for i in sess.get_inputs()}
+            feeds.append(feed)
+            live = {o.name[:-len("_out")]: v
+                    for o, v in zip(part.graph.output, sess.run(None, feed))}
+        runs = [lambda s=s, f=f: s.run(None, f) for s, f in zip(pieces, feeds)]
+        runs += [lambda a=a: a.run(None, {"image": x}) for a in alone]
+        runs.append(lambda: self.detector.session.run(None, {"image": x}))
+        best = [float("inf")] * len(runs)
+        for _ in range(reps + 1):
+            for k, run in enumerate(runs):
+                t0 = time.perf_counter()
+                run()
+                best[k] = min(best[k], time.perf_counter() - t0)
+        ms = [b * 1e3 for b in best]
+        stage_ms, whole = ms[:E + 1], ms[-1]
+        head_ms = [max(m - whole, 0.0) for m in ms[E + 1:2 * E + 1]]
+        return torch.tensor(stage_ms, dtype=torch.float64), torch.tensor(head_ms,
+                                                                         dtype=torch.float64)
+
     def compile(self, classifiers, thresholds, whole: bool = True) -> OrtDetector:
         """The serving state (heads, thresholds; ``inf`` = off) as its two sessions."""
         from compiler import detection_onnx
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
-        limits = {e: float(thresholds[e]) for e in on}
-        heads: Dict[int, object] = {e: head_model(self.pools[e], classifiers[e], f"head{e}")
-                                    for e in on}
-        model = detection_onnx.compose(self.parts, heads, limits, self.empty, self.input_shape,
-                                       OPSET)
         classify = {e: head_model(None, classifiers[e], f"head{e}") for e in on}
-        teaching = detection_onnx.compose(self.parts, classify, limits, self.empty,
+        teaching = detection_onnx.compose(self.parts, classify,
+                                          {e: float(thresholds[e]) for e in on}, self.empty,
                                           self.input_shape, OPSET,
                                           pools=list(zip(self.pools, self.widths)))
-        return OrtDetector(_session(model, self.threads), _session(teaching, self.threads),
-                           list(self.empty), whole)
+        return OrtDetector(_session(self._serving_model(classifiers, thresholds), self.threads),
+                           _session(teaching, self.threads), list(self.empty), whole)
+
+    def _serving_model(self, classifiers, thresholds):
+        """The exits model ``compiler.export`` writes, for these heads and thresholds."""
+        from compiler import detection_onnx
+        on = [e for e, t in enumerate(thresholds) if t != float("inf")]
+        heads: Dict[int, object] = {e: head_model(self.pools[e], classifiers[e], f"head{e}")
+                                    for e in on}
+        return detection_onnx.compose(self.parts, heads, {e: float(thresholds[e]) for e in on},
+                                      self.empty, self.input_shape, OPSET)

@@ -328,6 +328,33 @@ def test_onnxruntime_serves_the_trained_detector(tmp_path):
         rt.close()
 
 
+def test_onnxruntime_cost_model_measures_heads_in_their_serving_mode(tmp_path):
+    """In onnxruntime a head costs far more than its FLOPs (pooling, the If): with a latency
+    weight the cost model reads the time measured there, and ``max_miss_overhead`` can rule
+    exits out by it. Synchronous mode stays FLOPs only (it must not depend on the clock)."""
+    from runtime.detection import load
+    from tools.train_detector import load_demo_detector
+    det, _ = load_demo_detector()
+    module, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, 96, 96)))
+    path = tmp_path / "demo.cached.pt"
+    artifact.save(module, manifest, path)
+    flops_only = load(path, background=False)
+    timed = load(path, background=False, latency_weight=0.5, max_miss_overhead=0.001)
+    try:
+        assert flops_only.costs.head_latency_ms is None
+        heads = timed.costs.head_latency_ms
+        assert len(heads) == 4 and len(timed.costs.stage_latency_ms) == 5
+        share = timed.costs.head_flops / timed.costs.total_flops
+        assert bool((timed.costs.head_cost > 2 * share).all())
+        assert timed.costs.miss_overhead([True] * 4) > 0.01
+        allowed = timed.costs.within_miss_cap(0.001)
+        assert not any(allowed([j == e for j in range(4)]) for e in range(4))
+        assert timed.costs.within_miss_cap(10.0)([True] * 4)
+    finally:
+        flops_only.close()
+        timed.close()
+
+
 def test_select_and_bad_exits(compiled):
     _, _, _, an = compiled
     assert [c.name for c in select_cuts(an, DetectionConfig(exits=["layer2"]))] == ["layer2"]

@@ -188,6 +188,11 @@ def main(argv=None) -> int:
                         "runtime's default, ltt, is the valid one)")
     p.add_argument("--backend", default="auto", choices=("auto", "torchscript", "onnxruntime"),
                    help="the runtime's serving backend (auto: onnxruntime on the CPU)")
+    p.add_argument("--latency-weight", type=float, default=None,
+                   help="the cost model's share of latency measured in the serving backend "
+                        "(ServingConfig.latency_weight; default: FLOPs only, as synchronous "
+                        "mode must not depend on the clock); e.g. 0.5 chooses exits by their "
+                        "time in onnxruntime as well")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
                           agreement_budget=args.budget, train_every=args.train_every,
                           min_train=args.train_every, min_calib=args.min_calib,
                           calib_fraction=args.calib_fraction,
-                          threshold_rule=args.threshold_rule, backend=args.backend)
+                          threshold_rule=args.threshold_rule, backend=args.backend,
+                          latency_weight=args.latency_weight)
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))
