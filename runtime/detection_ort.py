@@ -10,9 +10,9 @@ ONNX path exports detectors (its transform and post-processing trace for one ima
 
 Each state has a second session, its *teaching* model: the same exits, every exit pooling, and
 each exit's pooled features as extra outputs; requests that teach while exits are on run it.
-One more session, built once, is the *collect* model: every piece in a row with each exit's
-pooled features as extra outputs; frames that teach while no exit is on (every frame before the
-first exit, and the deferred teacher's) and shadowed frames run it.
+The exits-off state's teaching model, built once, is the *collect* model (every piece in a row
+with each exit's pooled features): frames that teach while no exit is on (every frame before
+the first exit, and the deferred teacher's) and shadowed frames run it.
 """
 import time
 from typing import Dict, List
@@ -90,51 +90,14 @@ class DetectionOrt:
                 self.widths.append(int(pool(h.cpu()).shape[1]))
             self.empty = {k: v.cpu() for k, v in module.empty(x).items()}
         self.detector = self.compile(None, (float("inf"),) * self.num_exits)
-        self.collector = _session(self._collect_model(), threads)
         self.build_seconds = time.perf_counter() - t0
-
-    def _collect_model(self):
-        """Every piece in a row, each exit's pooled features as outputs ``f0`` ... after the
-        detector's keys: the frames that teach while no exit is on run this."""
-        from compiler.export import _Composer
-        from onnx import TensorProto, helper
-        c = _Composer(OPSET)
-        nodes: list = []
-        live = {"image": "image"}
-        feats = []
-        for s, part in enumerate(self.parts):
-            outs = c.inline_many(nodes, part, f"part{s}/", live, f"part{s}")
-            if s == self.num_exits:
-                break
-            live = {o.name[:-len("_out")]: v for o, v in zip(part.graph.output, outs)}
-            feats.append(c.inline(nodes, self.pools[s], f"pool{s}/", live["h"], f"pool{s}"))
-        tail = self.parts[-1].graph
-        names = [o.name for o in tail.output] + [f"f{e}" for e in range(self.num_exits)]
-        for src, dst in zip(outs + feats, names):
-            nodes.append(helper.make_node("Identity", [src], [dst], name=c.name("Id")))
-        graph = helper.make_graph(
-            nodes, "layer_cache_detection_collect",
-            [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(self.input_shape))],
-            [helper.make_tensor_value_info(n, o.type.tensor_type.elem_type, None)
-             for n, o in zip(names, list(tail.output))]
-            + [helper.make_tensor_value_info(f"f{e}", TensorProto.FLOAT, None)
-               for e in range(self.num_exits)],
-            initializer=c.initializers)
-        return helper.make_model(graph, ir_version=c.ir_version,
-                                 opset_imports=[helper.make_opsetid(d, v)
-                                                for d, v in sorted(c.opsets.items())])
 
     def collect(self, x: torch.Tensor):
         """(the detector's answer per frame, each exit's pooled features [n, D]) for frames
-        [n, C, H, W] run one by one through the whole detector."""
-        keys = list(self.empty)
-        out, feats = [], [[] for _ in range(self.num_exits)]
-        for i in range(x.shape[0]):
-            got = self.collector.run(None, {"image": x[i:i + 1].numpy()})
-            out.append({k: torch.from_numpy(v) for k, v in zip(keys, got)})
-            for e, f in enumerate(got[len(keys):]):
-                feats[e].append(f)
-        return out, [torch.from_numpy(np.concatenate(f)) for f in feats]
+        [n, C, H, W] run one by one through the whole detector: the exits-off state's teaching
+        model (every piece in a row, each exit's pooling as an extra output)."""
+        out, _, feats = self.detector.teach(x)
+        return out, feats
 
     def profile(self, classifiers, reps: int = 15):
         """(stage_ms [E + 1], head_ms [E]) at batch 1 in onnxruntime, for the cost model: each
