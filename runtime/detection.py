@@ -9,10 +9,11 @@ frame that leaves gets an empty result in the detector's format (the artifact's 
 boxes, scores and labels, and masks or keypoints for Mask / Keypoint R-CNN). Frames that go on
 get exactly the detector's output.
 
-Its own here: the artifact's loader, the stage-by-stage and collect serving paths, the whole-model path
-(on the CPU by default one onnxruntime session per learned state, ``runtime/detection_ort.py``;
-else a scripted ``CachedDetector``; the classification runtime's plans and CUDA graphs are built
-around one output tensor), the input check and the learning loop's task-aware calibration.
+Its own here: the artifact's loader; the serving paths (on the CPU by default onnxruntime
+sessions per learned state, ``runtime/detection_ort.py``: the exits model, its teaching model
+and the collect model; else stage by stage and a scripted ``CachedDetector``; the
+classification runtime's plans and CUDA graphs are built around one output tensor); the input
+check and the learning loop's task-aware calibration.
 """
 import logging
 import math
@@ -222,7 +223,7 @@ class DetectionRuntime(Runtime):
         if self._ort is None or (not w and self.config.serving.max_miss_overhead is None):
             return super()._build_serving(classifiers)
         # In onnxruntime a head costs far more than its FLOPs (pooling, the If that hands the
-        # branch its inputs): 4-10% of the detector each, against 0.1% of its FLOPs.
+        # branch its inputs): 5-10% of the detector each, against 0.1% of its FLOPs.
         return CostModel(self.manifest, w, self._ort.profile(list(classifiers)))
 
     def _first_state(self, classifiers, thresholds) -> ServingState:

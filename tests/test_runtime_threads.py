@@ -51,7 +51,7 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
     E = rt.num_exits
     failures, sent, requests = [], [0] * THREADS, [0] * THREADS
     switch = threading.Event()    # after it, half the threads send drifted rows
-    drifted = []                  # inverted rows the served exits answer wrongly (set at the switch)
+    drifted = []                  # inverted rows the exits answer wrongly (set at the switch)
     stop = threading.Event()
     versions = set()
 
@@ -101,7 +101,7 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
         assert int(wrong.sum()) >= BATCH, f"only {int(wrong.sum())} inverted rows exit wrongly"
         drifted.append(inverted[wrong])
         switch.set()
-        assert wait_for(lambda: rt.stats()["drift_events"] >= 1, 60), f"inverted traffic not caught {rt.stats()}"
+        assert wait_for(lambda: rt.stats()["drift_events"] >= 1, 60), f"drifted traffic not caught {rt.stats()}"
         rt.save(tmp_path / "after_drift.pt")
     except BaseException:
         rt.close()   # a failure here must not leave a learner to the next tests
