@@ -103,8 +103,8 @@ class DetectionOrt:
         """(stage_ms [E + 1], head_ms [E]) at batch 1 in onnxruntime, for the cost model: each
         piece as its own session on a frame of zeros; a head as what a frame that passes its
         exit pays in the composed model (pooling, classifier, decision and the If), measured as
-        that exit alone on at a threshold no frame reaches, less the detector session. Turns
-        interleaved; the minimum over ``reps`` after a warm-up pass."""
+        that exit alone on at a threshold no frame reaches, less the detector session in the same
+        pass. Turns interleaved; medians over ``reps`` passes after a warm-up pass."""
         from compiler import exit_rule
         E = self.num_exits
         x = np.zeros(self.input_shape, dtype=np.float32)
@@ -122,15 +122,16 @@ class DetectionOrt:
         runs = [lambda s=s, f=f: s.run(None, f) for s, f in zip(pieces, feeds)]
         runs += [lambda a=a: a.run(None, {"image": x}) for a in alone]
         runs.append(lambda: self.detector.session.run(None, {"image": x}))
-        best = [float("inf")] * len(runs)
-        for _ in range(reps + 1):
+        times = np.zeros((reps + 1, len(runs)))
+        for r in range(reps + 1):
             for k, run in enumerate(runs):
                 t0 = time.perf_counter()
                 run()
-                best[k] = min(best[k], time.perf_counter() - t0)
-        ms = [b * 1e3 for b in best]
-        stage_ms, whole = ms[:E + 1], ms[-1]
-        head_ms = [max(m - whole, 0.0) for m in ms[E + 1:2 * E + 1]]
+                times[r, k] = (time.perf_counter() - t0) * 1e3
+        times = times[1:]   # the first pass warms up
+        stage_ms = np.median(times[:, :E + 1], axis=0)
+        # paired within a pass, so load that comes and goes hits both sides of a difference
+        head_ms = np.maximum(np.median(times[:, E + 1:2 * E + 1] - times[:, -1:], axis=0), 0.0)
         return torch.tensor(stage_ms, dtype=torch.float64), torch.tensor(head_ms,
                                                                          dtype=torch.float64)
 

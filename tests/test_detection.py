@@ -329,9 +329,9 @@ def test_onnxruntime_serves_the_trained_detector(tmp_path):
 
 
 def test_onnxruntime_cost_model_measures_heads_in_their_serving_mode(tmp_path):
-    """In onnxruntime a head costs far more than its FLOPs (pooling, the If): with a latency
-    weight the cost model reads the time measured there, and ``max_miss_overhead`` can rule
-    exits out by it. Synchronous mode stays FLOPs only (it must not depend on the clock)."""
+    """With a latency weight the detection cost model reads the time measured in onnxruntime
+    (where a head costs far more than its FLOPs), and ``max_miss_overhead`` rules exits out by
+    it. Synchronous mode stays FLOPs only by default (it must not depend on the clock)."""
     from runtime.detection import load
     from tools.train_detector import load_demo_detector
     det, _ = load_demo_detector()
@@ -339,17 +339,23 @@ def test_onnxruntime_cost_model_measures_heads_in_their_serving_mode(tmp_path):
     path = tmp_path / "demo.cached.pt"
     artifact.save(module, manifest, path)
     flops_only = load(path, background=False)
-    timed = load(path, background=False, latency_weight=0.5, max_miss_overhead=0.001)
+    timed = load(path, background=False, latency_weight=0.5, max_miss_overhead=0.05)
     try:
+        # (what the times are is for benchmarks to say: here, that they are read and used)
+        c = timed.costs
         assert flops_only.costs.head_latency_ms is None
-        heads = timed.costs.head_latency_ms
-        assert len(heads) == 4 and len(timed.costs.stage_latency_ms) == 5
-        share = timed.costs.head_flops / timed.costs.total_flops
-        assert bool((timed.costs.head_cost > 2 * share).all())
-        assert timed.costs.miss_overhead([True] * 4) > 0.01
-        allowed = timed.costs.within_miss_cap(0.001)
-        assert not any(allowed([j == e for j in range(4)]) for e in range(4))
-        assert timed.costs.within_miss_cap(10.0)([True] * 4)
+        heads = torch.tensor(c.head_latency_ms, dtype=torch.float64)
+        stages = torch.tensor(c.stage_latency_ms, dtype=torch.float64)
+        assert heads.shape == (4,) and stages.shape == (5,)
+        assert bool((stages > 0).all()) and bool((heads >= 0).all())
+        flops_share = c.head_flops / c.total_flops
+        assert torch.allclose(c.head_cost, 0.5 * flops_share + 0.5 * heads / stages.sum())
+        assert c.miss_overhead([True] * 4) == pytest.approx(float(heads.sum() / stages.sum()))
+        for e in range(4):
+            alone = [j == e for j in range(4)]
+            m = c.miss_overhead(alone)
+            assert c.within_miss_cap(m + 1e-9)(alone)
+            assert not m or not c.within_miss_cap(m / 2)(alone)
     finally:
         flops_only.close()
         timed.close()

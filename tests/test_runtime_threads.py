@@ -94,14 +94,23 @@ def test_eight_threads_serve_while_the_learner_trains_publishes_drifts_and_saves
         # backbone does, and a round learned on them can agree again. The drifted traffic is the
         # inverted rows on which the state just saved exits with another answer than the
         # backbone's, so that the alarm (not a lucky round) is what the test waits for.
-        inverted = -rows[:6000]
-        with torch.no_grad():
-            out, exits = jit_load(saves[-1]).forward_with_exits(inverted)
-            wrong = (exits < E) & (out.argmax(1) != backbone(inverted).argmax(1))
-        assert int(wrong.sum()) >= BATCH, f"only {int(wrong.sum())} inverted rows exit wrongly"
+        # Learning pauses so that the state keeps exiting on them until the alarm.
+        rt.pause_learning()
+        inverted = -rows
+        for _ in range(3):   # a round that had already begun may still publish once
+            assert wait_for(lambda: not rt._learn_lock.locked(), 60), "a round never finished"
+            version = rt.state.version
+            rt.save(tmp_path / "at_switch.pt")
+            with torch.no_grad():
+                out, exits = jit_load(tmp_path / "at_switch.pt").forward_with_exits(inverted)
+                wrong = (exits < E) & (out.argmax(1) != backbone(inverted).argmax(1))
+            if rt.state.version == version:
+                break
+        assert bool(wrong.any()), "no inverted row leaves at an exit with another answer"
         drifted.append(inverted[wrong])
         switch.set()
         assert wait_for(lambda: rt.stats()["drift_events"] >= 1, 60), f"drifted traffic not caught {rt.stats()}"
+        rt.resume_learning()
         rt.save(tmp_path / "after_drift.pt")
     except BaseException:
         rt.close()   # a failure here must not leave a learner to the next tests
