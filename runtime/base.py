@@ -138,6 +138,12 @@ class Runtime:
         """The cost model (FLOPs only here), after building what the serving path needs."""
         return CostModel(self.manifest)
 
+    def _latency_weight(self) -> float:
+        """``ServingConfig.latency_weight`` in force: unset, 0.5 with background learning and 0
+        in synchronous mode (which must not depend on the clock)."""
+        w = self.config.serving.latency_weight
+        return (0.5 if self.config.background else 0.0) if w is None else w
+
     def _make_loop(self, scripted_stages) -> LearningLoop:
         """The learning rounds' loop."""
         return LearningLoop(self.learner, self.buffer, self.costs, self.config, self.exits,

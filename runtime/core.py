@@ -61,9 +61,7 @@ class CachedRuntime(Runtime):
         if self.device.type == "cuda" and self.config.serving.cuda_graphs:
             self.stages = [GraphedStage(s) for s in self.stages]
         self.backend = self._make_backend(scripted_stages)
-        w = self.config.serving.latency_weight
-        if w is None:
-            w = 0.5 if self.config.background else 0.0
+        w = self._latency_weight()
         miss = None   # each exit's miss overhead, measured only when a cap needs it
         if self.config.serving.max_miss_overhead is not None and self.backend is not None:
             miss = self.backend.miss_profile(list(classifiers))
