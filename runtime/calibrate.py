@@ -290,7 +290,12 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     return [tt for _, tt in path]
 
 
-LTT_FIT_SHARE = 0.3   # share of the held-out rows that order LTT's settings (the rest test them)
+LTT_RULES = ("ltt", "ltt-fitted")   # GuaranteeConfig.threshold_rule's Learn-then-Test rules
+LTT_FIT_SHARE = 0.3   # "ltt-fitted": share of the held-out rows that order the settings
+LTT_GRID = [1.0 - 10.0 ** (-k / 16) for k in range(96, -1, -1)]
+"""The "ltt" rule's settings: one threshold for every exit, 1 - 1e-6 down to 0 in steps of a
+sixteenth of a decade of 1 - t. Fixed before any row is seen, so every held-out row tests it
+and the grid can be fine at no cost (fixed-sequence testing pays nothing per setting)."""
 
 
 def independent_rows_needed(budget: float, confidence: float, rule: str = "ltt") -> int:
@@ -303,9 +308,9 @@ def independent_rows_needed(budget: float, confidence: float, rule: str = "ltt")
         return 0
     if risk <= 0.0:   # a budget of 1: no finite number of rows shows it
         return 2 ** 62
-    if rule == "ltt":   # binomial_tail(0, m, risk) = (1 - risk)^m <= 1 - confidence
+    if rule in LTT_RULES:   # binomial_tail(0, m, risk) = (1 - risk)^m <= 1 - confidence
         m = math.ceil(math.log(1.0 - confidence) / math.log1p(-risk))
-        return math.ceil(m / (1.0 - LTT_FIT_SHARE))
+        return m if rule == "ltt" else math.ceil(m / (1.0 - LTT_FIT_SHARE))
     z = z_of(confidence)   # Wilson with no error: n / (n + z^2) >= budget
     return math.ceil(budget * z * z / risk)
 
@@ -313,42 +318,60 @@ def independent_rows_needed(budget: float, confidence: float, rule: str = "ltt")
 def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: torch.Tensor,
                           head_cost: torch.Tensor, budget: float, confidence: float,
                           seed: int = 0, fit_share: float = LTT_FIT_SHARE, should_stop=None,
-                          effective_rows: float = 0, allowed=None) -> Plan:
+                          effective_rows: float = 0, allowed=None, family: str = "global") -> Plan:
     """Learn-then-Test with fixed-sequence testing (Angelopoulos et al. 2021; CALM).
 
-    A seeded ``fit_share`` of the rows orders a family of settings (``threshold_path``); the
-    other rows test them in that order, most cautious first: a setting passes when the binomial
-    p-value of "its disagreement is at least 1 - budget" is at most 1 - ``confidence``, and the
-    testing stops at the first that fails. The last one passing is served. Each test is at the
-    full level, with no union bound: the ordering never looked at the testing rows, so with
-    probability ``confidence`` the served setting's disagreement is below 1 - budget.
+    Settings are tested in a fixed order, most cautious first: a setting passes when the
+    binomial p-value of "its disagreement is at least 1 - budget" is at most 1 - ``confidence``,
+    and the testing stops at the first that fails. The last one passing is served. Each test is
+    at the full level, with no union bound, because the order never looked at the testing rows:
+    with probability ``confidence`` the served setting's disagreement is below 1 - budget.
+
+    ``family`` "global" (the "ltt" rule): ``LTT_GRID``, one threshold for every exit, fixed in
+    advance, and every row tests it. "fitted" (the "ltt-fitted" rule): a seeded ``fit_share``
+    of the rows orders per-exit settings (``threshold_path``) and the other rows test them.
+    On the demo streams the global grid saves more (BENCHMARKS.md): it loses no rows to the
+    ordering, and a threshold shared by every exit is steadier from round to round.
     ``effective_rows`` (0: all): the test counts rows and errors scaled to that many
     independent rows (correlated traffic, ``runtime/correlation.py``), errors rounded up.
-    ``allowed``: as in ``greedy_path``.
+    ``allowed``: as in ``greedy_path``; the global grid then enables the earliest exits that
+    ``allowed`` accepts together (chosen from costs alone, never from the rows).
     """
     E, n = conf.shape
     risk = 1.0 - budget
     delta = 1.0 - confidence
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen)
-    cut = int(n * fit_share)
-    fit, test = perm[:cut], perm[cut:]
     off = Plan([INF] * E, 0.0, 1.0, 1.0, n)
-    if cut < 1 or len(test) < 1:
-        return off
-    floor = max(0.0, budget - 2 * (1 - budget))   # walk a little past the budget on the fit rows
-    family = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
-                            should_stop=should_stop, allowed=allowed)
+    if family == "global":
+        test = torch.arange(n)
+        on = []
+        for e in range(E):
+            if allowed is None or allowed(tuple(j in on or j == e for j in range(E))):
+                on.append(e)
+        if not on or n < 1:
+            return off
+        family_ = [[t if e in on else INF for e in range(E)] for t in LTT_GRID]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=gen)
+        cut = int(n * fit_share)
+        fit, test = perm[:cut], perm[cut:]
+        if cut < 1 or len(test) < 1:
+            return off
+        floor = max(0.0, budget - 2 * (1 - budget))   # walk a little past the budget on the fit rows
+        family_ = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
+                                 should_stop=should_stop, allowed=allowed)
     m = len(test)
     chosen = None
     saving_c = agreeing_c = None
-    s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, family)
+    s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, family_)
     shrink = min(1.0, effective_rows / n) if effective_rows else 1.0
     m_eff = int(m * shrink)
-    for t, s_, a in zip(family, s_all, a_all):
+    for t, s_, a in zip(family_, s_all, a_all):
         if binomial_tail(math.ceil((m - int(a)) * shrink), m_eff, risk) > delta:
             break
-        if all(x == INF for x in t):
+        # Every setting passed so far is certified, so serving the one that saves most among
+        # them keeps the guarantee (where heads cost more than they save, not the last one).
+        if all(x == INF for x in t) or (chosen is not None and s_ <= saving_c):
             continue
         chosen, saving_c, agreeing_c = t, s_, a
     if chosen is None or saving_c <= 0:

@@ -62,11 +62,16 @@ class LearningLoop:
         """Thresholds meeting ``budget`` on held-out rows (feats, teacher)."""
         conf, agree = self.confidences(head_logits, feats, teacher)
         g = self.config.guarantee
-        rule = choose_thresholds_ltt if g.threshold_rule == "ltt" else choose_thresholds_corrected
         deff = 1.0 if self.design is None else max(1.0, self.design.value)
+        kw = dict(should_stop=should_stop, effective_rows=conf.shape[1] / deff,
+                  allowed=self.costs.within_miss_cap(self.config.serving.max_miss_overhead))
+        if g.threshold_rule == "crossfit":
+            rule = choose_thresholds_corrected
+        else:
+            rule = choose_thresholds_ltt
+            kw["family"] = "global" if g.threshold_rule == "ltt" else "fitted"
         return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
-                    round_seed, should_stop=should_stop, effective_rows=conf.shape[1] / deff,
-                    allowed=self.costs.within_miss_cap(self.config.serving.max_miss_overhead))
+                    round_seed, **kw)
 
     def calib_rows(self):
         """The most recent held-out rows, ``max_calib_rows`` independent rows' worth: with

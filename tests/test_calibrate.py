@@ -1,5 +1,6 @@
 """Threshold calibration: the agreement bound holds on the rows it was chosen on, and exits that
 do not pay for their heads stay off."""
+import pytest
 import torch
 
 from runtime.calibrate import (INF, choose_global_threshold, choose_thresholds,
@@ -74,7 +75,8 @@ def test_binomial_tail_matches_the_sum_of_the_mass_function():
     assert binomial_tail(5, 0, 0.01) == 1.0
 
 
-def test_ltt_keeps_its_guarantee_on_rows_it_never_saw():
+@pytest.mark.parametrize("family", ["global", "fitted"])
+def test_ltt_keeps_its_guarantee_on_rows_it_never_saw(family):
     """Draw calibration rows, choose, measure on a large fresh sample of the same traffic: the
     agreement falls below the budget in at most about 1 - confidence of the draws."""
     from runtime.calibrate import choose_thresholds_ltt
@@ -84,7 +86,7 @@ def test_ltt_keeps_its_guarantee_on_rows_it_never_saw():
         perm = torch.randperm(conf.shape[1], generator=torch.Generator().manual_seed(d))
         cal, fresh = perm[:1500], perm[1500:]
         plan = choose_thresholds_ltt(conf[:, cal], agree[:, cal], stage, head, budget,
-                                     confidence, seed=d)
+                                     confidence, seed=d, family=family)
         s, a = evaluate(conf[:, fresh], agree[:, fresh], stage, head, plan.thresholds)
         below += a / len(fresh) < budget
         saved.append(s)
@@ -95,9 +97,10 @@ def test_ltt_keeps_its_guarantee_on_rows_it_never_saw():
 
 def test_ltt_switches_everything_off_when_rows_cannot_prove_the_budget():
     from runtime.calibrate import choose_thresholds_ltt
-    conf, agree, stage, head = _traffic(n=200)   # 140 test rows cannot show 1% at 95%
-    plan = choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95)
-    assert plan.thresholds == [INF] * conf.shape[0] and plan.saving == 0.0
+    conf, agree, stage, head = _traffic(n=200)   # 200 rows cannot show 1% at 95% (299 can)
+    for family in ("global", "fitted"):
+        plan = choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95, family=family)
+        assert plan.thresholds == [INF] * conf.shape[0] and plan.saving == 0.0
 
 
 def test_ltt_fixed_sequence_stops_at_the_first_failure(monkeypatch):
@@ -111,7 +114,7 @@ def test_ltt_fixed_sequence_stops_at_the_first_failure(monkeypatch):
     head = torch.tensor([0.0], dtype=torch.float64)
     family = [[INF], [0.99], [0.5], [0.9]]   # [0.5] takes the bad band; [0.9] alone would pass
     monkeypatch.setattr(calibrate, "threshold_path", lambda *a, **k: family)
-    plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95)
+    plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95, family="fitted")
     assert plan.thresholds == [0.99]
 
 
@@ -162,16 +165,33 @@ def test_the_miss_overhead_is_the_enabled_heads_measured_time_over_the_stages():
 
 def test_independent_rows_needed_is_where_a_perfect_head_can_first_switch_on():
     """Below ``independent_rows_needed`` held-out rows no exit can be certified even when every
-    row agrees; at it, LTT switches an exit on."""
+    row agrees; at it, LTT switches an exit on (for each LTT rule: "ltt-fitted" loses 30% of
+    the rows to ordering its settings)."""
     from runtime.calibrate import choose_thresholds_ltt, independent_rows_needed
     need = independent_rows_needed(0.99, 0.95)
-    assert need == 428
-    for n, on in ((need, True), (need - 10, False)):
-        conf = torch.linspace(0.5, 1.0, n, dtype=torch.float64)[None].repeat(2, 1)
-        agree = torch.ones(2, n, dtype=torch.bool)
-        stage = torch.full((3,), 1 / 3, dtype=torch.float64)
-        plan = choose_thresholds_ltt(conf, agree, stage, torch.full((2,), 0.01, dtype=torch.float64),
-                                     0.99, 0.95)
-        assert any(t != INF for t in plan.thresholds) == on, n
+    assert need == 299 and independent_rows_needed(0.99, 0.95, "ltt-fitted") == 428
+    for family, rule in (("global", "ltt"), ("fitted", "ltt-fitted")):
+        need_ = independent_rows_needed(0.99, 0.95, rule)
+        for n, on in ((need_, True), (need_ - 10, False)):
+            conf = torch.linspace(0.5, 1.0, n, dtype=torch.float64)[None].repeat(2, 1)
+            agree = torch.ones(2, n, dtype=torch.bool)
+            stage = torch.full((3,), 1 / 3, dtype=torch.float64)
+            plan = choose_thresholds_ltt(conf, agree, stage,
+                                         torch.full((2,), 0.01, dtype=torch.float64), 0.99, 0.95,
+                                         family=family)
+            assert any(t != INF for t in plan.thresholds) == on, (rule, n)
     assert independent_rows_needed(0.99, 0.95, "crossfit") < need   # Wilson: no ordering split
     assert independent_rows_needed(0.0, 0.95) == 0   # every answer shadowed: nothing to show
+
+
+def test_ltt_global_grid_is_fixed_in_advance_and_enables_exits_by_cost_alone():
+    """The "ltt" rule serves one threshold for every exit, taken from ``LTT_GRID`` (never from
+    the rows); under a cap it enables the earliest exits the cap accepts together."""
+    from runtime import calibrate
+    conf, agree, stage, head = _traffic(n=6000)
+    plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.97, 0.95)
+    assert plan.saving > 0 and len(set(plan.thresholds)) == 1
+    assert plan.thresholds[0] in calibrate.LTT_GRID
+    capped = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.97, 0.95,
+                                             allowed=lambda enabled: not enabled[0])
+    assert capped.thresholds[0] == INF and all(t != INF for t in capped.thresholds[1:])

@@ -23,6 +23,8 @@ RULES = {
         conf, agree, sc, hc, b, c, seed),
     "ltt": lambda conf, agree, sc, hc, b, c, seed: C.choose_thresholds_ltt(
         conf, agree, sc, hc, b, c, seed),
+    "ltt-fitted": lambda conf, agree, sc, hc, b, c, seed: C.choose_thresholds_ltt(
+        conf, agree, sc, hc, b, c, seed, family="fitted"),
 }
 
 
