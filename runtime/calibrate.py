@@ -323,15 +323,16 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
 
     Settings are tested in a fixed order, most cautious first: a setting passes when the
     binomial p-value of "its disagreement is at least 1 - budget" is at most 1 - ``confidence``,
-    and the testing stops at the first that fails. The last one passing is served. Each test is
-    at the full level, with no union bound, because the order never looked at the testing rows:
-    with probability ``confidence`` the served setting's disagreement is below 1 - budget.
+    and the testing stops at the first that fails. Of those that passed, the one saving most is
+    served. Each test is at the full level, with no union bound, because the order never looked
+    at the testing rows: with probability ``confidence`` every setting that passed, so the
+    served one too, has a disagreement below 1 - budget.
 
     ``family`` "global" (the "ltt" rule): ``LTT_GRID``, one threshold for every exit, fixed in
     advance, and every row tests it. "fitted" (the "ltt-fitted" rule): a seeded ``fit_share``
     of the rows orders per-exit settings (``threshold_path``) and the other rows test them.
     On the demo streams the global grid saves more (BENCHMARKS.md): it loses no rows to the
-    ordering, and a threshold shared by every exit is steadier from round to round.
+    ordering.
     ``effective_rows`` (0: all): the test counts rows and errors scaled to that many
     independent rows (correlated traffic, ``runtime/correlation.py``), errors rounded up.
     ``allowed``: as in ``greedy_path``; the global grid then enables the earliest exits that
@@ -349,7 +350,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
                 on.append(e)
         if not on or n < 1:
             return off
-        family_ = [[t if e in on else INF for e in range(E)] for t in LTT_GRID]
+        settings = [[t if e in on else INF for e in range(E)] for t in LTT_GRID]
     else:
         gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=gen)
@@ -358,15 +359,15 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
         if cut < 1 or len(test) < 1:
             return off
         floor = max(0.0, budget - 2 * (1 - budget))   # walk a little past the budget on the fit rows
-        family_ = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
+        settings = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
                                  should_stop=should_stop, allowed=allowed)
     m = len(test)
     chosen = None
     saving_c = agreeing_c = None
-    s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, family_)
+    s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, settings)
     shrink = min(1.0, effective_rows / n) if effective_rows else 1.0
     m_eff = int(m * shrink)
-    for t, s_, a in zip(family_, s_all, a_all):
+    for t, s_, a in zip(settings, s_all, a_all):
         if binomial_tail(math.ceil((m - int(a)) * shrink), m_eff, risk) > delta:
             break
         # Every setting passed so far is certified, so serving the one that saves most among
