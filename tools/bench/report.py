@@ -313,9 +313,11 @@ def write_md(out_dir: Path, md_path: Path, fig_dir: Path) -> Path:
          "stream: rows that were all answered before any head saw them.",
          "- **Ours.** `runtime.load(artifact, background=False, seed=s, agreement_budget=b)` on "
          "the artifact `compiler.rewrite` made with default settings; heads distilled online "
-         "from the backbone's outputs (no labels), thresholds chosen by `runtime.calibrate` (a "
-         "joint per-exit search, or one global threshold when that is better) under a Wilson "
-         "lower bound (95%) on held-out rows; 5% of requests shadowed (answered by the "
+         "from the backbone's outputs (no labels), thresholds chosen by `runtime.calibrate`'s "
+         "Learn-then-Test rule (one threshold for every exit, down a grid fixed in advance, "
+         "each setting tested on every held-out row by an exact binomial test at 95% "
+         "confidence, rows counted as the independent rows they are worth); 5% of requests "
+         "shadowed (answered by the "
          "backbone, so they count towards the budget and the exits are held to the rest of it).",
          "- **Oracle.** The heads exactly as they were when each row was served; each row exits "
          "at the earliest exit whose head agrees with the backbone, paying the stages before it "
