@@ -156,7 +156,7 @@ def test_calibration_check_measures_each_rule_and_the_ceilings():
     sc = torch.full((E + 1,), 1.0 / (E + 1), dtype=torch.float64)
     hc = torch.full((E,), 0.005, dtype=torch.float64)
     res = run(conf, agree, sc, hc, [0.99], 0.95, [1500], draws=3, seed=0)
-    assert {r["rule"] for r in res} == {"ltt", "wilson+crossfit"}
+    assert {r["rule"] for r in res} == {"ltt", "ltt-fitted", "wilson+crossfit"}
     ceil = ceilings_of(conf, agree, sc, hc, [0.99])[0.99]
     assert ceil["oracle"] >= ceil["hindsight"] > 0
     for r in res:
