@@ -2,8 +2,10 @@
 
 A row leaves at the first enabled exit whose confidence reaches its threshold. Its cost is the
 stages it ran plus every enabled head it passed. Agreement counts rows that left at a head
-which agrees with the backbone, and rows that ran to the end. The constraint is on the Wilson
-lower bound of agreement over held-out rows, not on the point estimate.
+which agrees with the backbone, and rows that ran to the end. The constraint is on a
+statistical bound of agreement over held-out rows (Learn-then-Test's exact binomial test by
+default, ``choose_thresholds_ltt``; a Wilson lower bound for the others), not on the point
+estimate.
 """
 import math
 from dataclasses import dataclass
@@ -290,7 +292,8 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     return [tt for _, tt in path]
 
 
-LTT_RULES = ("ltt", "ltt-fitted")   # GuaranteeConfig.threshold_rule's Learn-then-Test rules
+LTT_FAMILY = {"ltt": "global", "ltt-fitted": "fitted"}   # threshold_rule -> the family tested
+LTT_RULES = tuple(LTT_FAMILY)
 LTT_FIT_SHARE = 0.3   # "ltt-fitted": share of the held-out rows that order the settings
 LTT_GRID = [1.0 - 10.0 ** (-k / 16) for k in range(96, -1, -1)]
 """The "ltt" rule's settings: one threshold for every exit, 1 - 1e-6 down to 0 in steps of a

@@ -13,7 +13,8 @@ from compiler import artifact
 from compiler.heads import ExitHead, HeadSpec
 
 from .buffer import CALIB, TRAIN, FeatureBuffer
-from .calibrate import INF, Plan, choose_thresholds_corrected, choose_thresholds_ltt, exit_shares
+from .calibrate import (INF, LTT_FAMILY, Plan, choose_thresholds_corrected,
+                        choose_thresholds_ltt, exit_shares)
 from .config import RuntimeConfig
 from .costs import CostModel
 from .learner import HeadLearner
@@ -69,7 +70,7 @@ class LearningLoop:
             rule = choose_thresholds_corrected
         else:
             rule = choose_thresholds_ltt
-            kw["family"] = "global" if g.threshold_rule == "ltt" else "fitted"
+            kw["family"] = LTT_FAMILY[g.threshold_rule]
         return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
                     round_seed, **kw)
 

@@ -24,7 +24,7 @@ RULES = {
     "ltt": lambda conf, agree, sc, hc, b, c, seed: C.choose_thresholds_ltt(
         conf, agree, sc, hc, b, c, seed),
     "ltt-fitted": lambda conf, agree, sc, hc, b, c, seed: C.choose_thresholds_ltt(
-        conf, agree, sc, hc, b, c, seed, family="fitted"),
+        conf, agree, sc, hc, b, c, seed, family=C.LTT_FAMILY["ltt-fitted"]),
 }
 
 
