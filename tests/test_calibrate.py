@@ -195,3 +195,19 @@ def test_ltt_global_grid_is_fixed_in_advance_and_enables_exits_by_cost_alone():
     capped = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.97, 0.95,
                                              allowed=lambda enabled: not enabled[0])
     assert capped.thresholds[0] == INF and all(t != INF for t in capped.thresholds[1:])
+
+
+def test_ltt_serves_the_certified_setting_that_saves_most_not_the_last(monkeypatch):
+    """Every setting that passed before the first failure is certified; when a later one saves
+    less (it switches on a head that costs more than it saves), the earlier one is served."""
+    from runtime import calibrate
+    n = 2000
+    conf = torch.linspace(0, 1, n, dtype=torch.float64)[None].repeat(2, 1)
+    agree = torch.ones(2, n, dtype=torch.bool)                   # every setting passes
+    stage = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
+    head = torch.tensor([0.6, 0.0], dtype=torch.float64)         # exit 0's head does not pay
+    family = [[INF, INF], [INF, 0.5], [0.99, 0.5]]
+    monkeypatch.setattr(calibrate, "threshold_path", lambda *a, **k: family)
+    plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95, family="fitted")
+    last, _ = evaluate(conf, agree, stage, head, family[-1])
+    assert plan.thresholds == [INF, 0.5] and plan.saving > last
