@@ -363,7 +363,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
             return off
         floor = max(0.0, budget - 2 * (1 - budget))   # walk a little past the budget on the fit rows
         settings = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
-                                 should_stop=should_stop, allowed=allowed)
+                                  should_stop=should_stop, allowed=allowed)
     m = len(test)
     chosen = None
     saving_c = agreeing_c = None
