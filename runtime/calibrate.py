@@ -292,7 +292,8 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     return [tt for _, tt in path]
 
 
-LTT_FAMILY = {"ltt": "global", "ltt-fitted": "fitted"}   # threshold_rule -> the family tested
+LTT_FAMILY = {"ltt": "global", "ltt-fitted": "fitted",   # threshold_rule -> the family tested
+              "ltt-both": "both"}
 LTT_RULES = tuple(LTT_FAMILY)
 LTT_FIT_SHARE = 0.3   # "ltt-fitted": share of the held-out rows that order the settings
 LTT_GRID = [1.0 - 10.0 ** (-k / 16) for k in range(96, -1, -1)]
@@ -312,8 +313,9 @@ def independent_rows_needed(budget: float, confidence: float, rule: str = "ltt")
     if risk <= 0.0:   # a budget of 1: no finite number of rows shows it
         return 2 ** 62
     if rule in LTT_RULES:   # binomial_tail(0, m, risk) = (1 - risk)^m <= 1 - confidence
-        m = math.ceil(math.log(1.0 - confidence) / math.log1p(-risk))
-        return m if rule == "ltt" else math.ceil(m / (1.0 - LTT_FIT_SHARE))
+        delta = (1.0 - confidence) / (2 if rule == "ltt-both" else 1)
+        m = math.ceil(math.log(delta) / math.log1p(-risk))
+        return m if rule != "ltt-fitted" else math.ceil(m / (1.0 - LTT_FIT_SHARE))
     z = z_of(confidence)   # Wilson with no error: n / (n + z^2) >= budget
     return math.ceil(budget * z * z / risk)
 
@@ -334,6 +336,9 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     ``family`` "global" (the "ltt" rule): ``LTT_GRID``, one threshold for every exit, fixed in
     advance, and every row tests it. "fitted" (the "ltt-fitted" rule): a seeded ``fit_share``
     of the rows orders per-exit settings (``threshold_path``) and the other rows test them.
+    "both" (the "ltt-both" rule): each of the two at half the error level (1 - confidence) / 2,
+    and the better of their plans is served: by the union bound both guarantees hold together
+    with probability ``confidence``.
     On the demo streams the global grid saves more (BENCHMARKS.md): it loses no rows to the
     ordering.
     ``effective_rows`` (0: all): the test counts rows and errors scaled to that many
@@ -342,6 +347,13 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     ``allowed`` accepts together (chosen from costs alone, never from the rows).
     """
     E, n = conf.shape
+    if family == "both":
+        half = 1.0 - (1.0 - confidence) / 2
+        kw = dict(seed=seed, fit_share=fit_share, should_stop=should_stop,
+                  effective_rows=effective_rows, allowed=allowed)
+        plans = [choose_thresholds_ltt(conf, agree, stage_cost, head_cost, budget, half,
+                                       family=f, **kw) for f in ("global", "fitted")]
+        return max(plans, key=lambda p: p.saving)
     risk = 1.0 - budget
     delta = 1.0 - confidence
     off = Plan([INF] * E, 0.0, 1.0, 1.0, n)

@@ -24,8 +24,9 @@ class GuaranteeConfig:
                       advance; every held-out row tests it in order with an exact binomial test;
                       valid by construction), "ltt-fitted" (the same test, but 30% of the rows
                       order per-exit settings and only the rest test them; over 20 demo streams
-                      it saved 52.3% at the median against 57.2%: BENCHMARKS.md)
-                      or "crossfit" (greedy search against a Wilson bound raised by cross-fitted
+                      it saved 52.3% at the median against 57.2%: BENCHMARKS.md),
+                      "ltt-both" (both, each at half the error level, the better plan served;
+                      measured on few streams only: docs/detection.md) or "crossfit" (greedy search against a Wilson bound raised by cross-fitted
                       search optimism; a heuristic that fell below a 99% budget in 3 of 20 demo
                       streams: tools.honesty_check, BENCHMARKS.md).
     """
@@ -248,9 +249,9 @@ class RuntimeConfig:
         if self.collect.warmup_collect_rate <= 0.0:
             raise ConfigError("warmup_collect_rate must be above 0 (at 0 nothing would ever "
                               "teach the exits); 1.0 learns fastest")
-        if g.threshold_rule not in ("ltt", "ltt-fitted", "crossfit"):
-            raise ConfigError(f"threshold_rule must be 'ltt', 'ltt-fitted' or 'crossfit', got "
-                              f"{g.threshold_rule!r}")
+        if g.threshold_rule not in ("ltt", "ltt-fitted", "ltt-both", "crossfit"):
+            raise ConfigError(f"threshold_rule must be 'ltt', 'ltt-fitted', 'ltt-both' or "
+                              f"'crossfit', got {g.threshold_rule!r}")
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
             raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
                               f"{self.serving.backend!r}")

@@ -75,7 +75,7 @@ def test_binomial_tail_matches_the_sum_of_the_mass_function():
     assert binomial_tail(5, 0, 0.01) == 1.0
 
 
-@pytest.mark.parametrize("family", ["global", "fitted"])
+@pytest.mark.parametrize("family", ["global", "fitted", "both"])
 def test_ltt_keeps_its_guarantee_on_rows_it_never_saw(family):
     """Draw calibration rows, choose, measure on a large fresh sample of the same traffic: the
     agreement falls below the budget in at most about 1 - confidence of the draws."""
@@ -170,7 +170,8 @@ def test_independent_rows_needed_is_where_a_perfect_head_can_first_switch_on():
     from runtime.calibrate import choose_thresholds_ltt, independent_rows_needed
     need = independent_rows_needed(0.99, 0.95)
     assert need == 299 and independent_rows_needed(0.99, 0.95, "ltt-fitted") == 428
-    for family, rule in (("global", "ltt"), ("fitted", "ltt-fitted")):
+    assert independent_rows_needed(0.99, 0.95, "ltt-both") == 368   # the global half, at 2.5%
+    for family, rule in (("global", "ltt"), ("fitted", "ltt-fitted"), ("both", "ltt-both")):
         need_ = independent_rows_needed(0.99, 0.95, rule)
         for n, on in ((need_, True), (need_ - 10, False)):
             conf = torch.linspace(0.5, 1.0, n, dtype=torch.float64)[None].repeat(2, 1)
