@@ -8,6 +8,9 @@ class ConfigError(ValueError):
     """A setting the runtime does not know or cannot use; the message names the valid ones."""
 
 
+THRESHOLD_RULES = ("ltt", "ltt-fitted", "ltt-both", "crossfit")   # GuaranteeConfig.threshold_rule
+
+
 @dataclass
 class GuaranteeConfig:
     """What the answers served must keep (read by calibration and the drift monitor).
@@ -26,9 +29,10 @@ class GuaranteeConfig:
                       order per-exit settings and only the rest test them; over 20 demo streams
                       it saved 52.3% at the median against 57.2%: BENCHMARKS.md),
                       "ltt-both" (both, each at half the error level, the better plan served;
-                      measured on few streams only: docs/detection.md) or "crossfit" (greedy search against a Wilson bound raised by cross-fitted
-                      search optimism; a heuristic that fell below a 99% budget in 3 of 20 demo
-                      streams: tools.honesty_check, BENCHMARKS.md).
+                      measured on few streams only: docs/detection.md) or "crossfit" (greedy
+                      search against a Wilson bound raised by cross-fitted search optimism; a
+                      heuristic that fell below a 99% budget in 3 of 20 demo streams:
+                      tools.honesty_check, BENCHMARKS.md).
     """
 
     agreement_budget: float = 0.99
@@ -249,9 +253,9 @@ class RuntimeConfig:
         if self.collect.warmup_collect_rate <= 0.0:
             raise ConfigError("warmup_collect_rate must be above 0 (at 0 nothing would ever "
                               "teach the exits); 1.0 learns fastest")
-        if g.threshold_rule not in ("ltt", "ltt-fitted", "ltt-both", "crossfit"):
-            raise ConfigError(f"threshold_rule must be 'ltt', 'ltt-fitted', 'ltt-both' or "
-                              f"'crossfit', got {g.threshold_rule!r}")
+        if g.threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got "
+                              f"{g.threshold_rule!r}")
         if self.serving.backend not in ("auto", "torchscript", "onnxruntime"):
             raise ConfigError(f"backend must be 'auto', 'torchscript' or 'onnxruntime', got "
                               f"{self.serving.backend!r}")

@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from compiler import exit_rule
+from runtime.config import THRESHOLD_RULES
 from tools.scenes import SceneConfig, make_stream
 
 SECOND_HALF = "second half of the stream: every frame was answered before anything learned from it"
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-fraction", type=float, default=0.5,
                    help="share of frames held out to calibrate before exits are on (a camera's "
                         "frames are correlated: the bound counts frames / design effect)")
-    p.add_argument("--threshold-rule", default="ltt", choices=("crossfit", "ltt", "ltt-fitted", "ltt-both"),
+    p.add_argument("--threshold-rule", default="ltt", choices=THRESHOLD_RULES,
                    help="how held-out frames choose thresholds (runtime/calibrate.py; the "
                         "runtime's default, ltt, is the valid one)")
     p.add_argument("--backend", default="auto", choices=("auto", "torchscript", "onnxruntime"),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.config import THRESHOLD_RULES
+
 
 def seeds_of(text: str):
     if "-" in text:
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0-19", help="e.g. 0-19 or 0,3,5")
     ap.add_argument("--budget", type=float, default=0.99)
-    ap.add_argument("--rule", choices=("crossfit", "ltt", "ltt-fitted", "ltt-both"), default="ltt",
+    ap.add_argument("--rule", choices=THRESHOLD_RULES, default="ltt",
                     help="the threshold rule (default: the runtime's, ltt)")
     ap.add_argument("--runtime-settings", default="",
                     help="more runtime settings, e.g. fast_after=2000,shadow_rate=0.1")
