@@ -292,6 +292,15 @@ def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int =
     return [tt for _, tt in path]
 
 
+def prefixes(t) -> List[List[float]]:
+    """Setting ``t`` and each of its prefixes: its first k enabled exits on, the rest off
+    (k = all of them, then fewer). A prefix's rows leave where ``t`` let them or reach the
+    backbone, so it disagrees on a subset of ``t``'s rows."""
+    on = [e for e, x in enumerate(t) if x != INF]
+    return [[x if e in on[:k] else INF for e, x in enumerate(t)]
+            for k in range(len(on), 0, -1)]
+
+
 LTT_FAMILY = {"ltt": "global", "ltt-fitted": "fitted",   # threshold_rule -> the family tested
               "ltt-both": "both"}
 LTT_RULES = tuple(LTT_FAMILY)
@@ -377,20 +386,34 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
         settings = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
                                   should_stop=should_stop, allowed=allowed)
     m = len(test)
-    chosen = None
-    saving_c = agreeing_c = None
     s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, settings)
     shrink = min(1.0, effective_rows / n) if effective_rows else 1.0
     m_eff = int(m * shrink)
-    for t, s_, a in zip(settings, s_all, a_all):
+    passed = []
+    for t, a in zip(settings, a_all):
         if binomial_tail(math.ceil((m - int(a)) * shrink), m_eff, risk) > delta:
             break
-        # Every setting passed so far is certified, so serving the one that saves most among
-        # them keeps the guarantee (where heads cost more than they save, not the last one).
-        if all(x == INF for x in t) or (chosen is not None and s_ <= saving_c):
-            continue
-        chosen, saving_c, agreeing_c = t, s_, a
-    if chosen is None or saving_c <= 0:
+        if any(x != INF for x in t):
+            passed.append(t)
+    # Every setting passed is certified, and so is each of its prefixes (its exits after some
+    # enabled one switched off: a row then leaves where it did or reaches the backbone, so it
+    # disagrees only where the setting did). Serving the one of them that saves most keeps the
+    # guarantee; an exit whose head costs more than it saves (in time, under latency_weight)
+    # is switched off, not only a setting whose heads all cost more.
+    candidates = [p for t in passed for p in prefixes(t)]
+    if not candidates:
+        return off
+    s_c, a_c = [], []
+    for k in range(0, len(candidates), len(LTT_GRID)):   # in chunks: [K, rows] stays small
+        s_k, a_k = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost,
+                                 candidates[k:k + len(LTT_GRID)])
+        s_c += s_k
+        a_c += a_k
+    # ties (an exit no row reaches): the fewer exits, then the earlier setting
+    best = max(range(len(candidates)),
+               key=lambda k: (s_c[k], -sum(x != INF for x in candidates[k]), -k))
+    chosen, saving_c, agreeing_c = candidates[best], s_c[best], a_c[best]
+    if saving_c <= 0:
         return off
     saving, agreeing = evaluate(conf, agree, stage_cost, head_cost, chosen)
     return Plan(list(chosen), saving, agreeing / n, wilson_lower(agreeing_c, m, z_of(confidence)), n)

@@ -212,3 +212,31 @@ def test_ltt_serves_the_certified_setting_that_saves_most_not_the_last(monkeypat
     plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95, family="fitted")
     last, _ = evaluate(conf, agree, stage, head, family[-1])
     assert plan.thresholds == [INF, 0.5] and plan.saving > last
+
+
+def test_ltt_switches_off_a_late_exit_whose_head_costs_more_than_it_saves():
+    """A certified setting's prefixes (its later exits off) disagree only where it did, so they
+    are certified too: a last head that costs every row passing it more than its few exits
+    save is switched off, while the global threshold keeps the early exit on."""
+    from runtime import calibrate
+    n = 3000
+    g = torch.Generator().manual_seed(0)
+    conf = torch.stack([torch.rand(n, generator=g, dtype=torch.float64),
+                        torch.full((n,), 0.999, dtype=torch.float64)])
+    agree = torch.stack([conf[0] >= 0.3, torch.ones(n, dtype=torch.bool)])
+    stage = torch.tensor([0.3, 0.6, 0.1], dtype=torch.float64)
+    head = torch.tensor([0.01, 0.2], dtype=torch.float64)   # exit 1 saves 0.1 for a 0.2 head
+    plan = calibrate.choose_thresholds_ltt(conf, agree, stage, head, 0.99, 0.95)
+    assert plan.enabled == [True, False]
+    both = [plan.thresholds[0]] * 2
+    assert plan.saving > evaluate(conf, agree, stage, head, both)[0]
+    # a prefix never disagrees where its setting agreed, row by row
+    conf2 = torch.rand(3, n, generator=g, dtype=torch.float64)
+    agree2 = torch.rand(3, n, generator=g) < 0.9
+    for t in ([0.5, 0.6, 0.7], [INF, 0.4, 0.8]):
+        full = calibrate.route(conf2, t)
+        ok = torch.cat([agree2, torch.ones(1, n, dtype=torch.bool)]).gather(0, full[None])[0]
+        for p in calibrate.prefixes(t):
+            r = calibrate.route(conf2, p)
+            ok_p = torch.cat([agree2, torch.ones(1, n, dtype=torch.bool)]).gather(0, r[None])[0]
+            assert bool((ok_p | ~ok).all()) and bool((ok_p >= ok).all())
