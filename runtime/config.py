@@ -33,12 +33,23 @@ class GuaranteeConfig:
                       search against a Wilson bound raised by cross-fitted search optimism; a
                       heuristic that fell below a 99% budget in 3 of 20 demo streams:
                       tools.honesty_check, BENCHMARKS.md).
+    correlation_block_rows: the design effect (runtime/correlation.py), by which calibration
+                      and drift count correlated rows as fewer independent ones, is measured
+                      over blocks of this many consecutive rows, and cannot exceed it, so
+                      correlation that lasts longer is undercounted. Longer blocks are more
+                      cautious and need longer streams: on the Fashion-MNIST camera (scenes of
+                      24 frames on average) 64-row blocks read 30 instead of 16 and certified
+                      no exit in 16,000 frames (docs/camera.md); on the detection demo's scene
+                      streams (backgrounds of 60-240 frames) no block size tried kept every
+                      stream within a 99% budget while saving (docs/detection.md). Shuffled
+                      traffic reads about 1 at any block size.
     """
 
     agreement_budget: float = 0.99
     confidence: float = 0.95
     shadow_rate: float = 0.05
     threshold_rule: str = "ltt"
+    correlation_block_rows: int = 16
 
     @property
     def plan_budget(self) -> float:
@@ -99,7 +110,7 @@ class LearningConfig:
     max_train_rows, max_calib_rows: a round uses at most this many of the most recent rows, so
                       its time is bounded whatever the buffer holds. Held-out rows are counted
                       as independent rows: with correlated traffic (design effect d, at most the
-                      16-row block of runtime/correlation.py) a round reads up to d times
+                      ``correlation_block_rows`` block of runtime/correlation.py) a round reads up to d times
                       ``max_calib_rows`` rows, as the bound counts each of them 1/d.
     epochs, batch_size, lr, weight_decay: distillation of the heads per round (warm-started).
     yield_until_exits: background mode, before any exit is on: while a round runs, requests are
@@ -284,6 +295,9 @@ class RuntimeConfig:
         if self.learning.lr > 1.0:
             raise ConfigError(f"lr must be at most 1 (Adam steps that large overflow the heads), "
                               f"got {self.learning.lr}")
+        if not isinstance(g.correlation_block_rows, int) or g.correlation_block_rows < 1:
+            raise ConfigError(f"correlation_block_rows must be a whole number of rows, at least 1 "
+                              f"(1: rows counted as independent), got {g.correlation_block_rows!r}")
         for name in ("train_every", "min_train", "min_calib", "max_train_rows", "max_calib_rows",
                      "epochs", "batch_size"):
             if getattr(self.learning, name) < 1:

@@ -39,6 +39,31 @@ def test_runs_across_single_row_requests_are_seen():
     assert shuffled.value < 1.5
 
 
+def test_correlation_longer_than_the_block_needs_a_longer_block():
+    """Scenes of 48 rows: 16-row blocks each hold one scene and cap the design effect at 16;
+    64-row blocks see that the rows are worth even less. The runtime measures over
+    ``correlation_block_rows``."""
+    g = torch.Generator().manual_seed(2)
+    short, long_ = DesignEffect(10, block_rows=16), DesignEffect(10, block_rows=64)
+    for _ in range(400):
+        c = int(torch.randint(10, (1,), generator=g))
+        for _ in range(48):
+            short.observe(_onehot([c]))
+            long_.observe(_onehot([c]))
+    assert short.value <= 16.5 and long_.value > 25
+
+
+def test_the_runtime_measures_the_design_effect_over_the_configured_block(teacher_artifact):
+    import runtime
+    for rows in (16, 64):
+        rt = runtime.load(teacher_artifact, background=False, correlation_block_rows=rows)
+        assert rt.design.block_rows == rows
+        rt.close()
+    rt = runtime.load(teacher_artifact, background=False)
+    assert rt.design.block_rows == runtime.RuntimeConfig().guarantee.correlation_block_rows == 16
+    rt.close()
+
+
 class _Fixed:
     def __init__(self, value):
         self.value = value

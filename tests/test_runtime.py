@@ -323,6 +323,9 @@ def test_settings_are_set_by_name_and_checked():
     for bad in (0, -0.1, float("nan"), float("inf"), "5%"):
         with pytest.raises(runtime.ConfigError, match="max_miss_overhead must be None"):
             runtime.RuntimeConfig().with_overrides(max_miss_overhead=bad)
+    for bad in (0, -16, 16.5, "64"):
+        with pytest.raises(runtime.ConfigError, match="correlation_block_rows must be a whole"):
+            runtime.RuntimeConfig().with_overrides(correlation_block_rows=bad)
 
 
 def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traffic, monkeypatch):

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from compiler import exit_rule
-from runtime.config import THRESHOLD_RULES
+from runtime.config import THRESHOLD_RULES, ConfigError, RuntimeConfig
 from tools.scenes import SceneConfig, make_stream
 
 SECOND_HALF = "second half of the stream: every frame was answered before anything learned from it"
@@ -194,6 +194,11 @@ def main(argv=None) -> int:
                         "(ServingConfig.latency_weight; default: FLOPs only, as synchronous "
                         "mode must not depend on the clock); e.g. 0.5 chooses exits by their "
                         "time in onnxruntime as well")
+    p.add_argument("--runtime-settings", default="",
+                   help="more runtime settings for the learning streams, e.g. "
+                        "correlation_block_rows=64,shadow_rate=0.1 (they win over the flags)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip the latency tables (sweeps over streams and rules: savings only)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -206,6 +211,13 @@ def main(argv=None) -> int:
     from runtime.detection import load as load_runtime
     from tools.train_detector import load_demo_detector
 
+    from tools.experiment import runtime_settings
+    try:
+        settings = runtime_settings(args.runtime_settings)
+        RuntimeConfig().with_overrides(**dict(settings))
+    except (ValueError, ConfigError) as e:
+        print(f"error: --runtime-settings: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     detector, meta = load_demo_detector(args.detector)
@@ -226,12 +238,12 @@ def main(argv=None) -> int:
                                          split="test", seed=args.scene_seed + k,
                                          fragments=args.fragments, max_items=args.max_items,
                                          noise=args.noise))
-        rt = load_runtime(cached_path, background=False, seed=args.seed,
-                          agreement_budget=args.budget, train_every=args.train_every,
-                          min_train=args.train_every, min_calib=args.min_calib,
-                          calib_fraction=args.calib_fraction,
-                          threshold_rule=args.threshold_rule, backend=args.backend,
-                          latency_weight=args.latency_weight)
+        rt = load_runtime(cached_path, background=False, **{
+            **dict(seed=args.seed, agreement_budget=args.budget, train_every=args.train_every,
+                   min_train=args.train_every, min_calib=args.min_calib,
+                   calib_fraction=args.calib_fraction, threshold_rule=args.threshold_rule,
+                   backend=args.backend, latency_weight=args.latency_weight),
+            **settings})   # --runtime-settings win over the flags
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))
@@ -239,14 +251,17 @@ def main(argv=None) -> int:
         rt.save(learned_path)
         learned = torch.jit.load(str(learned_path)).eval()
         half = stream.frames[len(stream) // 2:]
-        served = load_runtime(str(learned_path), background=False, train_every=10 ** 12,
-                              backend=args.backend)
-        from compiler.export import export_onnx
-        export_onnx(learned_path, learned_path.with_suffix(".onnx"))
-        summary["latency_ms_per_frame"] = {
-            str(b): latency(learned, detector, half, b, served=served,
-                            cached_onnx=str(learned_path.with_suffix(".onnx"))) for b in (1, 8)}
-        served.close()
+        summary["latency_ms_per_frame"] = {}
+        if not args.no_latency:
+            served = load_runtime(str(learned_path), background=False, train_every=10 ** 12,
+                                  backend=args.backend)
+            from compiler.export import export_onnx
+            export_onnx(learned_path, learned_path.with_suffix(".onnx"))
+            summary["latency_ms_per_frame"] = {
+                str(b): latency(learned, detector, half, b, served=served,
+                                cached_onnx=str(learned_path.with_suffix(".onnx")))
+                for b in (1, 8)}
+            served.close()
         st = rt.stats()
         summary["stream_seconds"] = time.perf_counter() - t1
         summary["runtime"] = {"live_agreement": st["live_agreement"],
