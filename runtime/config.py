@@ -79,7 +79,11 @@ class CollectConfig:
                     blocks of this many consecutive rows, and training rows within
                     ``holdout_gap_rows`` of a held-out block are not kept at all: a camera's
                     scene (or a client's run) then rarely sits on both sides of the split,
-                    where the held-out rows would look easier than new traffic.
+                    where the held-out rows would look easier than new traffic. A block must
+                    outlast a scene: with 64-row blocks (16-row gaps) 2 of 12 detection scene
+                    streams, whose backgrounds last 60-240 frames, fell below a 99% budget;
+                    with 256 (64) none of 8, and over 40 demo streams 1 fell below (0 with 64;
+                    docs/detection.md, BENCHMARKS.md).
     deferred:       background mode: a request that teaches (not a shadowed one) is answered on
                     the fastest path, and a background thread runs its rows that reached the
                     end through the backbone again with every exit's pooled features and
@@ -95,8 +99,8 @@ class CollectConfig:
     calib_fraction: float = 0.3
     collect_rate: float = 0.1
     warmup_collect_rate: float = 1.0
-    holdout_block_rows: int = 64
-    holdout_gap_rows: int = 16
+    holdout_block_rows: int = 256
+    holdout_gap_rows: int = 64
     deferred: bool = True
     deferred_mb: float = 64.0
 
