@@ -40,9 +40,10 @@ class GuaranteeConfig:
                       cautious and need longer streams: on the Fashion-MNIST camera (scenes of
                       24 frames on average) 64-row blocks read 30 instead of 16 and certified
                       no exit in 16,000 frames (docs/camera.md); on the detection demo's scene
-                      streams (backgrounds of 60-240 frames) no block size tried kept every
-                      stream within a 99% budget while saving (docs/detection.md). Shuffled
-                      traffic reads about 1 at any block size.
+                      streams (backgrounds of 60-240 frames), with 64-row hold-out blocks, no
+                      block size tried kept every stream within a 99% budget while saving;
+                      hold-out blocks that outlast a scene did (``CollectConfig``,
+                      docs/detection.md). Shuffled traffic reads about 1 at any block size.
     """
 
     agreement_budget: float = 0.99
