@@ -90,8 +90,8 @@ class Runtime:
         self.buffer = FeatureBuffer([s["feature_dim"] for s in specs], classes,
                                     self.config.collect.buffer_mb)
         self.collector = Collector(self.buffer, self.config.collect, self.config.seed)
+        # calibration and drift count rows as n / deff
         self.design = DesignEffect(classes, self.config.guarantee.correlation_block_rows)
-        # (calibration and drift count rows as n / deff)
         self.loop = self._make_loop(scripted_stages)
         self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget,
                                   self.design)

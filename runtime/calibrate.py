@@ -337,7 +337,8 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
 
     Settings are tested in a fixed order, most cautious first: a setting passes when the
     binomial p-value of "its disagreement is at least 1 - budget" is at most 1 - ``confidence``,
-    and the testing stops at the first that fails. Of those that passed, the one saving most is
+    and the testing stops at the first that fails. Of those that passed and their prefixes
+    (``prefixes``: later exits off, certified with their setting), the one saving most is
     served. Each test is at the full level, with no union bound, because the order never looked
     at the testing rows: with probability ``confidence`` every setting that passed, so the
     served one too, has a disagreement below 1 - budget.

@@ -114,9 +114,9 @@ class LearningConfig:
     min_train, min_calib: rows needed before exits may be switched on.
     max_train_rows, max_calib_rows: a round uses at most this many of the most recent rows, so
                       its time is bounded whatever the buffer holds. Held-out rows are counted
-                      as independent rows: with correlated traffic (design effect d, at most the
-                      ``correlation_block_rows`` block of runtime/correlation.py) a round reads up to d times
-                      ``max_calib_rows`` rows, as the bound counts each of them 1/d.
+                      as independent rows: with correlated traffic (design effect d, at most
+                      ``correlation_block_rows``: runtime/correlation.py) a round reads up to d
+                      times ``max_calib_rows`` rows, as the bound counts each of them 1/d.
     epochs, batch_size, lr, weight_decay: distillation of the heads per round (warm-started).
     yield_until_exits: background mode, before any exit is on: while a round runs, requests are
                       served one at a time, so the learner gets a core instead of a share of the

@@ -249,10 +249,10 @@ def main(argv=None) -> int:
         summary = summarise(rec, stream, rt, float(manifest["total_flops"]))
         learned_path = out / f"demo_detector.learned.empty{int(round(share * 100))}.pt"
         rt.save(learned_path)
-        learned = torch.jit.load(str(learned_path)).eval()
-        half = stream.frames[len(stream) // 2:]
         summary["latency_ms_per_frame"] = {}
         if not args.no_latency:
+            learned = torch.jit.load(str(learned_path)).eval()
+            half = stream.frames[len(stream) // 2:]
             served = load_runtime(str(learned_path), background=False, train_every=10 ** 12,
                                   backend=args.backend)
             from compiler.export import export_onnx
