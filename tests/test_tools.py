@@ -199,10 +199,12 @@ def test_tools_read_runtime_settings_from_the_command_line():
 def test_detection_demo_bad_runtime_settings_are_one_line(tmp_path: Path, capsys) -> None:
     """Checked before anything is built or written: one line that names the setting."""
     from tools.detection_demo import main
-    for bad, says in (("bogus=3", "unknown runtime setting"),
-                      ("correlation_block_rows=0", "correlation_block_rows must be")):
-        out = tmp_path / bad.split("=")[0]
-        assert main(["--runtime-settings", bad, "--frames", "200", "--out", str(out)]) == 2
+    for i, (bad, says) in enumerate((
+            (["--runtime-settings", "bogus=3"], "unknown runtime setting"),
+            (["--runtime-settings", "correlation_block_rows=0"], "correlation_block_rows must be"),
+            (["--holdout-block-rows", "10", "--holdout-gap-rows", "10"], "holdout_gap_rows in"))):
+        out = tmp_path / str(i)
+        assert main(bad + ["--frames", "200", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: --runtime-settings") and says in err and "\n" not in err
+        assert err.startswith("error: runtime settings") and says in err and "\n" not in err
         assert not out.exists()
