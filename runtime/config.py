@@ -83,10 +83,11 @@ class CollectConfig:
                     where the held-out rows would look easier than new traffic. A block must
                     outlast a scene: with 64-row blocks (16-row gaps) 2 of 12 detection scene
                     streams, whose backgrounds last 60-240 frames, fell below a 99% budget;
-                    with 256 (64) none of 8 (the detection demo's setting). Longer blocks
-                    deal the hold-out share out in lumps of 20 blocks, so a short stream may
-                    see its first round much later; over 40 shuffled demo streams 256 (64)
-                    let 1 fall below the budget, 64 (16) none (docs/detection.md).
+                    with 256 (64) none of 8 (a detection runtime's default,
+                    ``DetectionRuntime.DEFAULTS``). Longer blocks deal the hold-out share out
+                    in lumps of 20 blocks, so a short stream may see its first round much
+                    later; over 40 shuffled demo streams 256 (64) let 1 fall below the
+                    budget, 64 (16) none (docs/detection.md).
     deferred:       background mode: a request that teaches (not a shadowed one) is answered on
                     the fastest path, and a background thread runs its rows that reached the
                     end through the backbone again with every exit's pooled features and

@@ -192,6 +192,11 @@ class DetectionRuntime(Runtime):
     """A detection artifact in production: ``predict`` answers per frame, the exits learn from
     what it serves (no labels), within the agreement budget."""
 
+    # A detector's frames come from cameras: hold-out blocks that outlast a background (60-240
+    # frames on the demo's streams), else its held-out frames look easier than new scenes and
+    # the budget fails (2 of 12 scene streams with 64 / 16; docs/detection.md).
+    DEFAULTS = {"holdout_block_rows": 256, "holdout_gap_rows": 64}
+
     def _open(self):
         return load_artifact(self.path, map_location=self.device)
 

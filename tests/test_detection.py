@@ -521,3 +521,24 @@ def test_runtime_save_keeps_the_onnx_parts(compiled, tmp_path):
     m0, _ = artifact.load(path)
     assert manifest["onnx"]["parts"] == 5
     assert torch.equal(m.onnx_parts, m0.onnx_parts) and m.onnx_parts.numel() > 0
+
+
+def test_a_detection_runtime_holds_out_blocks_that_outlast_a_scene(compiled, teacher_artifact):
+    """Camera frames: a detection runtime starts from 256-row hold-out blocks with 64-row gaps
+    (a classifier's runtime from 64 / 16); a setting named by the caller, or a whole config,
+    wins."""
+    import runtime
+    from runtime.detection import load
+    _, path, _, _ = compiled
+    rt = load(path, background=False)
+    assert (rt.config.collect.holdout_block_rows, rt.config.collect.holdout_gap_rows) == (256, 64)
+    rt.close()
+    rt = runtime.load(str(path), background=False, holdout_block_rows=32, holdout_gap_rows=8)
+    assert (rt.config.collect.holdout_block_rows, rt.config.collect.holdout_gap_rows) == (32, 8)
+    rt.close()
+    rt = load(path, background=False, config=runtime.RuntimeConfig())
+    assert rt.config.collect.holdout_block_rows == 64
+    rt.close()
+    rt = runtime.load(teacher_artifact, background=False)
+    assert (rt.config.collect.holdout_block_rows, rt.config.collect.holdout_gap_rows) == (64, 16)
+    rt.close()

@@ -202,7 +202,8 @@ def test_detection_demo_bad_runtime_settings_are_one_line(tmp_path: Path, capsys
     for i, (bad, says) in enumerate((
             (["--runtime-settings", "bogus=3"], "unknown runtime setting"),
             (["--runtime-settings", "correlation_block_rows=0"], "correlation_block_rows must be"),
-            (["--holdout-block-rows", "10", "--holdout-gap-rows", "10"], "holdout_gap_rows in"))):
+            (["--runtime-settings", "holdout_block_rows=10,holdout_gap_rows=10"],
+             "holdout_gap_rows in"))):
         out = tmp_path / str(i)
         assert main(bad + ["--frames", "200", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()

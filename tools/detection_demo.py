@@ -194,12 +194,6 @@ def main(argv=None) -> int:
                         "(ServingConfig.latency_weight; default: FLOPs only, as synchronous "
                         "mode must not depend on the clock); e.g. 0.5 chooses exits by their "
                         "time in onnxruntime as well")
-    p.add_argument("--holdout-block-rows", type=int, default=256,
-                   help="frames held out together before the first exit: longer than a "
-                        "background (60-240 frames), or its held-out frames look easier than "
-                        "new scenes (CollectConfig.holdout_block_rows; docs/detection.md)")
-    p.add_argument("--holdout-gap-rows", type=int, default=64,
-                   help="training frames dropped on each side of a held-out block")
     p.add_argument("--runtime-settings", default="",
                    help="more runtime settings for the learning streams, e.g. "
                         "correlation_block_rows=64,shadow_rate=0.1 (they win over the flags)")
@@ -220,8 +214,7 @@ def main(argv=None) -> int:
     from tools.experiment import runtime_settings
     try:
         settings = runtime_settings(args.runtime_settings)
-        RuntimeConfig().with_overrides(**{"holdout_block_rows": args.holdout_block_rows,
-                                          "holdout_gap_rows": args.holdout_gap_rows, **settings})
+        RuntimeConfig().with_overrides(**dict(settings))
     except (ValueError, ConfigError) as e:
         print(f"error: runtime settings: {e}", file=sys.stderr)
         return 2
@@ -249,9 +242,7 @@ def main(argv=None) -> int:
             **dict(seed=args.seed, agreement_budget=args.budget, train_every=args.train_every,
                    min_train=args.train_every, min_calib=args.min_calib,
                    calib_fraction=args.calib_fraction, threshold_rule=args.threshold_rule,
-                   backend=args.backend, latency_weight=args.latency_weight,
-                   holdout_block_rows=args.holdout_block_rows,
-                   holdout_gap_rows=args.holdout_gap_rows),
+                   backend=args.backend, latency_weight=args.latency_weight),
             **settings})   # --runtime-settings win over the flags
         t1 = time.perf_counter()
         rec = run_stream(rt, reference, stream, args.batch, progress=not args.quiet)
