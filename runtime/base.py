@@ -66,8 +66,13 @@ class Runtime:
     """Settings (by name) a task's runtime starts from where no ``config`` is given; the
     caller's overrides still win."""
 
+    @classmethod
+    def default_config(cls) -> RuntimeConfig:
+        """``RuntimeConfig()`` with this runtime's ``DEFAULTS``."""
+        return RuntimeConfig().with_overrides(**dict(cls.DEFAULTS))
+
     def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None):
-        self.config = config or RuntimeConfig().with_overrides(**dict(self.DEFAULTS))
+        self.config = config or self.default_config()
         self.config.validate()
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -131,8 +136,8 @@ class Runtime:
     def open(cls, path: str, device="cpu", background: bool = True,
              config: Optional[RuntimeConfig] = None, **overrides) -> "Runtime":
         """This runtime on ``path``; ``overrides`` set RuntimeConfig fields by name."""
-        config = (config or RuntimeConfig().with_overrides(**dict(cls.DEFAULTS))).with_overrides(
-            background=background, **overrides)
+        config = (config or cls.default_config()).with_overrides(background=background,
+                                                                 **overrides)
         return cls(path, device, config)
 
     # ----- what a task's runtime says -----------------------------------------------------------
