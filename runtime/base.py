@@ -69,7 +69,7 @@ class Runtime:
     @classmethod
     def default_config(cls) -> RuntimeConfig:
         """``RuntimeConfig()`` with this runtime's ``DEFAULTS``."""
-        return RuntimeConfig().with_overrides(**dict(cls.DEFAULTS))
+        return RuntimeConfig().with_overrides(**cls.DEFAULTS)
 
     def __init__(self, path: str, device="cpu", config: Optional[RuntimeConfig] = None):
         self.config = config or self.default_config()

@@ -387,7 +387,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
         settings = threshold_path(conf[:, fit], agree[:, fit], stage_cost, head_cost, floor,
                                   should_stop=should_stop, allowed=allowed)
     m = len(test)
-    s_all, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, settings)
+    _, a_all = evaluate_many(conf[:, test], agree[:, test], stage_cost, head_cost, settings)
     shrink = min(1.0, effective_rows / n) if effective_rows else 1.0
     m_eff = int(m * shrink)
     passed = []
