@@ -183,20 +183,36 @@ class DriftConfig:
     Two signals. Every request: the share of rows leaving at each exit, tested against the
     shares calibration predicted (no backbone answer needed); a shift puts the runtime *in
     doubt*, which raises the shadow rate to ``doubt_shadow_rate`` until ``doubt_rows`` shadow
-    rows have been judged. Shadow rows: a CUSUM test of disagreement (in-control rate: the
-    budget's, out of control: ``shift_factor`` times it plus ``shift_margin``) raises the alarm
-    at ``cusum_threshold`` (log-likelihood ratio); the alarm switches every exit off, forgets
-    the buffered traffic and relearns.
+    rows have been judged; if those rows disagree with the backbone significantly more often
+    than the budget allows (``doubt_alarm_p``), the alarm strikes. Shadow rows: a CUSUM test
+    of disagreement (in-control rate: the budget's, out of control: ``shift_factor`` times it
+    plus ``shift_margin``) raises the alarm at ``cusum_threshold`` (log-likelihood ratio). The
+    alarm switches every exit off, forgets the buffered traffic and relearns.
 
     window_rows:      rows per exit-share test.
     doubt_p:          the exit-share test's p-value threshold (chi-square; strict: doubt costs
                       backbone time).
+    doubt_shadow_rate: the shadow rate in doubt. 1.0 (the default): every request in doubt is
+                      answered by the backbone and judged, so answers a shift has spoiled are
+                      not served while the evidence gathers; a doubt then costs ``doubt_rows``
+                      rows of saving (0.5 cost the same: twice the rows at half the rate).
+    doubt_rows:       shadow rows judged before a doubt ends.
+    doubt_alarm_p:    at the end of a doubt, the p-value (exact binomial test, rows scaled by
+                      the design effect) below which its rows' disagreement is read as a shift
+                      that breaks the budget: the alarm strikes (exits off, relearn). It
+                      catches shifts too moderate for the CUSUM (3-4x the budget's rate); on
+                      traffic that keeps the budget, one doubt in 100 ends in a needless
+                      relearning (0: no such test).
+    cusum_threshold:  the CUSUM's alarm level (log-likelihood ratio).
+    shift_factor, shift_margin: the CUSUM's out-of-control disagreement rate, ``shift_factor``
+                      x the budget's rate + ``shift_margin``.
     """
 
     window_rows: int = 256
     doubt_p: float = 1e-6
-    doubt_shadow_rate: float = 0.5
+    doubt_shadow_rate: float = 1.0
     doubt_rows: int = 400
+    doubt_alarm_p: float = 0.01
     cusum_threshold: float = 15.0
     shift_factor: float = 3.0
     shift_margin: float = 0.01
@@ -266,7 +282,8 @@ class RuntimeConfig:
         for name, v in (("shadow_rate", g.shadow_rate), ("calib_fraction", self.collect.calib_fraction),
                         ("collect_rate", self.collect.collect_rate),
                         ("warmup_collect_rate", self.collect.warmup_collect_rate),
-                        ("doubt_shadow_rate", self.drift.doubt_shadow_rate)):
+                        ("doubt_shadow_rate", self.drift.doubt_shadow_rate),
+                        ("doubt_alarm_p", self.drift.doubt_alarm_p)):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
         if self.collect.warmup_collect_rate <= 0.0:

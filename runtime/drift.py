@@ -28,6 +28,11 @@ class DriftMonitor:
     - Shadow rows: a one-sided CUSUM of the log-likelihood ratio of disagreement at
       ``shift_factor`` x the budget's rate (+ ``shift_margin``) against the budget's rate. It
       alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
+    - The end of a doubt: the shadow rows judged while in doubt are tested against the budget's
+      rate (one-sided exact binomial test); a p-value below ``doubt_alarm_p`` raises the alarm.
+      This catches a moderate shift (disagreement 2-4x the budget's), which the CUSUM, tuned
+      for larger ones, takes thousands of rows to see, but only once the exit shares have
+      already said the traffic moved.
 
     Both count rows as independent only as far as the traffic allows: with ``design`` (a
     ``runtime/correlation.py`` estimate, read when a state is published) the chi-square
@@ -41,6 +46,7 @@ class DriftMonitor:
         self.budget = budget
         self.design = design
         d0 = min(max(1.0 - budget, 1e-4), 0.5)
+        self._d0 = d0
         d1 = min(config.shift_factor * d0 + config.shift_margin, 0.9)
         self.llr_disagree = math.log(d1 / d0)
         self.llr_agree = math.log((1 - d1) / (1 - d0))
@@ -64,6 +70,8 @@ class DriftMonitor:
             self._deff_at_reset = 1.0 if self.design is None else max(1.0, self.design.value)
             self._cusum = 0.0
             self._doubt_left = 0
+            self._doubt_judged = 0      # shadow rows judged in the current doubt
+            self._doubt_disagreed = 0
             self._judged = 0
             self._disagreed = 0
 
@@ -86,13 +94,36 @@ class DriftMonitor:
                                                               self.llr_disagree))
                 self._judged += len(ok)
                 self._disagreed += len(ok) - sum(ok)
-                self._doubt_left = max(0, self._doubt_left - len(ok))
+                live = self._disagreed / max(self._judged, 1)
                 if self._cusum > self.config.cusum_threshold:
-                    live = self._disagreed / max(self._judged, 1)
                     self.events += 1
                     return Verdict(ALARM, live, f"CUSUM {self._cusum:.1f} over {self._judged} "
                                                 f"shadow rows (disagreement {live:.3f})")
+                if self._doubt_left:
+                    self._doubt_judged += len(ok)
+                    self._doubt_disagreed += len(ok) - sum(ok)
+                    self._doubt_left = max(0, self._doubt_left - len(ok))
+                    if not self._doubt_left:
+                        p = self._doubt_p_value()
+                        n, k = self._doubt_judged, self._doubt_disagreed
+                        self._doubt_judged = self._doubt_disagreed = 0
+                        if p < self.config.doubt_alarm_p:
+                            self.events += 1
+                            return Verdict(ALARM, live, f"{k} of {n} shadow rows judged in doubt "
+                                                        f"disagree ({k / n:.3f}; p = {p:.1e} "
+                                                        f"at the budget's rate)")
             return Verdict(DOUBT if self._doubt_left else OK)
+
+    def _doubt_p_value(self) -> float:
+        """P(at least the disagreements seen in doubt | the budget's rate), rows scaled by the
+        design effect (a camera's alike frames are worth fewer independent rows)."""
+        from .calibrate import binomial_tail
+        d = self._deff()
+        n = int(self._doubt_judged / d)
+        k = int(self._doubt_disagreed / d)
+        if k == 0 or n == 0:
+            return 1.0
+        return max(0.0, 1.0 - binomial_tail(k - 1, n, self._d0))
 
     def _deff(self) -> float:
         return self._deff_at_reset

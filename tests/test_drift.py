@@ -56,6 +56,62 @@ def test_exit_shares_that_move_put_the_monitor_in_doubt_without_an_alarm():
         assert m.observe(torch.bincount(exits, minlength=3).tolist(), None).state == OK
 
 
+def doubt_then_judge(monitor, disagreement: float, seed: int, rows: int = 1200):
+    """Requests of BATCH rows whose exit shares moved, every one shadowed (the default doubt
+    shadow rate) with this disagreement rate: (rows until the alarm or None, its verdict)."""
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, rows, BATCH):
+        exits = torch.multinomial(torch.tensor([0.1, 0.1, 0.8]), BATCH, True, generator=gen)
+        ok = torch.rand(BATCH, generator=gen) >= disagreement
+        v = monitor.observe(torch.bincount(exits, minlength=3).tolist(),
+                            ok if monitor.in_doubt else None)
+        if v.state == ALARM:
+            return start + BATCH, v
+    return None, None
+
+
+def test_a_doubt_whose_rows_break_the_budget_ends_in_an_alarm():
+    # 4% disagreement, four times the budget's rate: the CUSUM (tuned for 4% and up) needs
+    # ~900 rows on average; the doubt's own 400 rows are tested as a whole when it ends.
+    cfg = DriftConfig()
+    by = cfg.window_rows + cfg.doubt_rows + BATCH
+    with_test = without = 0
+    for seed in range(10):
+        m = DriftMonitor(cfg, BUDGET)
+        m.reset((0.6, 0.2, 0.2))
+        at, v = doubt_then_judge(m, 0.04, seed, rows=by)
+        if at is not None:
+            with_test += 1
+            assert "judged in doubt" in v.reason or "CUSUM" in v.reason
+        m = DriftMonitor(DriftConfig(doubt_alarm_p=0.0), BUDGET)
+        m.reset((0.6, 0.2, 0.2))
+        without += doubt_then_judge(m, 0.04, seed, rows=by)[0] is not None
+    assert with_test >= 8 and without <= 3, (with_test, without)
+
+
+def test_a_doubt_whose_rows_keep_the_budget_ends_quietly():
+    # At the budget's own rate an end-of-doubt alarm is a false one: at most doubt_alarm_p of
+    # doubts (0.01) may end so; 40 streams hold ~160 doubts.
+    doubts = alarms = 0
+    for seed in range(40):
+        m = DriftMonitor(DriftConfig(), BUDGET)
+        m.reset((0.6, 0.2, 0.2))
+        alarms += doubt_then_judge(m, 0.01, seed, rows=2000)[0] is not None
+        doubts += m.doubts
+    assert doubts >= 100 and alarms <= 0.02 * doubts, (doubts, alarms)
+
+
+def test_the_end_of_doubt_test_counts_correlated_rows_as_fewer():
+    class Design:   # a camera: each row worth a tenth of an independent one
+        value = 10.0
+    hits = 0
+    for seed in range(5):
+        m = DriftMonitor(DriftConfig(), BUDGET, design=Design())
+        m.reset((0.6, 0.2, 0.2))
+        hits += doubt_then_judge(m, 0.04, seed, rows=700)[0] is not None
+    assert hits == 0   # 400 rows worth 40: 4% of them is no evidence against 1%
+
+
 def test_no_monitoring_while_exits_are_off():
     m = DriftMonitor(DriftConfig(), BUDGET)
     m.reset(None)

@@ -326,6 +326,9 @@ def test_settings_are_set_by_name_and_checked():
     for bad in (0, -16, 16.5, "64"):
         with pytest.raises(runtime.ConfigError, match="correlation_block_rows must be a whole"):
             runtime.RuntimeConfig().with_overrides(correlation_block_rows=bad)
+    for bad in (-0.01, 1.5, float("nan")):
+        with pytest.raises(runtime.ConfigError, match=r"doubt_alarm_p must be in \[0, 1\]"):
+            runtime.RuntimeConfig().with_overrides(doubt_alarm_p=bad)
 
 
 def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traffic, monkeypatch):
