@@ -209,3 +209,22 @@ def test_detection_demo_bad_runtime_settings_are_one_line(tmp_path: Path, capsys
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: runtime settings") and says in err and "\n" not in err
         assert not out.exists()
+
+
+def test_miss_probe_times_every_exit_three_ways(teacher_artifact, tmp_path: Path) -> None:
+    import json
+    from tools.miss_probe import main
+    assert main([str(teacher_artifact), "--reps", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "miss_probe.json").read_text())
+    E = len(res["exits"])
+    ways = {f"exit {k}: {w}" for k in range(E) for w in ("if", "inline", "sessions")}
+    assert ways | {"backbone", "all exits: if"} <= set(res["p50_ms"])
+    assert all(v > 0 for v in res["p50_ms"].values())
+    assert res["vs_backbone"]["backbone"] == 0.0 and res["code"] and res["machine"]
+
+
+def test_miss_probe_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
+    from tools.miss_probe import main
+    assert main([str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: artifact") and "\n" not in err
