@@ -230,10 +230,10 @@ class Runtime:
 
     def _serve_counted(self, x: torch.Tensor, state: ServingState, learn: bool) -> Served:
         t0 = time.perf_counter()
-        rate = self.config.guarantee.shadow_rate
-        if (self.drift if self._delegate is None else self._delegate).in_doubt:
-            rate = max(rate, self.config.drift.doubt_shadow_rate)
-        shadow, collect = self.collector.decide(state.any_enabled, rate, state.servable_whole)
+        doubt = (self.drift if self._delegate is None else self._delegate).in_doubt
+        shadow, collect, calibrates = self.collector.decide(
+            state.any_enabled, self.config.guarantee.shadow_rate, state.servable_whole,
+            self.config.drift.doubt_shadow_rate if doubt else 0.0)
         teach = collect and learn
         defer = teach and not shadow and self._teacher is not None and \
             not self._teacher.behind and not self._teaches_inline(state)
@@ -241,8 +241,8 @@ class Runtime:
         deferred = defer and self._defer(x, served, state)
         latency = (time.perf_counter() - t0) * 1e3
         self.design.observe(self.task.answers(served.out))
-        if served.features is not None:
-            self._collect(served, shadow, state.any_enabled, x.shape[0])
+        if served.features is not None:   # shadowed in doubt alone: judged, not calibrating
+            self._collect(served, calibrates, state.any_enabled, x.shape[0])
         self._account(state, served, latency)
         if not deferred:   # else counted by the deferred teacher, once buffered
             self._maybe_learn(x.shape[0])

@@ -23,20 +23,27 @@ class Collector:
         self._seen = 0                  # rows through add(): the clock hold-out blocks follow
         self._roles = {}
 
-    def decide(self, any_enabled: bool, shadow_rate: float, fast_available: bool):
-        """(shadow, collect) for one request: shadowed requests teach; before any exit is on,
-        a ``warmup_collect_rate`` share teaches; with exits on, every request teaches until
-        the whole-model path serves, then a ``collect_rate`` share."""
+    def decide(self, any_enabled: bool, shadow_rate: float, fast_available: bool,
+               doubt_rate: float = 0.0):
+        """(shadow, collect, calibrates) for one request: shadowed requests teach; before any
+        exit is on, a ``warmup_collect_rate`` share teaches; with exits on, every request
+        teaches until the whole-model path serves, then a ``collect_rate`` share.
+
+        In doubt (``doubt_rate`` above ``shadow_rate``) more requests are shadowed, to judge
+        them; only those the plain ``shadow_rate`` would have taken calibrate (``calibrates``),
+        so the calibration rows stay one even sample of the traffic over time instead of
+        crowding into the doubt's few hundred rows (one or two scenes of a camera)."""
         with self._lock:
-            shadow = any_enabled and torch.rand(1, generator=self._gen).item() < shadow_rate
-            if shadow:
-                return True, True
+            u = torch.rand(1, generator=self._gen).item() if any_enabled else 1.0
+            if u < max(shadow_rate, doubt_rate):
+                return True, True, u < shadow_rate
             if not any_enabled and self.config.warmup_collect_rate < 1.0:
                 return False, torch.rand(1, generator=self._gen).item() < \
-                    self.config.warmup_collect_rate
+                    self.config.warmup_collect_rate, False
             if not fast_available:
-                return False, True
-            return False, torch.rand(1, generator=self._gen).item() < self.config.collect_rate
+                return False, True, False
+            return False, torch.rand(1, generator=self._gen).item() < self.config.collect_rate, \
+                False
 
     GROUP = 20   # blocks dealt out together: exactly round(calib_fraction * 20) of them held out
 

@@ -336,6 +336,7 @@ class DetectionRuntime(Runtime):
                 **self._state_report(state),
                 "learning": self._learning_report(),
                 "drift_events": self.drift.events,
+                "drift_doubts": self.drift.doubts,
                 "in_doubt": self.drift.in_doubt,
                 "design_effect": self.design.value}
 

