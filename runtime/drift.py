@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .calibrate import binomial_tail
 from .config import DriftConfig
 
 OK, DOUBT, ALARM = "ok", "doubt", "alarm"
@@ -30,7 +31,7 @@ class DriftMonitor:
       alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
     - The end of a doubt: the shadow rows judged while in doubt are tested against the budget's
       rate (one-sided exact binomial test); a p-value below ``doubt_alarm_p`` raises the alarm.
-      This catches a moderate shift (disagreement 2-4x the budget's), which the CUSUM, tuned
+      This catches a moderate shift (disagreement 3-4x the budget's), which the CUSUM, tuned
       for larger ones, takes thousands of rows to see, but only once the exit shares have
       already said the traffic moved.
 
@@ -117,7 +118,6 @@ class DriftMonitor:
     def _doubt_p_value(self) -> float:
         """P(at least the disagreements seen in doubt | the budget's rate), rows scaled by the
         design effect (a camera's alike frames are worth fewer independent rows)."""
-        from .calibrate import binomial_tail
         d = self._deff()
         n = int(self._doubt_judged / d)
         k = int(self._doubt_disagreed / d)
