@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from compiler import exit_rule
-from runtime.config import THRESHOLD_RULES, ConfigError, RuntimeConfig
+from runtime.config import THRESHOLD_RULES
 from tools.scenes import SceneConfig, make_stream
 
 SECOND_HALF = "second half of the stream: every frame was answered before anything learned from it"
@@ -211,11 +211,10 @@ def main(argv=None) -> int:
     from runtime.detection import load as load_runtime
     from tools.train_detector import load_demo_detector
 
-    from tools.experiment import runtime_settings
+    from tools.experiment import checked_runtime_settings
     try:
-        settings = runtime_settings(args.runtime_settings)
-        RuntimeConfig().with_overrides(**dict(settings))
-    except (ValueError, ConfigError) as e:
+        settings = checked_runtime_settings(args.runtime_settings)
+    except ValueError as e:
         print(f"error: runtime settings: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

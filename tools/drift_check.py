@@ -364,12 +364,10 @@ def main(argv=None) -> int:
                    help="runtime settings for every stream, e.g. doubt_alarm_p=0,"
                         "doubt_shadow_rate=0.5 (the monitor before 2026-12-06)")
     args = p.parse_args(argv)
-    from runtime.config import ConfigError, RuntimeConfig
-    from tools.experiment import runtime_settings
+    from tools.experiment import checked_runtime_settings
     try:
-        settings = runtime_settings(args.runtime_settings)
-        RuntimeConfig().with_overrides(**dict(settings))
-    except (ValueError, ConfigError) as e:
+        settings = checked_runtime_settings(args.runtime_settings)
+    except ValueError as e:
         print(f"error: runtime settings: {e}", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore")

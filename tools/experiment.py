@@ -68,6 +68,15 @@ def runtime_settings(text: str) -> dict:
     return out
 
 
+def checked_runtime_settings(text: str) -> dict:
+    """``runtime_settings``, checked against ``RuntimeConfig`` before anything is built: a bad
+    name or value raises ``ValueError`` (``ConfigError`` is one) whose one line names the fix."""
+    from runtime.config import RuntimeConfig
+    settings = runtime_settings(text)
+    RuntimeConfig().with_overrides(**dict(settings))
+    return settings
+
+
 def demo_artifact(path: str) -> Optional[str]:
     """Compile the embedded demo backbone into ``path`` (exits off); None if that failed (the
     compiler printed why)."""
