@@ -192,6 +192,12 @@ class DriftConfig:
     window_rows:      rows per exit-share test.
     doubt_p:          the exit-share test's p-value threshold (chi-square; strict: doubt costs
                       backbone time).
+    doubt_windows:    on correlated traffic (a design effect above 1.5 when the state was
+                      published), consecutive windows that must each reject before doubt. A
+                      camera's scene can swing one window's shares far beyond what the design
+                      effect of 16-row blocks allows (the detection demo's stationary scene
+                      streams: 2-5 false doubts each with 1, none with 2); a shift persists. On
+                      independent traffic one window suffices: its test is exact there.
     doubt_shadow_rate: the shadow rate in doubt. 1.0 (the default): every request in doubt is
                       answered by the backbone and judged, so answers a shift has spoiled are
                       not served while the evidence gathers; a doubt then costs ``doubt_rows``
@@ -210,6 +216,7 @@ class DriftConfig:
 
     window_rows: int = 256
     doubt_p: float = 1e-6
+    doubt_windows: int = 2
     doubt_shadow_rate: float = 1.0
     doubt_rows: int = 400
     doubt_alarm_p: float = 0.01
@@ -320,6 +327,10 @@ class RuntimeConfig:
         if self.learning.lr > 1.0:
             raise ConfigError(f"lr must be at most 1 (Adam steps that large overflow the heads), "
                               f"got {self.learning.lr}")
+        if not isinstance(self.drift.doubt_windows, int) or self.drift.doubt_windows < 1:
+            raise ConfigError(f"doubt_windows must be a whole number of windows, at least 1 "
+                              f"(1: doubt on the first window that rejects), got "
+                              f"{self.drift.doubt_windows!r}")
         if not isinstance(g.correlation_block_rows, int) or g.correlation_block_rows < 1:
             raise ConfigError(f"correlation_block_rows must be a whole number of rows, at least 1 "
                               f"(1: rows counted as independent), got {g.correlation_block_rows!r}")

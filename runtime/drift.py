@@ -10,6 +10,9 @@ from .calibrate import binomial_tail
 from .config import DriftConfig
 
 OK, DOUBT, ALARM = "ok", "doubt", "alarm"
+# Traffic whose design effect reads above this is correlated (shuffled traffic reads 1.00-1.05):
+# there one window's exit shares can swing with a scene, and doubt waits for ``doubt_windows``.
+CORRELATED_DEFF = 1.5
 
 
 @dataclass
@@ -24,8 +27,10 @@ class DriftMonitor:
 
     - Exit shares, every request, no backbone needed: every ``window_rows`` rows, a chi-square
       test of the share of rows leaving at each exit against what calibration predicted. A
-      shift puts the monitor in *doubt*: the caller raises the shadow rate, which feeds the
-      CUSUM faster. Doubt alone never switches exits off (it costs backbone time, not answers).
+      shift (one window rejecting; on correlated traffic ``doubt_windows`` in a row, since a
+      camera's scene can swing one window's shares) puts the monitor in *doubt*: the
+      caller raises the shadow rate (by default every request is then answered by the backbone
+      and judged), which feeds the shadow-row tests. Doubt itself switches no exit off.
     - Shadow rows: a one-sided CUSUM of the log-likelihood ratio of disagreement at
       ``shift_factor`` x the budget's rate (+ ``shift_margin``) against the budget's rate. It
       alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
@@ -71,6 +76,7 @@ class DriftMonitor:
             self._deff_at_reset = 1.0 if self.design is None else max(1.0, self.design.value)
             self._cusum = 0.0
             self._doubt_left = 0
+            self._rejected_in_a_row = 0  # consecutive exit-share windows that rejected
             self._doubt_judged = 0      # shadow rows judged in the current doubt
             self._doubt_disagreed = 0
             self._judged = 0
@@ -140,6 +146,8 @@ class DriftMonitor:
         p = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
                                           torch.tensor(chi2 / 2, dtype=torch.float64))) if df else 1.0
         self._counts = None
-        if p < self.config.doubt_p and not self._doubt_left:
+        self._rejected_in_a_row = self._rejected_in_a_row + 1 if p < self.config.doubt_p else 0
+        need = self.config.doubt_windows if self._deff() > CORRELATED_DEFF else 1
+        if self._rejected_in_a_row >= need and not self._doubt_left:
             self.doubts += 1
             self._doubt_left = self.config.doubt_rows

@@ -74,7 +74,7 @@ def test_a_doubt_whose_rows_break_the_budget_ends_in_an_alarm():
     # 4% disagreement, four times the budget's rate: the CUSUM (tuned for 4% and up) needs
     # ~900 rows on average; the doubt's own 400 rows are tested as a whole when it ends.
     cfg = DriftConfig()
-    by = cfg.window_rows + cfg.doubt_rows + BATCH
+    by = cfg.doubt_windows * cfg.window_rows + cfg.doubt_rows + BATCH
     with_test = without = 0
     for seed in range(10):
         m = DriftMonitor(cfg, BUDGET)
@@ -110,6 +110,29 @@ def test_the_end_of_doubt_test_counts_correlated_rows_as_fewer():
         m.reset((0.6, 0.2, 0.2))
         hits += doubt_then_judge(m, 0.04, seed, rows=700)[0] is not None
     assert hits == 0   # 400 rows worth 40: 4% of them is no evidence against 1%
+
+
+def test_one_window_of_moved_shares_is_a_scene_not_a_shift():
+    """On a camera a scene can swing one window's exit shares; doubt then waits for
+    ``doubt_windows`` windows in a row (a shift persists). Independent traffic needs one."""
+    class Camera:
+        value = 12.0
+
+    def run(cfg, pattern, design=Camera()):
+        m = DriftMonitor(cfg, BUDGET, design)
+        m.reset((0.6, 0.2, 0.2))
+        gen = torch.Generator().manual_seed(0)
+        for shares in pattern:       # one window of requests per entry
+            for _ in range(cfg.window_rows // BATCH):
+                exits = torch.multinomial(torch.tensor(shares), BATCH, True, generator=gen)
+                m.observe(torch.bincount(exits, minlength=3).tolist(), None)
+        return m.doubts
+    calm, moved = (0.6, 0.2, 0.2), (0.05, 0.05, 0.9)   # moved far enough for deff 12
+    swing = [calm, moved, calm, moved, calm]
+    assert run(DriftConfig(), swing) == 0
+    assert run(DriftConfig(doubt_windows=1), swing) == 1   # no shadow rows: it never ends
+    assert run(DriftConfig(), [calm, moved, moved]) == 1
+    assert run(DriftConfig(), swing, design=None) == 1   # independent traffic: one window
 
 
 def test_no_monitoring_while_exits_are_off():

@@ -326,6 +326,9 @@ def test_settings_are_set_by_name_and_checked():
     for bad in (0, -16, 16.5, "64"):
         with pytest.raises(runtime.ConfigError, match="correlation_block_rows must be a whole"):
             runtime.RuntimeConfig().with_overrides(correlation_block_rows=bad)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(runtime.ConfigError, match="doubt_windows must be a whole"):
+            runtime.RuntimeConfig().with_overrides(doubt_windows=bad)
     for bad in (-0.01, 1.5, float("nan")):
         with pytest.raises(runtime.ConfigError, match=r"doubt_alarm_p must be in \[0, 1\]"):
             runtime.RuntimeConfig().with_overrides(doubt_alarm_p=bad)
