@@ -1,6 +1,9 @@
-"""Measure drift detection and learning under load on the demo artifact (issue 10's targets).
+"""Measure drift detection and learning under load (issue 10's targets, and docs/drift.md).
 
     python -m tools.drift_check [--out out/drift] [--seeds 0,1,2] [--quick]
+                                [--only stable,shifts,threads,photos] [--runtime-settings K=V,...]
+
+Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it.
 
 (a) stable: >= 30,000 Fashion-MNIST rows (train+test, seeded shuffle, 16 rows per request),
     synchronous runtime: drift alarms and doubts (target: no alarm).
