@@ -68,13 +68,16 @@ def resolve(name: str, device) -> str:
 
 
 # ----- onnxruntime ------------------------------------------------------------------------------
-def _session(model, threads: int = 1):
+def _session(model, threads: int = 1, layout: bool = True):
+    """An onnxruntime CPU session; ``layout`` False leaves out the layout optimisations (the
+    blocked NCHWc convolutions), for measuring what they buy (``tools/miss_probe.py``)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout else \
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])

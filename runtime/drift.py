@@ -77,8 +77,7 @@ class DriftMonitor:
             self._cusum = 0.0
             self._doubt_left = 0
             self._rejected_in_a_row = 0  # consecutive exit-share windows that rejected
-            self._doubt_judged = 0      # shadow rows judged in the current doubt
-            self._doubt_disagreed = 0
+            self._doubt_from = (0, 0)   # (judged, disagreed) when the current doubt began
             self._judged = 0
             self._disagreed = 0
 
@@ -107,13 +106,11 @@ class DriftMonitor:
                     return Verdict(ALARM, live, f"CUSUM {self._cusum:.1f} over {self._judged} "
                                                 f"shadow rows (disagreement {live:.3f})")
                 if self._doubt_left:
-                    self._doubt_judged += len(ok)
-                    self._doubt_disagreed += len(ok) - sum(ok)
                     self._doubt_left = max(0, self._doubt_left - len(ok))
                     if not self._doubt_left:
-                        p = self._doubt_p_value()
-                        n, k = self._doubt_judged, self._doubt_disagreed
-                        self._doubt_judged = self._doubt_disagreed = 0
+                        n = self._judged - self._doubt_from[0]
+                        k = self._disagreed - self._doubt_from[1]
+                        p = self._doubt_p_value(n, k)
                         if p < self.config.doubt_alarm_p:
                             self.events += 1
                             return Verdict(ALARM, live, f"{k} of {n} shadow rows judged in doubt "
@@ -121,12 +118,12 @@ class DriftMonitor:
                                                         f"at the budget's rate)")
             return Verdict(DOUBT if self._doubt_left else OK)
 
-    def _doubt_p_value(self) -> float:
-        """P(at least the disagreements seen in doubt | the budget's rate), rows scaled by the
-        design effect (a camera's alike frames are worth fewer independent rows)."""
+    def _doubt_p_value(self, judged: int, disagreed: int) -> float:
+        """P(at least ``disagreed`` of ``judged`` rows disagreeing | the budget's rate), rows
+        scaled by the design effect (a camera's alike frames are worth fewer independent rows)."""
         d = self._deff()
-        n = int(self._doubt_judged / d)
-        k = int(self._doubt_disagreed / d)
+        n = int(judged / d)
+        k = int(disagreed / d)
         if k == 0 or n == 0:
             return 1.0
         return max(0.0, 1.0 - binomial_tail(k - 1, n, self._d0))
@@ -151,3 +148,4 @@ class DriftMonitor:
         if self._rejected_in_a_row >= need and not self._doubt_left:
             self.doubts += 1
             self._doubt_left = self.config.doubt_rows
+            self._doubt_from = (self._judged, self._disagreed)

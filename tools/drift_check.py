@@ -278,8 +278,7 @@ class PhotoFrames:
         return torch.stack([(tf(self.photos[i].image) - self.mean) / self.std for i in idx])
 
 
-def run_photos(out: Path, seed: int, pre_rows: int, post_rows: int, budget: float,
-               settings=None):
+def run_photos(out: Path, seed: int, pre_rows: int, post_rows: int, settings=None):
     import runtime
     from compiler import artifact
     from compiler.rewrite import main as rewrite_main
@@ -484,7 +483,7 @@ def main(argv=None) -> int:
               f"(targets as in (b))")
         res["photos"] = []
         for seed in seeds:
-            r = run_photos(out, seed, p_pre, p_post, budget, settings)
+            r = run_photos(out, seed, p_pre, p_post, settings)
             res["photos"].append(r)
             dump()
             if "skipped" in r:

@@ -33,17 +33,8 @@ NEVER = 1.5   # above any softmax confidence: nothing exits
 
 
 def _session(model, extended: bool = False):
-    import onnxruntime as ort
     from runtime.backends import _session as session
-    if not extended:
-        return session(model)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session(model, layout=not extended)
 
 
 def _inline(backend, classifiers, k: int):
