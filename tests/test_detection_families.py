@@ -17,6 +17,7 @@ from compiler import artifact
 from compiler.detection import (DetectionConfig, _classes_in, body_steps, output_format,
                                 outputs_equal, rewrite_detector, same_format)
 from compiler.errors import CompilerError
+from runtime.calibrate import INF
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -253,3 +254,63 @@ def test_state_dicts_name_their_classes_and_keypoints(tmp_path):
     loaded = load_detector(path, "ssdlite320_mobilenet_v3_large", None)
     assert loaded.input_shape == (1, 3, 320, 320)
     assert all(torch.equal(v, sd[k]) for k, v in loaded.module.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mask_rcnn", "keypoint_rcnn", "ssdlite320"])
+def test_each_family_learns_exits_online_and_answers_in_its_format(name, tmp_path):
+    """The whole online path per family, in onnxruntime: frames teach the heads, a round
+    certifies an exit, frames then leave with the family's empty answer, and the saved learned
+    artifact does the same under plain ``torch.jit.load``. At a service threshold of 0.99 these
+    random-weight detectors find nothing on noise frames (checked first), so every frame may
+    leave and every answer must still equal the detector's."""
+    import runtime
+    build, shape, keys = FAMILIES[name]
+    det = build()
+    module, manifest, _ = rewrite_detector(det, DetectionConfig(
+        input_shape=(1,) + shape, num_exits=2, score_threshold=0.99))
+    path = tmp_path / f"{name}.cached.pt"
+    artifact.save(module, manifest, path)
+    x = torch.rand((320,) + shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = det(list(x[:16]))
+    assert all(not (w["scores"] >= 0.99).any() for w in want)   # the premise: nothing here
+    rt = runtime.load(path, background=False, agreement_budget=0.9, min_train=64, min_calib=48,
+                      train_every=80, epochs=2, holdout_block_rows=16, holdout_gap_rows=4)
+    try:
+        assert rt.stats()["backend"] == "onnxruntime"
+        left = []
+        for s in range(0, len(x), 16):
+            out, exits = rt.predict(x[s:s + 16], return_exits=True)
+            assert len(out) == 16 and all(list(d) == keys for d in out)
+            left += [d for d, e in zip(out, exits.tolist()) if e < len(manifest["exits"])]
+        st = rt.stats()
+        assert st["learning"]["rounds"] >= 2 and st["learning"]["rounds_failed"] == 0
+        assert any(t != INF for t in st["thresholds"]) and left, st["thresholds"]
+        for d in left:                                      # empty, in the detector's format
+            assert len(d["boxes"]) == 0 and same_format(d, want[0])
+        rt.save(tmp_path / "learned.pt")
+    finally:
+        rt.close()
+    m = plain_load(tmp_path / "learned.pt")
+    with torch.no_grad():
+        got, exits = m.forward_with_exits(x[:4])
+    assert (exits < len(manifest["exits"])).all()
+    assert all(same_format(g, want[0]) and len(g["boxes"]) == 0 for g in got)
+
+
+@pytest.mark.parametrize("arch", ["ssdlite", "maskrcnn"])
+def test_scene_detectors_of_other_families_train_save_and_compile(arch, tmp_path):
+    """``tools.train_detector --arch ssdlite|maskrcnn``: grey scene frames train it (Mask R-CNN
+    on box-filled masks), the state dict and its .json rebuild it, and the compiler cuts it."""
+    from tools.train_detector import build_detector, load_demo_detector, main
+    rc = main(["--arch", arch, "--steps", "2", "--batch-size", "4", "--threads", "1",
+               "--out", str(tmp_path / f"{arch}.pt"), "--train-frames", "48",
+               "--eval-frames", "16"])
+    assert rc == 0
+    det, meta = load_demo_detector(tmp_path / f"{arch}.pt")
+    assert meta["arch"] == arch and meta["steps"] == 2
+    _, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, 96, 96)))
+    assert len(manifest["exits"]) >= 2 and manifest["output_keys"][:1] == ["boxes"]
+    with pytest.raises(ValueError, match="one of fcos, retinanet, ssdlite, maskrcnn"):
+        build_detector("yolo")

@@ -2,6 +2,10 @@
 on scene streams of Fashion-MNIST items (``tools.scenes``), on the CPU in minutes.
 
     python -m tools.train_detector [--steps 400] [--out tools/assets/demo_detector.pt]
+    python -m tools.train_detector --arch ssdlite|maskrcnn|retinanet --out out/fam/ARCH.pt
+
+Other families for checking the cache beyond the demo's FCOS: RetinaNet and Mask R-CNN on the
+same tiny body and FPN, SSDlite on a half-width MobileNetV3-Large (torchvision's recipe at 96 px).
 
 Writes a state dict (``build_detector(**meta["build"])`` rebuilds the module) and a ``.json``
 beside it with the architecture, training settings, mAP@0.5 on held-out scenes and the date.
@@ -48,30 +52,98 @@ def tiny_body(widths=(8, 24, 32, 48, 64), in_channels: int = 1) -> nn.Sequential
     return nn.Sequential(layers)
 
 
+ARCHS = ("fcos", "retinanet", "ssdlite", "maskrcnn")
+
+
 def build_detector(arch: str = "fcos", size: int = 96, widths=(8, 24, 32, 48, 64),
                    fpn_channels: int = 32, head_convs: int = 2, num_classes: int = NUM_CLASSES,
-                   score_thresh: float = 0.3, in_channels: int = 1) -> nn.Module:
-    """The demo detector (``arch`` fcos or retinanet) with random weights.
+                   score_thresh: float = 0.3, in_channels: int = 1,
+                   width_mult: float = 0.5) -> nn.Module:
+    """A scene detector of family ``arch`` (one of ``ARCHS``) with random weights.
 
-    The FPN taps the last three stages (strides 8, 16, 32) and adds a max-pooled level.
+    fcos, retinanet, maskrcnn: the tiny body, its last three stages (strides 8, 16, 32) tapped by
+    an FPN with a max-pooled level. ssdlite: torchvision's SSDlite over a MobileNetV3-Large
+    (``width_mult``, reduced tail, first conv taking ``in_channels``) at ``size`` px; ``widths``
+    and ``fpn_channels`` do not apply to it.
     """
+    if arch == "ssdlite":
+        return _ssdlite(size, num_classes, score_thresh, in_channels, width_mult)
     body = tiny_body(widths, in_channels)
     names = list(body._modules)
     backbone = BackboneWithFPN(body, {n: str(i) for i, n in enumerate(names[-3:])},
                                list(widths[-3:]), fpn_channels, extra_blocks=LastLevelMaxPool())
     common = dict(min_size=size, max_size=size, image_mean=IMAGE_MEAN[:1] * in_channels,
-                  image_std=IMAGE_STD[:1] * in_channels, score_thresh=score_thresh,
-                  detections_per_img=20)
+                  image_std=IMAGE_STD[:1] * in_channels)
+    one_stage = dict(common, score_thresh=score_thresh, detections_per_img=20)
     if arch == "fcos":
         anchors = AnchorGenerator(((4,), (8,), (16,), (32,)), ((1.0,),) * 4)
         head = FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
-        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **one_stage)
     if arch == "retinanet":
         anchors = AnchorGenerator(((16, 24), (32, 48), (64, 96), (128, 192)),
                                   ((0.5, 1.0, 2.0),) * 4)
         head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
-        return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
-    raise ValueError(f"unknown demo detector arch {arch!r}: fcos or retinanet")
+        return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **one_stage)
+    if arch == "maskrcnn":
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+        c = fpn_channels
+        return MaskRCNN(
+            backbone, None, **common,
+            rpn_anchor_generator=AnchorGenerator(((16,), (32,), (64,), (128,)),
+                                                 ((0.5, 1.0, 2.0),) * 4),
+            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
+            rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=50,
+            box_head=TwoMLPHead(c * 7 * 7, 128), box_predictor=FastRCNNPredictor(128, num_classes),
+            box_score_thresh=score_thresh, box_detections_per_img=20,
+            box_batch_size_per_image=128,
+            mask_head=MaskRCNNHeads(c, (c, c), 1), mask_predictor=MaskRCNNPredictor(c, c, num_classes))
+    raise ValueError(f"unknown scene detector arch {arch!r}: one of {', '.join(ARCHS)}")
+
+
+def _ssdlite(size: int, num_classes: int, score_thresh: float, in_channels: int,
+             width_mult: float) -> nn.Module:
+    """torchvision's SSDlite320 recipe (MobileNetV3-Large, reduced tail, six feature maps) at
+    ``size`` px and ``width_mult``, as ``ssdlite320_mobilenet_v3_large`` builds it otherwise."""
+    from functools import partial
+
+    from torchvision.models import mobilenet_v3_large
+    from torchvision.models.detection.ssd import SSD
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.ssdlite import (SSDLiteFeatureExtractorMobileNet,
+                                                      SSDLiteHead)
+    norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    net = mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=True,
+                             width_mult=width_mult)
+    first = net.features[0][0]
+    net.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 2, 1, bias=False)
+    stages = [0] + [i for i, b in enumerate(net.features) if getattr(b, "_is_cn", False)] + \
+        [len(net.features) - 1]
+    backbone = SSDLiteFeatureExtractorMobileNet(net.features, stages[-2], norm, width_mult)
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
+    backbone.eval()   # torchvision's retrieve_out_channels assumes 3-channel frames
+    with torch.no_grad():
+        channels = [f.shape[1] for f in backbone(torch.zeros(1, in_channels, size, size)).values()]
+    backbone.train()
+    return SSD(backbone, anchors, (size, size), num_classes,
+               head=SSDLiteHead(channels, anchors.num_anchors_per_location(), num_classes, norm),
+               image_mean=IMAGE_MEAN[:1] * in_channels, image_std=IMAGE_STD[:1] * in_channels,
+               score_thresh=score_thresh, nms_thresh=0.55, detections_per_img=20,
+               topk_candidates=100)
+
+
+def _with_masks(targets: List[dict], size: int) -> List[dict]:
+    """Mask R-CNN's training targets: each item's mask is its box, filled (the scenes carry
+    boxes only; the masks are a by-product the exits never look at)."""
+    out = []
+    for t in targets:
+        b = t["boxes"]
+        m = torch.zeros((len(b), size, size), dtype=torch.uint8)
+        for k, (x0, y0, x1, y1) in enumerate(b.round().long().tolist()):
+            m[k, y0:y1, x0:x1] = 1
+        out.append(dict(t, masks=m))
+    return out
 
 
 def _flip(frames: torch.Tensor, targets: List[dict], gen: torch.Generator):
@@ -133,6 +205,8 @@ def train(arch: str = "fcos", steps: int = 400, batch_size: int = 24, lr: float 
             g["lr"] = lr * (min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * frac)))
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         frames, targets = _flip(data.frames[idx], [data.targets[i] for i in idx.tolist()], gen)
+        if arch == "maskrcnn":
+            targets = _with_masks(targets, size)
         loss_d = model(list(frames), targets)
         loss = sum(loss_d.values())
         opt.zero_grad(set_to_none=True)
@@ -180,18 +254,20 @@ def load_demo_detector(path: Optional[str] = None) -> tuple:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.train_detector",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="fcos", choices=["fcos", "retinanet"])
+    p.add_argument("--arch", default="fcos", choices=ARCHS)
     p.add_argument("--steps", type=int, default=400, help="optimiser steps (frames: x batch)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-frames", type=int, default=12000, help="training scene frames")
+    p.add_argument("--eval-frames", type=int, default=1000, help="held-out frames for mAP@0.5")
     p.add_argument("--out", default=str(ASSET))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, meta = train(args.arch, args.steps, args.batch_size, args.lr, args.seed,
-                        max_minutes=args.max_minutes)
+                        args.train_frames, args.eval_frames, max_minutes=args.max_minutes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
