@@ -410,6 +410,11 @@ def test_classification_task_matches_the_exit_rule():
     t = task.teacher(dets)
     assert task.found(dets).tolist() == [True, False, False, True]
     assert (t.argmax(1) == 1).tolist() == [True, False, False, True]
+    # how sure: nothing scored at all is the surest "nothing"; a score just under the
+    # threshold a faint one; 0.7 is 40% of the way from the threshold to 1
+    cap = DetectionTask.MARGIN_CAP
+    assert torch.allclose(t[:, 1] - t[:, 0], torch.tensor([0.4 * cap, -0.5, -cap, 0.5]))
+    assert float(torch.softmax(t[2], 0)[0]) > 0.99   # above the thresholds a 1% budget needs
     z = torch.tensor([[3.0, 0.0]] * 4)
     assert task.agrees(z, t).tolist() == [False, True, True, False]
     assert torch.allclose(task.confidence(z), torch.softmax(z, 1)[:, 0])
