@@ -98,7 +98,8 @@ def build_detector(arch: str = "fcos", size: int = 96, widths=(8, 24, 32, 48, 64
             box_head=TwoMLPHead(c * 7 * 7, 128), box_predictor=FastRCNNPredictor(128, num_classes),
             box_score_thresh=score_thresh, box_detections_per_img=20,
             box_batch_size_per_image=128,
-            mask_head=MaskRCNNHeads(c, (c, c), 1), mask_predictor=MaskRCNNPredictor(c, c, num_classes))
+            mask_head=MaskRCNNHeads(c, (c, c), 1),
+            mask_predictor=MaskRCNNPredictor(c, c, num_classes))
     raise ValueError(f"unknown scene detector arch {arch!r}: one of {', '.join(ARCHS)}")
 
 
