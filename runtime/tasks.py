@@ -91,7 +91,7 @@ class DetectionTask(Task):
 
     name = "detection"
     NOTHING = 0
-    MARGIN_CAP = 8.0      # |teacher logit| at most (p = 0.9997): no frame is infinitely sure
+    MARGIN_CAP = 6.0      # |teacher logit| at most (p = 0.9975): no frame is infinitely sure
 
     def __init__(self, min_score: float):
         self.min_score = float(min_score)
@@ -110,7 +110,7 @@ class DetectionTask(Task):
         to 1 (something) or to 0 (nothing), times ``MARGIN_CAP`` and at least 0.5.
 
         A frame where nothing scored at all (most empty frames: a detector drops what falls
-        below its own threshold) is as sure as a target gets, p(nothing) = 0.9997. Scaled by
+        below its own threshold) is as sure as a target gets, p(nothing) = 0.9975. Scaled by
         the score instead (10 per unit, capped at 4), every such frame taught p = 0.95, below
         the thresholds a 1% budget needs, and on some streams no threshold was certified:
         docs/detection.md, "The teacher's scale"."""
