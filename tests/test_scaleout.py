@@ -189,20 +189,22 @@ def test_drift_reported_by_one_replica_switches_exits_off_on_every_replica(clust
     from runtime.scaleout.protocol import Decisions, Report, ServedTotals
     import ray
     learner = ray.get_actor(cluster.learner_name, namespace=NAMESPACE)
-    for _ in range(5):
+    for _ in range(10):
         s = cluster.learner_stats()
         assert any(s["enabled"])
         # One replica's shadow rows disagree (as inverted images do): only its report carries
-        # them. A report about a state that a round replaced meanwhile is ignored by design:
-        # then it is sent again about the new one.
+        # them. A report about a state that a round replaced meanwhile is ignored by design,
+        # and a round's new state is in force a moment before the learner publishes it (the
+        # version read here can be a step behind): then it is sent again about the new one.
         bad = Decisions(s["version"], [0] * (len(s["enabled"]) + 1), np.zeros(400, dtype=bool))
         bad.exit_counts[-1] = 400
         t0 = time.time()
         ray.get(learner.report.remote(Report("one-replica", s["generation"], None, None, None,
                                              [bad], 0, ServedTotals())))
         s2 = cluster.learner_stats()
-        if s2["drift_events"] or s2["version"] == s["version"]:
+        if s2["drift_events"]:
             break
+        time.sleep(0.2)
     assert s2["drift_events"] == 1 and not any(s2["enabled"])
     assert s2["generation"] == s["generation"] + 1
     wait_for(lambda: all_serve(cluster, s2["version"], within_s=3.0), 5,
