@@ -422,7 +422,13 @@ class Runtime:
         out = self.counters.snapshot(self.costs.total_flops)
         with self._lock:
             out.update(self._report(self._state))
+            out.update(self._monitor_report())
         return out
+
+    def _monitor_report(self) -> dict:
+        """The drift monitor's and the design effect's part of ``stats()``."""
+        return {"drift_events": self.drift.events, "drift_doubts": self.drift.doubts,
+                "in_doubt": self.drift.in_doubt, "design_effect": self.design.value}
 
     def _state_report(self, state: ServingState) -> dict:
         """The serving state's part of ``stats()``."""

@@ -232,11 +232,7 @@ class CachedRuntime(Runtime):
                 "head_latency_ms": self.costs.head_latency_ms,
                 **self._state_report(state),
                 "learning": self._learning_report(),
-                "guard": self.guard.stats(),
-                "design_effect": self.design.value,
-                "drift_events": self.drift.events,
-                "drift_doubts": self.drift.doubts,
-                "in_doubt": self.drift.in_doubt}
+                "guard": self.guard.stats()}
 
     def _saved(self) -> dict:
         """The guard's median (the next load's guard starts from it) and the stats at save."""

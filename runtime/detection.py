@@ -334,11 +334,7 @@ class DetectionRuntime(Runtime):
                 "score_threshold": self.task.min_score,
                 "exit_names": [e["name"] for e in self.exits] + ["detector"],
                 **self._state_report(state),
-                "learning": self._learning_report(),
-                "drift_events": self.drift.events,
-                "drift_doubts": self.drift.doubts,
-                "in_doubt": self.drift.in_doubt,
-                "design_effect": self.design.value}
+                "learning": self._learning_report()}
 
 
 def load(path: str, device="cpu", background: bool = True, config: Optional[RuntimeConfig] = None,
