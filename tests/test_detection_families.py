@@ -310,6 +310,7 @@ def test_scene_detectors_of_other_families_train_save_and_compile(arch, tmp_path
     assert rc == 0
     det, meta = load_demo_detector(tmp_path / f"{arch}.pt")
     assert meta["arch"] == arch and meta["steps"] == 2
+    assert meta["command"].startswith(f"python -m tools.train_detector --arch {arch} --steps 2 ")
     _, manifest, _ = rewrite_detector(det, DetectionConfig(input_shape=(1, 1, 96, 96)))
     assert len(manifest["exits"]) >= 2 and manifest["output_keys"][:1] == ["boxes"]
     with pytest.raises(ValueError, match="one of fcos, retinanet, ssdlite, maskrcnn"):

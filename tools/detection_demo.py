@@ -50,7 +50,8 @@ def run_stream(rt, reference, stream, batch: int, progress: bool = True) -> dict
     """Serve ``stream`` in camera order, ``batch`` frames per request; per-frame records."""
     from tqdm import tqdm
     rec = {"exit": [], "answer": [], "reference": [], "flops": []}
-    bar = tqdm(range(0, len(stream), batch), desc="serving", unit="req", disable=not progress)
+    bar = tqdm(range(0, len(stream), batch), desc="serving", unit="req",
+               disable=None if progress else True)   # None: off when not a terminal
     for s in bar:
         xb = stream.frames[s:s + batch]
         on = torch.tensor([t is not None for t in rt.stats()["thresholds"]], dtype=torch.bool)

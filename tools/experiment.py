@@ -99,7 +99,8 @@ def stream(rt, reference, x, y, batch, seed, progress=True) -> StreamRows:
     x, y = x[order], y[order]
     E = rt.num_exits
     rec = {"exit": [], "pred": [], "ref": [], "label": [], "flops": [], "lat": [], "ref_lat": []}
-    bar = tqdm(range(0, len(x), batch), desc="serving", unit="req", disable=not progress)
+    bar = tqdm(range(0, len(x), batch), desc="serving", unit="req",
+               disable=None if progress else True)   # None: off when not a terminal
     for s in bar:
         xb = x[s:s + batch]
         on = torch.tensor([t is not None for t in rt.stats()["thresholds"]], dtype=torch.bool)
