@@ -258,18 +258,53 @@ def choose_thresholds_corrected(conf: torch.Tensor, agree: torch.Tensor, stage_c
     return per_exit if per_exit.saving >= single.saving else single
 
 
-def binomial_tail(errors: int, n: int, risk: float) -> float:
+def binomial_tail(errors: float, n: int, risk: float) -> float:
     """P(Binomial(n, risk) <= errors): the p-value of "the true disagreement rate is at least
-    ``risk``" having seen ``errors`` disagreements in ``n`` rows (exact, in log space)."""
+    ``risk``" having seen ``errors`` disagreements in ``n`` rows (exact, in log space).
+
+    ``errors`` may be fractional: correlated rows count as n / d independent rows with errors
+    / d errors (Korn and Graubard's effective sample), and the tail is then the regularized
+    incomplete beta function I_{1-risk}(n - errors, errors + 1), which equals the sum at
+    whole numbers and lies between its neighbours in between."""
     if n <= 0:
         return 1.0
     if risk <= 0.0:
         return 1.0 if errors >= 0 else 0.0
+    if errors >= n:
+        return 1.0
+    if errors != int(errors):
+        return min(1.0, max(0.0, _betainc(n - errors, errors + 1.0, 1.0 - risk)))
+    errors = int(errors)
     k = torch.arange(0, min(errors, n) + 1, dtype=torch.float64)
     logc = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) \
         - torch.lgamma(n - k + 1)
     logp = logc + k * math.log(risk) + (n - k) * math.log1p(-risk)
     return min(1.0, float(torch.logsumexp(logp, 0).exp()))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (a, b > 0, 0 <= x <= 1), by its
+    continued fraction (Lentz's method, as in Numerical Recipes' ``betai``)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):   # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 10_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
 
 
 def threshold_path(conf, agree, stage_cost, head_cost, floor: float, grid: int = 48,
@@ -352,7 +387,11 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     On the demo streams the global grid saves more (BENCHMARKS.md): it loses no rows to the
     ordering.
     ``effective_rows`` (0: all): the test counts rows and errors scaled to that many
-    independent rows (correlated traffic, ``runtime/correlation.py``), errors rounded up.
+    independent rows (correlated traffic, ``runtime/correlation.py``), errors as a fraction
+    (Korn and Graubard's effective sample; ``binomial_tail``). Rounded up, as until
+    2026-12-06, one held-out error on a camera stream counted as a whole error among rows
+    worth a tenth as many, and the thresholds had to clear every confidently wrong frame
+    (docs/detection.md, "Latest").
     ``allowed``: as in ``greedy_path``; the global grid then enables the earliest exits that
     ``allowed`` accepts together (chosen from costs alone, never from the rows).
     """
@@ -392,7 +431,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
     m_eff = int(m * shrink)
     passed = []
     for t, a in zip(settings, a_all):
-        if binomial_tail(math.ceil((m - int(a)) * shrink), m_eff, risk) > delta:
+        if binomial_tail((m - int(a)) * shrink, m_eff, risk) > delta:
             break
         if any(x != INF for x in t):
             passed.append(t)

@@ -75,6 +75,22 @@ def test_binomial_tail_matches_the_sum_of_the_mass_function():
     assert binomial_tail(5, 0, 0.01) == 1.0
 
 
+def test_binomial_tail_of_fractional_errors_lies_between_the_whole_numbers():
+    """Correlated rows count as rows / d with errors / d (runtime/calibrate.py): between whole
+    numbers the tail (the incomplete beta function) rises with the errors, strictly inside its
+    neighbours; one error among rows worth a tenth of their number is not a whole error."""
+    from runtime.calibrate import binomial_tail
+    for n, p in [(360, 0.01), (50, 0.2), (4000, 0.005)]:
+        for k in (0, 1, 7):
+            lo, hi = binomial_tail(k, n, p), binomial_tail(k + 1, n, p)
+            mids = [binomial_tail(k + f, n, p) for f in (0.1, 0.5, 0.9)]
+            assert lo < mids[0] < mids[1] < mids[2] < hi, (n, p, k, lo, mids, hi)
+    # 360 rows worth 3,600 correlated ones (d = 10) with one error: 0.1 of an error passes a
+    # 5% test that a whole error fails
+    assert binomial_tail(0.1, 360, 0.01) <= 0.05 < binomial_tail(1, 360, 0.01)
+    assert binomial_tail(360.5, 360, 0.01) == 1.0
+
+
 @pytest.mark.parametrize("family", ["global", "fitted", "both"])
 def test_ltt_keeps_its_guarantee_on_rows_it_never_saw(family):
     """Draw calibration rows, choose, measure on a large fresh sample of the same traffic: the

@@ -96,16 +96,17 @@ def _demo(argv):
 
 
 def test_demo_runs_end_to_end_on_the_embedded_backbone(tmp_path: Path, capsys) -> None:
-    """2,400 rows (about 30 s): the first round that may switch exits on comes after about 2,000
-    (``min_calib`` = 600 held-out rows at ``calib_fraction`` 0.3), so exits are on for part of
-    the scored second half, and every promised output is written."""
+    """3,600 rows (about 40 s): the first round that may switch exits on comes after about 3,000
+    (``min_train`` = 1,000 training rows at ``calib_fraction`` 0.5, less the rows next to
+    held-out blocks), so exits are on for part of the scored second half, and every promised
+    output is written."""
     import json
-    assert _demo(["--rows", "2400", "--out", str(tmp_path)]) == 0
+    assert _demo(["--rows", "3600", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "FLOPs saved, heads counted" in out and "agreement with the backbone" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     second = summary["second_half"]
-    assert summary["rows"] == 2400 and second["rows"] == 1200
+    assert summary["rows"] == 3600 and second["rows"] == 1800
     st = summary["runtime_stats"]
     assert st["learning"]["rounds"] >= 1
     assert any(t is not None for t in st["thresholds"]), "no exit switched on"
