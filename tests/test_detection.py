@@ -206,7 +206,8 @@ def test_runtime_learns_from_a_scene_stream(compiled):
     stream = make_stream(SceneConfig(frames=240, size=SIZE, min_side=16, max_side=32,
                                      empty_share=0.7, seed=7))
     rt = load(path, background=False, min_train=64, min_calib=48, train_every=80, epochs=2,
-              holdout_block_rows=16, holdout_gap_rows=4)   # hold-out blocks to a 240-frame scale
+              holdout_block_rows=16, holdout_gap_rows=4,   # hold-out blocks to a 240-frame scale
+              calib_fraction=0.3)                          # and enough training rows for 2 rounds
     n_out = 0
     for s in range(0, 240, 16):
         out, exits = rt.predict(stream.frames[s:s + 16], return_exits=True)

@@ -524,7 +524,9 @@ def test_state_survives_a_kill_and_sigterm_drains(teacher_artifact, fashion_smal
     # 1. Learn online until exits switch on: the round is checkpointed at once (not at shutdown:
     #    the process then dies without one, as under SIGKILL).
     cfg = ServerConfig(artifact=str(teacher_artifact), model_name=MODEL, state_dir=str(state),
-                       checkpoint_every_s=3600, runtime_options={"latency_weight": 0.0})
+                       checkpoint_every_s=3600,
+                       # a 30% hold-out switches exits on within the 3,000 rows sent
+                       runtime_options={"latency_weight": 0.0, "calib_fraction": 0.3})
     service = Service(cfg).start()
     srv = Running(service, stop_on_shutdown=False)
     try:
