@@ -275,7 +275,7 @@ def binomial_tail(errors: float, n: int, risk: float) -> float:
     if errors != int(errors):
         return min(1.0, max(0.0, _betainc(n - errors, errors + 1.0, 1.0 - risk)))
     errors = int(errors)
-    k = torch.arange(0, min(errors, n) + 1, dtype=torch.float64)
+    k = torch.arange(0, errors + 1, dtype=torch.float64)   # errors < n here
     logc = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) \
         - torch.lgamma(n - k + 1)
     logp = logc + k * math.log(risk) + (n - k) * math.log1p(-risk)

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from compiler import exit_rule
-from runtime.config import THRESHOLD_RULES
+from runtime.config import THRESHOLD_RULES, CollectConfig
 from tools.scenes import SceneConfig, make_stream
 
 SECOND_HALF = "second half of the stream: every frame was answered before anything learned from it"
@@ -182,9 +182,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-every", type=int, default=1000,
                    help="frames between learning rounds (also the first round's minimum)")
     p.add_argument("--min-calib", type=int, default=400, help="held-out frames before exits")
-    p.add_argument("--calib-fraction", type=float, default=0.5,
-                   help="share of frames held out to calibrate before exits are on (a camera's "
-                        "frames are correlated: the bound counts frames / design effect)")
+    p.add_argument("--calib-fraction", type=float, default=CollectConfig.calib_fraction,
+                   help="share of frames held out to calibrate before exits are on (default: "
+                        "the runtime's; a camera's frames are correlated: the bound counts "
+                        "frames / design effect)")
     p.add_argument("--threshold-rule", default="ltt", choices=THRESHOLD_RULES,
                    help="how held-out frames choose thresholds (runtime/calibrate.py; the "
                         "runtime's default, ltt, is the valid one)")
