@@ -97,7 +97,7 @@ class Runtime:
             self.learner.adopt([c.cpu() for c in classifiers])
         classes = int(self.manifest["num_classes"])   # the heads' classes, in either task
         self.buffer = FeatureBuffer([s["feature_dim"] for s in specs], classes,
-                                    self.config.collect.buffer_mb)
+                                    self.config.collect.buffer_mb, self.config.collect.calib_share)
         self.collector = Collector(self.buffer, self.config.collect, self.config.seed)
         # calibration and drift count rows as n / deff
         self.design = DesignEffect(classes, self.config.guarantee.correlation_block_rows)

@@ -1,4 +1,6 @@
-"""A bounded ring buffer of pooled exit features and the backbone's logits for the same rows."""
+"""A bounded buffer of pooled exit features and the backbone's logits, where held-out rows keep
+their share of the memory."""
+import collections
 import threading
 from typing import List
 
@@ -10,20 +12,37 @@ FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class FeatureBuffer:
-    """Holds the most recent rows within a memory cap; features are stored as float16."""
+    """Holds recent rows within a memory cap; features are stored as float16.
 
-    def __init__(self, feature_dims: List[int], num_classes: int, memory_mb: float):
+    When full, a new row replaces the oldest row of its own role, except that a held-out row
+    replaces the oldest training row while held-out rows fill less than ``calib_share`` of the
+    buffer. So training rows never push out held-out ones below that share: the held-out rows
+    are the calibration's evidence (each cost a request that could have trained), and a model
+    with wide features fills the buffer in a few thousand rows (vgg16_bn: 3,100 rows in 256
+    MB), where a plain ring dropped the evidence and switched the exits off.
+    """
+
+    def __init__(self, feature_dims: List[int], num_classes: int, memory_mb: float,
+                 calib_share: float = 0.5):
         row_bytes = 2 * sum(feature_dims) + 4 * num_classes + 2
         self.capacity = max(int(memory_mb * 2 ** 20 // row_bytes), 64)
+        self.calib_cap = max(1, min(self.capacity - 1, int(calib_share * self.capacity)))
         self.features = [torch.zeros(self.capacity, d, dtype=torch.float16) for d in feature_dims]
         self.teacher = torch.zeros(self.capacity, num_classes)
         self.role = torch.zeros(self.capacity, dtype=torch.uint8)
-        self.stamp = torch.zeros(self.capacity, dtype=torch.long)  # arrival order
-        self.size = 0
-        self.next = 0
         self.added = 0
         self.rows_rejected = 0
         self.lock = threading.Lock()
+        self._reset()
+
+    def _reset(self):
+        self._free = collections.deque(range(self.capacity))   # slots, lowest first
+        self._slots = {TRAIN: collections.deque(), CALIB: collections.deque()}  # oldest first
+
+    @property
+    def size(self) -> int:
+        """Rows held."""
+        return self.capacity - len(self._free)
 
     def add(self, feats: List[torch.Tensor], teacher: torch.Tensor, role: torch.Tensor):
         """Append rows (features per exit [n, d_i], teacher logits [n, K], role [n]).
@@ -46,39 +65,43 @@ class FeatureBuffer:
             if n == 0:
                 return
         with self.lock:
-            for start in range(0, n, self.capacity):
-                self._add(feats, teacher, role, start, min(n, start + self.capacity))
+            where = {}   # slot -> row of this batch (a later row may take an earlier one's slot)
+            for i, r in enumerate(role.tolist()):
+                where[self._slot(r)] = i
+            slots = torch.tensor(list(where.keys()), dtype=torch.long)
+            rows = torch.tensor(list(where.values()), dtype=torch.long)
+            for store, f in zip(self.features, feats):
+                store[slots] = f[rows].to(store.device, store.dtype)
+            self.teacher[slots] = teacher[rows].to(self.teacher.device, self.teacher.dtype)
+            self.role[slots] = role[rows].to(torch.uint8)
+            self.added += n
 
-    def _add(self, feats, teacher, role, a, b):
-        m = b - a
-        first = min(m, self.capacity - self.next)   # rows before the ring wraps
-        for lo, hi, at in ((a, a + first, self.next), (a + first, b, 0)):
-            if hi > lo:
-                dst = slice(at, at + hi - lo)
-                for store, f in zip(self.features, feats):
-                    store[dst].copy_(f[lo:hi])       # casts to float16, moves to the CPU
-                self.teacher[dst].copy_(teacher[lo:hi])
-                self.role[dst].copy_(role[lo:hi])
-                self.stamp[dst] = torch.arange(self.added + lo - a, self.added + hi - a)
-        self.next = (self.next + m) % self.capacity
-        self.size = min(self.size + m, self.capacity)
-        self.added += m
+    def _slot(self, role: int) -> int:
+        """A slot for a new row of ``role``: a free one, else the oldest row's that it may
+        replace. Under the lock."""
+        if self._free:
+            slot = self._free.popleft()
+        else:
+            calib = self._slots[CALIB]
+            take_calib = role == CALIB and len(calib) >= self.calib_cap or \
+                not self._slots[TRAIN]
+            slot = (calib if take_calib else self._slots[TRAIN]).popleft()
+        self._slots[role].append(slot)
+        return slot
 
     def count(self, role: int) -> int:
         """Rows held with ``role``."""
         with self.lock:
-            return int((self.role[:self.size] == role).sum())
+            return len(self._slots[role])
 
     def clear(self):
         with self.lock:
-            self.size = 0
-            self.next = 0
+            self._reset()
 
     def snapshot(self, role: int, limit: int = 0):
-        """Copies of (features per exit, teacher) of rows with ``role``, most recent ``limit``."""
+        """Copies of (features per exit, teacher) of rows with ``role`` in arrival order, the
+        most recent ``limit``."""
         with self.lock:
-            sel = torch.nonzero(self.role[:self.size] == role).flatten()
-            if limit and sel.numel() > limit:
-                order = torch.argsort(self.stamp[sel], descending=True)[:limit]
-                sel = sel[order]
+            slots = self._slots[role]
+            sel = torch.tensor(list(slots)[-limit:] if limit else list(slots), dtype=torch.long)
             return [f[sel].float() for f in self.features], self.teacher[sel].clone()

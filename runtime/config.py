@@ -67,6 +67,11 @@ class CollectConfig:
     """Which served rows are kept to learn from (runtime/collect.py).
 
     buffer_mb:      memory cap of the feature buffer (pooled exit features + backbone logits).
+    calib_share:    the share of that buffer held-out rows may fill before they replace each
+                    other; below it, training rows never replace them (``buffer.py``). A model
+                    with wide features fills 256 MB within a few thousand rows (vgg16_bn on
+                    Fashion-MNIST: 3,100), and a plain ring then pushed out the held-out rows,
+                    the calibration's only evidence, and switched every exit off.
     calib_fraction: before any exit is on, share of rows held out for calibration (never trained
                     on); once exits are on, the shadow rows (the unbiased ones) calibrate.
                     Over demo streams (seeds 0-7, BENCHMARKS.md) 0.5 saved most: 0.3 / 0.4 /
@@ -104,6 +109,7 @@ class CollectConfig:
     """
 
     buffer_mb: float = 256.0
+    calib_share: float = 0.5
     calib_fraction: float = 0.5
     collect_rate: float = 0.1
     warmup_collect_rate: float = 1.0
@@ -297,6 +303,9 @@ class RuntimeConfig:
                         ("doubt_alarm_p", self.drift.doubt_alarm_p)):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if not 0.0 < self.collect.calib_share < 1.0:
+            raise ConfigError(f"calib_share must be above 0 and below 1 (the rest of the buffer "
+                              f"holds training rows), got {self.collect.calib_share}")
         if self.collect.warmup_collect_rate <= 0.0:
             raise ConfigError("warmup_collect_rate must be above 0 (at 0 nothing would ever "
                               "teach the exits); 1.0 learns fastest")
