@@ -31,6 +31,14 @@ class RewriteConfig:
                   in (0, 1]. Parameters, not FLOPs, bind: heads pool first, so even at 15% they
                   cost about 0.5% of the backbone's FLOPs, and 15% lets the early heads have a
                   hidden layer (the demo saves 60.6% of FLOPs; 57.6% with ``--head-budget 0.05``).
+    max_feature_dim: an exit's pooled features hold at most this many values (0: no cap); a
+                  wide layer then pools to a coarser grid (global pooling is always allowed).
+                  The runtime buffers every exit's features for each row it learns from (as
+                  float16, 256 MB by default), so this bounds a row's cost: with 6 exits at
+                  most 48 KB, at least ~5,000 rows. Uncapped, ResNet-50 at 224 px held 950 rows
+                  (16-33 K values per exit) and vgg16_bn on 32 px 3,100: too few to learn and
+                  certify from. 4096 leaves the demo's, MobileNetV2's and the detectors' heads
+                  as they were.
     atol, rtol:   tolerance (>= 0) when checking that the artifact reproduces the model.
     seed:         seeds head initialisation and the example input (0 to 2**63 - 1).
     """
@@ -42,6 +50,7 @@ class RewriteConfig:
     min_fraction: float = 0.05
     max_fraction: float = 0.9
     head_budget: float = 0.15
+    max_feature_dim: int = 4096
     atol: float = 1e-4
     rtol: float = 1e-4
     seed: int = 0
@@ -74,6 +83,10 @@ class RewriteConfig:
             raise UsageError(f"--head-budget {self.head_budget!r} is out of range; give a "
                              f"fraction of the backbone's parameters in (0, 1], e.g. "
                              f"{RewriteConfig.head_budget} (default)")
+        if not _is_int(self.max_feature_dim) or self.max_feature_dim < 0:
+            raise UsageError(f"--max-feature-dim {self.max_feature_dim!r} is out of range; give "
+                             f"a whole number of values, 0 for no cap (default "
+                             f"{RewriteConfig.max_feature_dim})")
         for name in ("atol", "rtol"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:

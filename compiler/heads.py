@@ -201,28 +201,32 @@ MIN_HIDDEN, MAX_HIDDEN = 16, 256
 MIN_BOTTLENECK = 8  # narrower ReLU bottlenecks are often dead at init
 
 
-def plan_heads(shapes: List[tuple], num_classes: int, budget_params: int) -> List[HeadSpec]:
+def plan_heads(shapes: List[tuple], num_classes: int, budget_params: int,
+               max_feature_dim: int = 0) -> List[HeadSpec]:
     """Size one head per cut so that all heads together hold at most ``budget_params``.
 
     Each head gets an equal share: the richest pooling whose MLP keeps at least MIN_HIDDEN
     hidden units or, failing that, whose single Linear fits; else global pooling and a Linear.
+    ``max_feature_dim`` (0: none) rules out poolings with more values (global pooling stays).
     """
     share = max(budget_params // max(len(shapes), 1), 1)
     specs = []
     for shape in shapes:
-        specs.append(_plan_one(shape, num_classes, share))
+        specs.append(_plan_one(shape, num_classes, share, max_feature_dim))
     return specs
 
 
-def _pool_options(shape):
-    """(pooling, feature dim) candidates for an activation of ``shape``, richest first.
+def _pool_options(shape, max_dim: int = 0):
+    """(pooling, feature dim) candidates for an activation of ``shape``, richest first, none
+    over ``max_dim`` values but global pooling (0: no cap).
 
     Early layers have few channels and local features, so a finer grid there buys more
     agreement per parameter than a hidden layer does; grids only where they still pool.
     """
     if len(shape) == 4:
         c, hgt, wid = shape[1], shape[2], shape[3]
-        grids = [(f"avgmax{k}x{k}", 2 * k * k * c) for k in POOL_GRIDS if k < min(hgt, wid)]
+        grids = [(f"avgmax{k}x{k}", 2 * k * k * c) for k in POOL_GRIDS
+                 if k < min(hgt, wid) and not 0 < max_dim < 2 * k * k * c]
         return grids + [("avgmax", 2 * c)]
     if len(shape) == 3:
         return [("tokens", 2 * shape[2])]
@@ -232,10 +236,10 @@ def _pool_options(shape):
     return [("flat", n)]
 
 
-def _plan_one(shape, num_classes, share) -> HeadSpec:
+def _plan_one(shape, num_classes, share, max_dim=0) -> HeadSpec:
     # Spatial detail matters more than depth for a small head: try each pooling, richest first,
     # with an MLP, then as a single Linear; the last pooling's Linear is the fallback.
-    options = _pool_options(shape)
+    options = _pool_options(shape, max_dim)
     for pool, dim in options:
         hidden = (share - num_classes) // (dim + 1 + num_classes)
         if hidden >= MIN_HIDDEN:

@@ -73,7 +73,8 @@ def analyse(model: torch.nn.Module, input_shape, config: RewriteConfig,
         c.flops_before //= ANALYSIS_BATCH
         c.bytes //= ANALYSIS_BATCH
         c.shape = (-1,) + tuple(c.shape[1:])
-        spec = plan_heads([c.shape], num_classes, budget // max(config.num_exits, 1))[0]
+        spec = plan_heads([c.shape], num_classes, budget // max(config.num_exits, 1),
+                          config.max_feature_dim)[0]
         c.head_params = spec.params()
         c.head_flops = head_flops(spec, c.shape)
         c.score = score(c, total)
@@ -164,7 +165,7 @@ def build(an: Analysis, cuts: List[CutPoint], config: RewriteConfig):
     """Split at ``cuts``, attach heads, and script the result. Returns (module, head specs, stage FLOPs)."""
     num_classes = an.output.shape[1]
     specs = plan_heads([c.shape for c in cuts], num_classes,
-                       int(config.head_budget * an.params))
+                       int(config.head_budget * an.params), config.max_feature_dim)
     stages = split_stages(an.gm, [c.name for c in cuts])
     torch.manual_seed(config.seed)
     blocks, h = [], an.example
@@ -230,6 +231,7 @@ def make_manifest(an: Analysis, cuts, specs, stage_flops, loaded: Optional[Loade
         "head_params": sum(s.params() for s in specs),
         "head_budget_exceeded": sum(s.params() for s in specs) > config.head_budget * an.params,
         "config": {"num_exits": config.num_exits, "head_budget": config.head_budget,
+                   "max_feature_dim": config.max_feature_dim,
                    "leaf_modules": list(config.leaf_modules)},
     }
 
@@ -337,6 +339,9 @@ def build_parser():
     p.add_argument("--head-budget", type=number(float, 0, 1, lo_open=True),
                    default=RewriteConfig.head_budget,
                    help="max heads' parameters as a fraction of the backbone's, in (0, 1]")
+    p.add_argument("--max-feature-dim", type=number(int, 0), default=RewriteConfig.max_feature_dim,
+                   help=f"max pooled values per exit, so the runtime's buffer holds enough rows "
+                        f"(default {RewriteConfig.max_feature_dim}; 0: no cap)")
     p.add_argument("--report", action="store_true", help="print the cut point table")
     p.add_argument("--json", metavar="PATH", help="write the analysis and manifest as JSON")
     p.add_argument("--dry-run", action="store_true", help="analyse only; write no artifact")
@@ -352,6 +357,7 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     config = RewriteConfig(input_shape=args.input_shape, leaf_modules=args.leaf_module,
                            num_exits=args.num_exits, head_budget=args.head_budget,
+                           max_feature_dim=args.max_feature_dim,
                            exits=args.exits or []).validate()
     out_path = args.output or os.path.splitext(args.model)[0] + ".cached.pt"
     check_paths(args, out_path)

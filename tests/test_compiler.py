@@ -17,7 +17,8 @@ from torch import nn
 from compiler import artifact
 from compiler.analysis.flops import FlopCounter
 from compiler.config import RewriteConfig
-from compiler.errors import ArtifactError, ArtifactVersionError, NoCutPointError, TraceFailure
+from compiler.errors import (ArtifactError, ArtifactVersionError, NoCutPointError, TraceFailure,
+                             UsageError)
 from compiler.heads import MIN_HIDDEN, ExitHead, HeadSpec, plan_heads, pool_grid
 from compiler.rewrite import analyse, main, rewrite_module, select_cuts
 from compiler.split import split_stages
@@ -346,6 +347,22 @@ def test_plan_heads_respects_budget_directly():
     specs = plan_heads([(-1, 512, 7, 7)] * 4, 1000, 80000)  # 20k each: only a bottleneck fits
     assert sum(s.params() for s in specs) <= 80000
     assert all(s.hidden >= 8 for s in specs)
+
+
+def test_max_feature_dim_pools_wide_layers_coarser_so_the_runtime_buffers_enough_rows():
+    wide = [(-1, 256, 28, 28), (-1, 1024, 14, 14), (-1, 2048, 7, 7)]     # ResNet-50-like
+    free = plan_heads(wide, 1000, 3 * 10 ** 6)
+    capped = plan_heads(wide, 1000, 3 * 10 ** 6, max_feature_dim=4096)
+    assert [s.feature_dim for s in free] == [8192, 32768, 36864]       # 4x4, 4x4, 3x3 cells
+    assert [s.pool for s in capped] == ["avgmax2x2", "avgmax", "avgmax"]
+    assert [s.feature_dim for s in capped] == [2048, 2048, 4096]       # global pooling stays
+    assert all(c.hidden >= f.hidden for c, f in zip(capped, free))     # the budget goes to depth
+    narrow = [(-1, 16, 28, 28), (-1, 64, 7, 7)]                          # under the cap: as before
+    assert plan_heads(narrow, 10, 10 ** 5, 4096) == plan_heads(narrow, 10, 10 ** 5)
+    cfg = RewriteConfig()
+    assert cfg.max_feature_dim == 4096
+    with pytest.raises(UsageError, match="--max-feature-dim"):
+        RewriteConfig(max_feature_dim=-5).validate()
 
 
 def test_plan_heads_prefers_a_finer_grid_where_channels_are_few():

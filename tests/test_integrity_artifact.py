@@ -490,6 +490,7 @@ REWRITE_FLAGS = [
     (["--head-budget", "5"], "<= 1"), (["--head-budget", "nan"], "--head-budget"),
     (["--head-budget", "inf"], "--head-budget"), (["--head-budget", "-inf"], "--head-budget"),
     (["--head-budget", "lots"], "--head-budget"),
+    (["--max-feature-dim", "-1"], "--max-feature-dim"), (["--max-feature-dim", "2.5"], "--max-feature-dim"),
     (["--input-shape", "1,1,5,5"], "--input-shape 1,1,5,5 does not fit the program"),
     (["--input-shape", "1,3,8,8"], "exported for 1,1,8,8"),
     (["--input-shape", "1,1,100000,100000"], "values per input row"),

@@ -195,15 +195,16 @@ def place(spec: BaselineSpec, cuts, our_exit_names: Sequence[str]) -> list:
 
 
 def build_exit_set(spec: BaselineSpec, an, our_exit_names: Sequence[str],
-                   head_budget: float = RewriteConfig.head_budget) -> ExitSet:
+                   head_budget: float = RewriteConfig.head_budget,
+                   max_feature_dim: int = RewriteConfig.max_feature_dim) -> ExitSet:
     """Heads (fresh) for baseline ``spec`` on the analysed backbone ``an``; "ours" heads are
-    sized as the compiler sizes them (``head_budget``: its default)."""
+    sized as the compiler sizes them (``head_budget``, ``max_feature_dim``: its defaults)."""
     num_classes = int(an.output.shape[1])
     chosen = place(spec, an.cuts, our_exit_names)
     ours = {}
     if spec.pool == "ours":
         for c, hs in zip(chosen, plan_heads([c.shape for c in chosen], num_classes,
-                                            int(head_budget * an.params))):
+                                            int(head_budget * an.params), max_feature_dim)):
             ours[c.name] = hs
     exits = []
     for k, c in enumerate(chosen):
