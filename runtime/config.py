@@ -69,9 +69,10 @@ class CollectConfig:
     buffer_mb:      memory cap of the feature buffer (pooled exit features + backbone logits).
     calib_share:    the share of that buffer held-out rows may fill before they replace each
                     other; below it, training rows never replace them (``buffer.py``). A model
-                    with wide features fills 256 MB within a few thousand rows (vgg16_bn on
-                    Fashion-MNIST: 3,100), and a plain ring then pushed out the held-out rows,
-                    the calibration's only evidence, and switched every exit off.
+                    with wide features fills 256 MB within a few thousand rows (vgg16_bn's
+                    heads before the compiler's ``max_feature_dim``: 3,100), and a plain ring
+                    then pushed out the held-out rows, the calibration's only evidence, and
+                    switched every exit off.
     calib_fraction: before any exit is on, share of rows held out for calibration (never trained
                     on); once exits are on, the shadow rows (the unbiased ones) calibrate.
                     Over demo streams (seeds 0-7, BENCHMARKS.md) 0.5 saved most: 0.3 / 0.4 /

@@ -86,7 +86,7 @@ def test_cusum_weighs_correlated_shadow_rows_as_the_rows_they_are_worth():
 
 
 def test_hold_out_takes_whole_blocks_and_trains_on_nothing_next_to_them():
-    from runtime.buffer import CALIB, FeatureBuffer
+    from runtime.buffer import CALIB, TRAIN, FeatureBuffer
     from runtime.collect import Collector
     from runtime.config import CollectConfig
     buf = FeatureBuffer([2], 3, memory_mb=1)
@@ -95,15 +95,14 @@ def test_hold_out_takes_whole_blocks_and_trains_on_nothing_next_to_them():
     feats = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 2)   # a row's feature: its time
     for i in range(0, n, 5):                                              # requests cut across blocks
         col.add([feats[i:i + 5]], torch.zeros(min(5, n - i), 3), False, False)
-    t = buf.features[0][:buf.size, 0].long()
-    role = buf.role[:buf.size]
-    roles = {}
-    for pos, r in zip(t.tolist(), role.tolist()):
-        roles.setdefault(pos // 8, set()).add(r)
+    roles, kept = {}, set()
+    for r in (CALIB, TRAIN):
+        for pos in buf.snapshot(r)[0][0][:, 0].long().tolist():
+            roles.setdefault(pos // 8, set()).add(r)
+            kept.add(pos)
     assert all(len(r) == 1 for r in roles.values()), "a block is all held out or all trained on"
     held = {b for b, r in roles.items() if r == {CALIB}}
     assert 0 < len(held) < len(roles)
-    kept = set(t.tolist())
     for b in range(40):
         rows = set(range(8 * b, 8 * b + 8))
         if b in held:

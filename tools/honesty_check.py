@@ -1,12 +1,14 @@
 """Does the guarantee stay honest over many streams? The demo stream at many seeds, one threshold rule.
 
-Each seed shuffles the Fashion-MNIST test set differently and serves it through a fresh runtime
+Each seed shuffles the Fashion-MNIST test set differently (at the artifact's input size and
+channels) and serves it through a fresh runtime
 (synchronous, seeded, 16 rows per request), as ``tools.demo`` does. On the second half of each
 stream (rows never used for calibration before they were answered) it records agreement with
 the backbone and FLOPs saved. With a 95% confidence the budget may fail in about 5% of the
 streams (the measurement on 5,000 rows adds its own binomial noise). Usage::
 
     python -m tools.honesty_check --seeds 0-19 --budget 0.99 --rule crossfit
+    python -m tools.honesty_check --artifact out/bench15B/vgg16_bn/vgg16_bn.cached.pt --seeds 0-9
 """
 import argparse
 import json
@@ -49,7 +51,9 @@ def main(argv=None) -> int:
             return 2
     from tools.experiment import runtime_settings
     settings = runtime_settings(args.runtime_settings)
-    x, y = load_fashion_mnist("test", size=28, channels=1)
+    from compiler.artifact import read_manifest
+    _, channels, size = read_manifest(artifact)["input_shape"][:3]   # the backbone's input
+    x, y = load_fashion_mnist("test", size=size, channels=channels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = torch.jit.load(artifact).eval()
