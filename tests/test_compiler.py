@@ -360,7 +360,7 @@ def test_max_feature_dim_pools_wide_layers_coarser_so_the_runtime_buffers_enough
     narrow = [(-1, 16, 28, 28), (-1, 64, 7, 7)]                          # under the cap: as before
     assert plan_heads(narrow, 10, 10 ** 5, 4096) == plan_heads(narrow, 10, 10 ** 5)
     cfg = RewriteConfig()
-    assert cfg.max_feature_dim == 4096
+    assert cfg.max_feature_dim == 1024
     with pytest.raises(UsageError, match="--max-feature-dim"):
         RewriteConfig(max_feature_dim=-5).validate()
 
