@@ -221,3 +221,13 @@ def test_code_version_names_uncommitted_files_whole(monkeypatch):
     monkeypatch.setattr(provenance.subprocess, "run", fake_run)
     assert code_version() == {"commit": "abc1234",
                                  "uncommitted": ["tools/demo.py", "runtime/new.py"]}
+
+
+@pytest.mark.parametrize("name,arch", [("vgg16_bn", "vgg16_bn"), ("mine", "ARCH")])
+def test_a_missing_backbone_names_the_command_that_trains_it(tmp_path, capsys, name, arch):
+    from tools.benchmark import main
+    path = tmp_path / "backbones" / f"{name}.pt2"
+    assert main(["--mode", "quick", "--backbone", str(path), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"python -m tools.train --arch {arch} --out {path}" in err

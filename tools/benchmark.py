@@ -97,8 +97,10 @@ def main(argv=None) -> int:
         if args.mode == "quick":
             path = Path(args.backbone) if args.backbone else ASSET
             if not path.is_file():
+                from tools.backbones import ARCHS
+                arch = path.stem if path.stem in ARCHS else "ARCH"   # out/backbones/ARCH.pt2
                 print(f"error: backbone {path} not found (train it with python -m tools.train "
-                      f"--arch demo_resnet --out {path}, or pass --backbone)", file=sys.stderr)
+                      f"--arch {arch} --out {path}, or pass another --backbone)", file=sys.stderr)
                 return 2
             todo = [("demo_resnet" if not args.backbone else Path(args.backbone).stem, path)]
         else:
