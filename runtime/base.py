@@ -318,8 +318,10 @@ class Runtime:
             self._generation += 1
             self._state = seen.exits_off(self._generation)
             self.drift.reset(None)
+            # under the lock: a round that reads the new generation must find the old rows gone
+            # (else it trains on them and publishes exits on, as a generation it may publish in)
+            self.buffer.clear()
         self.counters.forget_shadow()
-        self.buffer.clear()
         log.warning("drift: %s; exits off, relearning from new traffic", verdict.reason)
 
     # ----- learning -----------------------------------------------------------------------------

@@ -489,6 +489,12 @@ def test_drift_switches_exits_off(teacher_artifact, traffic):
     assert any(s["enabled"]), "exits must be on before the traffic changes"
     events = s["drift_events"]
     drifted = -traffic[1]  # inverted images: the heads are confidently wrong about them
+    clear, cleared = rt.buffer.clear, []
+
+    def clear_seen_by_rounds():   # a round reading the new generation must find no old rows
+        cleared.append((rt._lock.locked(), rt._generation))
+        clear()
+    rt.buffer.clear = clear_seen_by_rounds
     for i in range(0, len(drifted), BATCH):
         rt.predict(drifted[i:i + BATCH])
         s = rt.stats()
@@ -496,6 +502,7 @@ def test_drift_switches_exits_off(teacher_artifact, traffic):
             break
     else:
         pytest.fail(f"no drift detected; live agreement {s['live_agreement']}")
+    assert cleared == [(True, 1)], "old rows dropped in the same step as the generation bump"
     assert s["enabled"] == [False] * rt.num_exits  # switched off right then
     assert s["thresholds"] == [None] * rt.num_exits
     assert s["learning"]["buffer_rows"] == 0  # old traffic forgotten
