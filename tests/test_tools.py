@@ -252,3 +252,21 @@ def test_drift_check_photo_frames_are_seeded_and_the_shift_greys_them() -> None:
     g = a.next(4, True) * a.std + a.mean     # back to pixels: grey frames have equal channels
     assert torch.allclose(g[:, 0], g[:, 1], atol=1e-5) and torch.allclose(g[:, 1], g[:, 2], atol=1e-5)
     assert not torch.allclose(x[:, 0] * a.std[0] + a.mean[0], x[:, 1] * a.std[1] + a.mean[1])
+
+
+def test_detection_demo_counts_lost_boxes_and_the_items_among_them() -> None:
+    from tools.detection_demo import boxes_lost
+
+    def det(boxes, scores, labels):
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(scores), "labels": torch.tensor(labels, dtype=torch.long)}
+    item, clutter = [10., 10., 30., 30.], [60., 60., 70., 70.]
+    ref = det([item, clutter, [0., 0., 5., 5.]], [0.8, 0.4, 0.1], [1, 2, 3])   # last: below 0.3
+    truth = {"boxes": torch.tensor([[11., 10., 30., 31.]]), "labels": torch.tensor([1])}
+    empty = det([], [], [])
+    assert boxes_lost([empty], [ref], 0.3, [truth]) == (2, 1)          # both kept boxes, one item
+    assert boxes_lost([ref], [ref], 0.3, [truth]) == (0, 0)            # the detector's own answer
+    assert boxes_lost([det([clutter], [0.4], [2])], [ref], 0.3, [truth]) == (1, 1)
+    assert boxes_lost([det([item], [0.8], [1])], [ref], 0.3, [truth]) == (1, 0)
+    assert boxes_lost([det([item], [0.8], [2])], [ref], 0.3, [truth]) == (2, 1)  # wrong label
+    assert boxes_lost([empty], [ref], 0.3) == (2, 0)                   # no labels: no items

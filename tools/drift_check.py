@@ -135,8 +135,9 @@ def run_shift(artifact_path, reference, x, seed, name, pre_rows, post_rows, budg
         i += BATCH
         # Switch half-way between two rounds, so an ordinary round right after the switch
         # (calibrated on the old traffic) is not taken for detection.
+        half = rt.config.learning.train_every // 2
         if (i >= pre_rows and rt.state.any_enabled
-                and rt._pending >= rt.config.learning.train_every // 2) or i + BATCH > len(pre_ref):
+                and half <= rt._pending < half + BATCH) or i + BATCH > len(pre_ref):
             break
     switch_row = i
     before = rt.stats()
