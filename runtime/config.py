@@ -201,6 +201,11 @@ class DriftConfig:
     alarm switches every exit off, forgets the buffered traffic and relearns.
 
     window_rows:      rows per exit-share test.
+    doubt_looks:      on independent traffic the test also looks at a window's counts so far
+                      this many times per window (every 32 rows by default), each look at
+                      ``doubt_p`` / ``doubt_looks``: a large shift is doubted within a few
+                      dozen rows instead of after a window of spoiled answers (1: whole
+                      windows only). Correlated traffic always waits for whole windows.
     doubt_p:          the exit-share test's p-value threshold (chi-square; strict: doubt costs
                       backbone time).
     doubt_windows:    on correlated traffic (a design effect above 1.5 when the state was
@@ -226,6 +231,7 @@ class DriftConfig:
     """
 
     window_rows: int = 256
+    doubt_looks: int = 8
     doubt_p: float = 1e-6
     doubt_windows: int = 2
     doubt_shadow_rate: float = 1.0
@@ -341,6 +347,9 @@ class RuntimeConfig:
         if self.learning.lr > 1.0:
             raise ConfigError(f"lr must be at most 1 (Adam steps that large overflow the heads), "
                               f"got {self.learning.lr}")
+        if not isinstance(self.drift.doubt_looks, int) or self.drift.doubt_looks < 1:
+            raise ConfigError(f"doubt_looks must be a whole number of looks per window, at least 1 "
+                              f"(1: whole windows only), got {self.drift.doubt_looks!r}")
         if not isinstance(self.drift.doubt_windows, int) or self.drift.doubt_windows < 1:
             raise ConfigError(f"doubt_windows must be a whole number of windows, at least 1 "
                               f"(1: doubt on the first window that rejects), got "

@@ -25,7 +25,8 @@ class Verdict:
 class DriftMonitor:
     """Watches the traffic served under one serving state; ``reset`` when a new state is published.
 
-    - Exit shares, every request, no backbone needed: every ``window_rows`` rows, a chi-square
+    - Exit shares, every request, no backbone needed: every ``window_rows`` rows (on
+      independent traffic also ``doubt_looks`` times within a window), a chi-square
       test of the share of rows leaving at each exit against what calibration predicted. A
       shift (one window rejecting; on correlated traffic ``doubt_windows`` in a row, since a
       camera's scene can swing one window's shares) puts the monitor in *doubt*: the
@@ -77,6 +78,7 @@ class DriftMonitor:
             self._cusum = 0.0
             self._doubt_left = 0
             self._rejected_in_a_row = 0  # consecutive exit-share windows that rejected
+            self._next_look = 1          # the next look at the window's counts (doubt_looks)
             self._doubt_from = (0, 0)   # (judged, disagreed) when the current doubt began
             self._judged = 0
             self._disagreed = 0
@@ -135,17 +137,50 @@ class DriftMonitor:
         c = torch.tensor(list(exit_counts), dtype=torch.float64)
         self._counts = c if self._counts is None else self._counts + c
         n = float(self._counts.sum())
-        if n < self.config.window_rows:
+        correlated = self._deff() > CORRELATED_DEFF
+        need = self.config.doubt_windows if correlated else 1
+        # Independent traffic: the window's counts so far are tested every window_rows /
+        # doubt_looks rows, each look at doubt_p / doubt_looks (a Bonferroni split keeps a
+        # window's false doubts within doubt_p), so a large shift is caught after a few dozen
+        # rows rather than a whole window of answers it spoiled. Correlated traffic waits for
+        # whole windows: a scene that swings a part of one must not count as a window.
+        looks = 1 if correlated else self.config.doubt_looks
+        full = n >= self.config.window_rows
+        if not full and n < self._next_look * self.config.window_rows / looks:
             return
-        exp = self._expected * n
-        chi2 = float(((self._counts - exp) ** 2 / exp).sum()) / self._deff()
-        df = len(self._expected) - 1
-        p = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                          torch.tensor(chi2 / 2, dtype=torch.float64))) if df else 1.0
-        self._counts = None
-        self._rejected_in_a_row = self._rejected_in_a_row + 1 if p < self.config.doubt_p else 0
-        need = self.config.doubt_windows if self._deff() > CORRELATED_DEFF else 1
+        self._next_look = int(n * looks // self.config.window_rows) + 1
+        rejected = share_p_value(self._counts, self._expected, self._deff()) < \
+            self.config.doubt_p / looks
+        if not (rejected or full):
+            return
+        self._counts, self._next_look = None, 1     # the window ends: a new one begins
+        self._rejected_in_a_row = self._rejected_in_a_row + 1 if rejected else 0
         if self._rejected_in_a_row >= need and not self._doubt_left:
             self.doubts += 1
             self._doubt_left = self.config.doubt_rows
             self._doubt_from = (self._judged, self._disagreed)
+
+
+MIN_EXPECTED = 5.0   # independent rows expected per cell for the chi-square to hold
+
+
+def share_p_value(counts: torch.Tensor, expected_shares: torch.Tensor, deff: float) -> float:
+    """Chi-square p-value of rows per exit (``counts``) against the shares calibration
+    predicted, with rows counted as ``counts / deff`` independent ones. The exits expected to
+    take fewest rows are pooled into one cell until it expects ``MIN_EXPECTED`` (below that the
+    chi-square does not hold: two rows at an exit expected to take 0.03 read as p < 1e-9)."""
+    n = float(counts.sum()) / deff
+    obs, exp = counts / deff, expected_shares * n
+    order = torch.argsort(exp)
+    obs, exp = obs[order], exp[order]
+    small = int((exp < MIN_EXPECTED).sum())
+    if small:   # pool every small cell, and more of the next smallest until the pool reaches it
+        k = max(small, int((torch.cumsum(exp, 0) < MIN_EXPECTED).sum()) + 1)
+        obs = torch.cat([obs[:k].sum().reshape(1), obs[k:]])
+        exp = torch.cat([exp[:k].sum().reshape(1), exp[k:]])
+    df = len(exp) - 1
+    if df < 1 or float(exp.min()) <= 0:
+        return 1.0
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(chi2 / 2, dtype=torch.float64)))

@@ -73,8 +73,9 @@ def doubt_then_judge(monitor, disagreement: float, seed: int, rows: int = 1200):
 def test_a_doubt_whose_rows_break_the_budget_ends_in_an_alarm():
     # 4% disagreement, four times the budget's rate: the CUSUM (tuned for 4% and up) needs
     # ~900 rows on average; the doubt's own 400 rows are tested as a whole when it ends.
-    cfg = DriftConfig()
-    by = cfg.doubt_windows * cfg.window_rows + cfg.doubt_rows + BATCH
+    # Whole windows only: the doubt begins after one, so the CUSUM sees the doubt's rows alone.
+    cfg = DriftConfig(doubt_looks=1)
+    by = cfg.window_rows + cfg.doubt_rows + BATCH
     with_test = without = 0
     for seed in range(10):
         m = DriftMonitor(cfg, BUDGET)
@@ -83,7 +84,7 @@ def test_a_doubt_whose_rows_break_the_budget_ends_in_an_alarm():
         if at is not None:
             with_test += 1
             assert "judged in doubt" in v.reason or "CUSUM" in v.reason
-        m = DriftMonitor(DriftConfig(doubt_alarm_p=0.0), BUDGET)
+        m = DriftMonitor(DriftConfig(doubt_alarm_p=0.0, doubt_looks=1), BUDGET)
         m.reset((0.6, 0.2, 0.2))
         without += doubt_then_judge(m, 0.04, seed, rows=by)[0] is not None
     assert with_test >= 8 and without <= 3, (with_test, without)
@@ -163,3 +164,40 @@ def test_stable_fashion_mnist_raises_no_alarm_and_inverted_images_are_caught(tea
     assert i + BATCH <= 1000, f"caught only after {i + BATCH} rows"
     s = rt.stats()
     assert s["enabled"] == [False] * rt.num_exits
+
+
+def rows_to_doubt(cfg, shares, expected=(0.6, 0.2, 0.2), rows=4096, seed=0, design=None):
+    """Requests of BATCH rows leaving by ``shares``, no shadow rows: rows until the first
+    doubt (None: none), and the monitor."""
+    m = DriftMonitor(cfg, BUDGET, design)
+    m.reset(expected)
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, rows, BATCH):
+        exits = torch.multinomial(torch.tensor(shares), BATCH, True, generator=gen)
+        m.observe(torch.bincount(exits, minlength=len(shares)).tolist(), None)
+        if m.in_doubt:
+            return start + BATCH, m
+    return None, m
+
+
+def test_looks_within_a_window_doubt_a_large_shift_in_a_few_dozen_rows():
+    moved = (0.1, 0.1, 0.8)
+    for seed in range(5):
+        early, _ = rows_to_doubt(DriftConfig(), moved, seed=seed)
+        whole, _ = rows_to_doubt(DriftConfig(doubt_looks=1), moved, seed=seed)
+        assert early is not None and early <= 64, (seed, early)
+        assert whole == 256, (seed, whole)
+
+    class Camera:   # correlated traffic waits for whole windows, doubt_windows of them
+        value = 12.0
+    at, _ = rows_to_doubt(DriftConfig(), (0.02, 0.02, 0.96), design=Camera())
+    assert at == 2 * 256
+
+
+def test_stable_traffic_with_a_rarely_taken_exit_raises_no_doubt():
+    # An exit calibration expects to take 0.1% of rows: two of them among the 32 rows of one
+    # look would read as p < 1e-9 if that cell were tested alone; it is pooled with others.
+    shares = (0.6, 0.2, 0.199, 0.001)
+    for seed in range(3):
+        at, m = rows_to_doubt(DriftConfig(), shares, expected=shares, rows=60_000, seed=seed)
+        assert at is None and m.doubts == 0, (seed, at)

@@ -326,6 +326,9 @@ def test_settings_are_set_by_name_and_checked():
     for bad in (0, -16, 16.5, "64"):
         with pytest.raises(runtime.ConfigError, match="correlation_block_rows must be a whole"):
             runtime.RuntimeConfig().with_overrides(correlation_block_rows=bad)
+    for bad in (0, -8, 2.5, "8"):
+        with pytest.raises(runtime.ConfigError, match="doubt_looks must be a whole"):
+            runtime.RuntimeConfig().with_overrides(doubt_looks=bad)
     for bad in (0, 1.5, "2"):
         with pytest.raises(runtime.ConfigError, match="doubt_windows must be a whole"):
             runtime.RuntimeConfig().with_overrides(doubt_windows=bad)
