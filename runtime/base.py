@@ -321,6 +321,7 @@ class Runtime:
             # under the lock: a round that reads the new generation must find the old rows gone
             # (else it trains on them and publishes exits on, as a generation it may publish in)
             self.buffer.clear()
+            self.design.reset()   # old and new traffic in one window would read as correlation
         self.counters.forget_shadow()
         log.warning("drift: %s; exits off, relearning from new traffic", verdict.reason)
 

@@ -32,16 +32,23 @@ class DesignEffect:
         self.block_rows = block_rows
         self.min_blocks = min_blocks
         self._window = collections.deque(maxlen=window_blocks)
-        self._block = [0] * num_classes
-        self._rows = 0
-        K = num_classes
-        self._c = [0.0] * K      # sum_j c_jk
-        self._mc = [0.0] * K     # sum_j m_j c_jk
-        self._cc = 0.0           # sum_jk c_jk^2
-        self._m = 0.0            # sum_j m_j
-        self._mm = 0.0           # sum_j m_j^2
-        self.value = 1.0
         self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        """Forget the traffic seen (a drift alarm: what comes next is other traffic, and a
+        window that holds old and new answers reads the change as correlation)."""
+        with self._lock:
+            K = self.num_classes
+            self._window.clear()
+            self._block = [0] * K
+            self._rows = 0
+            self._c = [0.0] * K      # sum_j c_jk
+            self._mc = [0.0] * K     # sum_j m_j c_jk
+            self._cc = 0.0           # sum_jk c_jk^2
+            self._m = 0.0            # sum_j m_j
+            self._mm = 0.0           # sum_j m_j^2
+            self.value = 1.0
 
     def observe(self, out: torch.Tensor):
         """One request's answers [n, num_classes] (anything else is ignored)."""

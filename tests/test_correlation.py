@@ -39,6 +39,24 @@ def test_runs_across_single_row_requests_are_seen():
     assert shuffled.value < 1.5
 
 
+def test_a_shift_reads_as_correlation_until_the_estimate_is_reset():
+    """Old and new traffic in one window look like correlation (the classes seen change from
+    one block to the next); a drift alarm resets the estimate to the new traffic alone."""
+    g = torch.Generator().manual_seed(2)
+    d = DesignEffect(10, block_rows=16)
+    for c in torch.randint(5, (2048,), generator=g).tolist():      # classes 0-4 only
+        d.observe(_onehot([c]))
+    assert d.value < 1.5
+    for c in (5 + torch.randint(5, (2048,), generator=g)).tolist():   # then 5-9 only
+        d.observe(_onehot([c]))
+    assert d.value > 2        # a mixture of two independent streams, read as correlated
+    d.reset()
+    assert d.value == 1.0
+    for c in (5 + torch.randint(5, (2048,), generator=g)).tolist():
+        d.observe(_onehot([c]))
+    assert d.value < 1.5
+
+
 def test_correlation_longer_than_the_block_needs_a_longer_block():
     """Scenes of 48 rows: 16-row blocks each hold one scene and cap the design effect at 16;
     64-row blocks see that the rows are worth even less. The runtime measures over

@@ -509,6 +509,7 @@ def test_drift_switches_exits_off(teacher_artifact, traffic):
     assert s["enabled"] == [False] * rt.num_exits  # switched off right then
     assert s["thresholds"] == [None] * rt.num_exits
     assert s["learning"]["buffer_rows"] == 0  # old traffic forgotten
+    assert s["design_effect"] == 1.0 and not rt.design._window   # read afresh
     _, exits = rt.predict(drifted[:BATCH], return_exits=True)
     assert (exits == rt.num_exits).all()
     # Relearning on the new traffic: rounds go on, on features standardised afresh.
