@@ -62,8 +62,8 @@ class CachedRuntime(Runtime):
             self.stages = [GraphedStage(s) for s in self.stages]
         self.backend = self._make_backend(scripted_stages)
         w = self._latency_weight()
-        miss = None   # each exit's miss overhead, measured only when a cap needs it
-        if self.config.serving.max_miss_overhead is not None and self.backend is not None:
+        miss = None   # each exit's miss overhead: what a cap tests and the time a head is priced at
+        if self.backend is not None and (w or self.config.serving.max_miss_overhead is not None):
             miss = self.backend.miss_profile(list(classifiers))
         return CostModel(self.manifest, w, profile(self.stages, self.heads, classifiers,
                                                    self.input_shape, self.device,

@@ -23,16 +23,21 @@ class CostModel:
         self.stage_cost = self.stage_flops / self.total_flops
         self.head_cost = self.head_flops / self.total_flops
         self.stage_latency_ms, self.head_latency_ms = None, None
+        # per exit, a missing row's extra time as a share of the backbone's (measured at batch 1
+        # in the onnxruntime backend, ``backends.miss_profile``); None: read from latency_ms
+        self.miss_share = None if miss_share is None else [float(v) for v in miss_share]
         if latency_ms is not None:
             lat_stage, lat_head = latency_ms
             self.stage_latency_ms, self.head_latency_ms = lat_stage.tolist(), lat_head.tolist()
             if w:
                 ref = lat_stage.sum()
+                # A head's time is what a row that passes it pays: where measured, its branch
+                # included (at batch 1, where it weighs most; on a real model the boundary,
+                # not the head's own ops, is most of it: docs/latency.md), else its own ops.
+                head = lat_head / ref if self.miss_share is None else \
+                    torch.tensor(self.miss_share, dtype=torch.float64)
                 self.stage_cost = (1 - w) * self.stage_cost + w * lat_stage / ref
-                self.head_cost = (1 - w) * self.head_cost + w * lat_head / ref
-        # per exit, a missing row's extra time as a share of the backbone's (measured at batch 1
-        # in the onnxruntime backend, ``backends.miss_profile``); None: read from latency_ms
-        self.miss_share = None if miss_share is None else [float(v) for v in miss_share]
+                self.head_cost = (1 - w) * self.head_cost + w * head
         self._flops_cache = {}
 
     def miss_overhead(self, enabled) -> float:

@@ -179,6 +179,26 @@ def test_the_miss_overhead_is_the_enabled_heads_measured_time_over_the_stages():
     assert cap((True, False)) and not cap((False, True)) and cap((False, False))
 
 
+def test_a_head_is_priced_at_what_a_passing_row_pays_where_that_was_measured():
+    """Latency-weighted, a head costs its own ops' share of the stages' time, or, where the
+    onnxruntime backend measured it (``miss_profile``: the head, its decision and its branch at
+    batch 1), that share; FLOPs saved are FLOPs whatever the weight."""
+    from runtime.costs import CostModel
+    manifest = {"total_flops": 10.0, "stage_flops": [4.0, 3.0, 3.0],
+                "exits": [{"head": {"flops": 0.1}}, {"head": {"flops": 0.1}}]}
+    lat = (torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64),
+           torch.tensor([0.1, 0.3], dtype=torch.float64))
+    own = CostModel(manifest, 1.0, lat)
+    assert torch.allclose(own.head_cost, torch.tensor([0.025, 0.075], dtype=torch.float64))
+    passing = CostModel(manifest, 1.0, lat, miss_share=[0.06, 0.01])
+    assert torch.allclose(passing.head_cost, torch.tensor([0.06, 0.01], dtype=torch.float64))
+    half = CostModel(manifest, 0.5, lat, miss_share=[0.06, 0.01])
+    assert torch.allclose(half.head_cost, torch.tensor([0.035, 0.01], dtype=torch.float64))
+    flops = CostModel(manifest, 0.0, lat, miss_share=[0.06, 0.01])
+    assert torch.allclose(flops.head_cost, torch.tensor([0.01, 0.01], dtype=torch.float64))
+    assert abs(passing.miss_overhead((True, True)) - 0.07) < 1e-12
+
+
 def test_independent_rows_needed_is_where_a_perfect_head_can_first_switch_on():
     """Below ``independent_rows_needed`` held-out rows no exit can be certified even when every
     row agrees; at it, LTT switches an exit on (for each LTT rule: "ltt-fitted" loses 30% of

@@ -363,8 +363,14 @@ def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traf
     assert len(measured.costs.miss_share) == measured.num_exits
     measured.close()
     uncapped = runtime.load(teacher_artifact, background=False, backend="onnxruntime", **STABLE)
-    assert uncapped.costs.miss_share is None   # no cap: nothing extra measured at load
+    assert uncapped.costs.miss_share is None   # no cap, FLOPs only: nothing extra measured
     uncapped.close()
+    weighted = runtime.load(teacher_artifact, background=False, backend="onnxruntime",
+                            latency_weight=1.0)   # heads priced at what rows pay
+    assert len(weighted.costs.miss_share) == weighted.num_exits
+    assert torch.allclose(weighted.costs.head_cost,
+                          torch.tensor(weighted.costs.miss_share, dtype=torch.float64))
+    weighted.close()
 
 
 def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifact, traffic,
