@@ -232,9 +232,17 @@ def _busy(teacher_artifact, rows):
     """A background runtime whose learner is inside a long round."""
     rt = runtime.load(teacher_artifact, background=True, train_every=400, min_train=400,
                       epochs=10000, latency_weight=0.0)
-    for i in range(0, 1200, BATCH):   # 400+ training rows after the warm-up and hold-out
+    # Rows reach the buffer through the deferred teacher, so a round woken after 400 rows may
+    # find fewer than min_train of them and end at once; the next one is due 400 rows later.
+    # Serve (at most the whole fixture, at most 30 s) until a round is under way.
+    deadline, i = time.monotonic() + 30, 0
+    while not rt._learning and time.monotonic() < deadline and i + BATCH <= len(rows):
         rt.predict(rows[i:i + BATCH])
-    assert wait_for(lambda: rt._learning, 30), f"no round started: {rt.stats()['learning']}, pending {rt._pending}"
+        i += BATCH
+        if i >= 1200:
+            time.sleep(0.005)   # the teacher and the learner get the core between requests
+    assert wait_for(lambda: rt._learning, 5), \
+        f"no round started: {rt.stats()['learning']}, pending {rt._pending}"
     return rt
 
 
