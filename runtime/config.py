@@ -211,8 +211,8 @@ class DriftConfig:
     doubt_p:          the exit-share test's p-value threshold per window (chi-square; strict:
                       a doubt costs ``doubt_rows`` rows of backbone time). 1e-5 (was 1e-6):
                       a stable stream then doubts once in ~25 million rows, and a rotation
-                      of the demo's traffic, which moves its exit shares only a little, is
-                      doubted before a learning round re-calibrates on the mixed traffic
+                      of the demo's traffic, which moves its exit shares less than other
+                      shifts, is doubted before a learning round re-calibrates on the mixed traffic
                       (first 1,000 shifted rows 97.1% instead of 95.5%; docs/drift.md).
     doubt_windows:    on correlated traffic (a design effect above 1.5 when the state was
                       published), consecutive windows that must each reject before doubt. A
