@@ -545,8 +545,8 @@ def select_cuts(an: DetectorAnalysis, config: DetectionConfig) -> List[Detection
         by_name = {c.name: c for c in an.cuts}
         unknown = [e for e in config.exits if e not in by_name]
         if unknown:
-            raise CompilerError(f"not cut points of the body: {', '.join(unknown)}; run with "
-                                f"--report to list them")
+            raise CompilerError(f"not cut points of the body: {', '.join(unknown)}; use some of "
+                                f"{', '.join(by_name)} (--report says what each carries)")
         return sorted((by_name[e] for e in set(config.exits)), key=lambda c: c.position)
     cands = [c for c in an.cuts if c.preferred and c.fraction <= config.max_fraction]
     if not cands:

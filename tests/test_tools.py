@@ -212,6 +212,18 @@ def test_detection_demo_bad_runtime_settings_are_one_line(tmp_path: Path, capsys
         assert not out.exists()
 
 
+def test_detection_demo_unknown_exit_is_one_line_naming_the_cut_points(tmp_path: Path,
+                                                                      capsys) -> None:
+    """``--exits`` names body cut points; a wrong one is refused before anything is written."""
+    from tools.detection_demo import main
+    out = tmp_path / "out"
+    assert main(["--exits", "layer2,nosuch", "--frames", "200", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --exits: not cut points of the body: nosuch") and "\n" not in err
+    assert "layer1" in err and "layer3" in err    # the valid names, to pick from
+    assert not out.exists()
+
+
 def test_miss_probe_times_every_exit_three_ways(teacher_artifact, tmp_path: Path) -> None:
     import json
     from tools.miss_probe import main

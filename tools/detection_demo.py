@@ -186,6 +186,9 @@ def main(argv=None) -> int:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--detector", default=None, help="a state dict from tools.train_detector "
                                                     "(default: the embedded asset)")
+    p.add_argument("--exits", default="",
+                   help="comma-separated body cut points to place exits after (compiler.rewrite "
+                        "--exits; default: the automatic choice)")
     p.add_argument("--out", default="out/detection")
     p.add_argument("--frames", type=int, default=16000, help="held-out frames per stream")
     p.add_argument("--empty", default="0.3,0.7", help="shares of empty frames, comma-separated")
@@ -228,6 +231,7 @@ def main(argv=None) -> int:
                         format="  %(message)s")
     from compiler import artifact
     from compiler.detection import DetectionConfig, rewrite_detector
+    from compiler.errors import CompilerError
     from runtime.detection import load as load_runtime
     from tools.train_detector import load_demo_detector
 
@@ -237,13 +241,18 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: runtime settings: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    exits = [e for e in args.exits.split(",") if e]
     detector, meta = load_demo_detector(args.detector)
     size = meta["build"].get("size", 96)
     t0 = time.perf_counter()
-    module, manifest, _ = rewrite_detector(detector,
-                                           DetectionConfig(input_shape=(1, 1, size, size)))
+    try:
+        module, manifest, _ = rewrite_detector(
+            detector, DetectionConfig(input_shape=(1, 1, size, size), exits=exits))
+    except CompilerError as e:
+        print(f"error: --exits: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     cached_path = out / "demo_detector.cached.pt"
     artifact.save(module, manifest, cached_path)
     print(f"rewrote the demo detector ({meta['arch']}, mAP@0.5 {meta['map50_heldout']:.3f} when "
