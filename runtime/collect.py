@@ -18,6 +18,7 @@ class Collector:
         self.buffer = buffer
         self.config = config
         self._gen = torch.Generator().manual_seed(seed)
+        self._draws = []                # uniforms drawn ahead from ``_gen``, in its order
         self._lock = threading.Lock()   # torch.Generator is not thread-safe
         self._seed = seed
         self._seen = 0                  # rows through add(): the clock hold-out blocks follow
@@ -34,16 +35,24 @@ class Collector:
         so the calibration rows stay one even sample of the traffic over time instead of
         crowding into the doubt's few hundred rows (one or two scenes of a camera)."""
         with self._lock:
-            u = torch.rand(1, generator=self._gen).item() if any_enabled else 1.0
+            u = self._uniform() if any_enabled else 1.0
             if u < max(shadow_rate, doubt_rate):
                 return True, True, u < shadow_rate
             if not any_enabled and self.config.warmup_collect_rate < 1.0:
-                return False, torch.rand(1, generator=self._gen).item() < \
-                    self.config.warmup_collect_rate, False
+                return False, self._uniform() < self.config.warmup_collect_rate, False
             if not fast_available:
                 return False, True, False
-            return False, torch.rand(1, generator=self._gen).item() < self.config.collect_rate, \
-                False
+            return False, self._uniform() < self.config.collect_rate, False
+
+    DRAW_AHEAD = 256
+
+    def _uniform(self) -> float:
+        """The generator's next uniform (under the lock). Drawn ``DRAW_AHEAD`` at a time: the
+        same numbers in the same order as one ``torch.rand(1)`` per call, without a tensor op
+        per request (about 10 us each on a cache-cold request path)."""
+        if not self._draws:
+            self._draws = torch.rand(self.DRAW_AHEAD, generator=self._gen).tolist()[::-1]
+        return self._draws.pop()
 
     GROUP = 20   # blocks dealt out together: exactly round(calib_fraction * 20) of them held out
 

@@ -55,7 +55,7 @@ class DesignEffect:
         if out.dim() != 2 or out.shape[1] != self.num_classes or out.shape[0] == 0:
             return
         n = int(out.shape[0])
-        classes = [int(out[0].argmax())] if n == 1 else out.argmax(1).tolist()
+        classes = [int(out.argmax())] if n == 1 else out.argmax(1).tolist()
         with self._lock:
             for k in classes:
                 self._block[k] += 1

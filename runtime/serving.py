@@ -1,5 +1,6 @@
 """Run one request against the immutable serving state: split the batch at confident exits."""
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -41,11 +42,12 @@ class ServingState:
         model whole."""
         return self.fast is not None or (self.compiled is not None and self.compiled.whole)
 
-    @property
+    # Read several times per request, so computed once per state (the state never changes)
+    @cached_property
     def any_enabled(self) -> bool:
         return any(t != INF for t in self.thresholds)
 
-    @property
+    @cached_property
     def enabled_key(self) -> tuple:
         """Per exit, on or off, as a tuple (cheap to hash: the cost model's cache key)."""
         return tuple(t != INF for t in self.thresholds)

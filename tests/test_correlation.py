@@ -192,3 +192,31 @@ def test_rows_shadowed_in_doubt_are_judged_but_only_the_usual_share_calibrates()
     plain = [calm.decide(True, 0.05, False) for _ in range(4000)]
     # the same requests calibrate, in doubt or not (no whole-model path: one draw a request)
     assert [k for _, _, k in doubt] == [s for s, _, _ in plain] == [k for _, _, k in plain]
+
+
+def test_decisions_follow_the_seeded_generator_one_draw_at_a_time():
+    """Uniforms are drawn ahead in bulk (no tensor op per request), yet every decision reads the
+    same number as one ``torch.rand(1)`` per draw from the seeded generator would, in order,
+    across refills and whichever branch draws."""
+    from runtime.buffer import FeatureBuffer
+    from runtime.collect import Collector
+    from runtime.config import CollectConfig
+
+    cfg = CollectConfig(warmup_collect_rate=0.5, collect_rate=0.3)
+    col = Collector(FeatureBuffer([4], 3, 1.0), cfg, seed=7)
+    g = torch.Generator().manual_seed(7)
+    draw = lambda: torch.rand(1, generator=g).item()   # noqa: E731
+    n = 3 * Collector.DRAW_AHEAD + 11
+    for i in range(n):
+        enabled, fast = (i % 3 != 0), (i % 5 != 0)
+        got = col.decide(enabled, 0.05, fast)
+        u = draw() if enabled else 1.0
+        if u < 0.05:
+            want = (True, True, True)
+        elif not enabled:
+            want = (False, draw() < 0.5, False)
+        elif not fast:
+            want = (False, True, False)
+        else:
+            want = (False, draw() < 0.3, False)
+        assert got == want, i
