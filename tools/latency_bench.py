@@ -122,6 +122,11 @@ def build_variants(args, out: Path):
     v["cache onnxruntime backend (plan)"] = ("cache", lambda t, a: plan.run(a))
     rt = runtime.load(args.artifact, background=False, seed=0, train_every=10 ** 12)
     v["cache runtime.predict (not learning)"] = ("cache", lambda t, a: rt.predict(t))
+    # the same with no request collecting for learning: what serving with the guarantee's
+    # shadow checks (5% of requests run whole) costs, learning switched off
+    rt_serve = runtime.load(args.artifact, background=False, seed=0, train_every=10 ** 12,
+                            collect_rate=0.0)
+    v["cache runtime.predict (shadow checks only)"] = ("cache", lambda t, a: rt_serve.predict(t))
 
     miss_pt = _with_thresholds(args.artifact, out / "miss.cached.pt", MISS_THRESHOLD)
     miss_module, _ = artifact.load(miss_pt)
