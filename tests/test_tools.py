@@ -224,6 +224,34 @@ def test_detection_demo_unknown_exit_is_one_line_naming_the_cut_points(tmp_path:
     assert not out.exists()
 
 
+def test_demo_times_the_cache_and_the_backbone_in_their_fastest_cpu_modes(
+        teacher_pt2, teacher_artifact, tmp_path: Path) -> None:
+    """The demo's "best CPU modes" compute the same models as the TorchScript files it times
+    beside them: the cache's ONNX export, the frozen backbone and its plain onnxruntime export
+    all answer as the artifact (exits off: the backbone) does."""
+    from compiler import artifact
+    from tools.demo import BACKBONE_MODES, CACHE_MODES, best_modes
+    module = artifact.load(str(teacher_artifact))[0]
+    shape = tuple(artifact.read_manifest(str(teacher_artifact))["input_shape"])
+    modes = best_modes(str(teacher_pt2), teacher_artifact, shape, tmp_path)
+    assert set(modes) | {"cached", "backbone"} == set(CACHE_MODES) | set(BACKBONE_MODES)
+    x = torch.randn((5,) + shape[1:], generator=torch.Generator().manual_seed(0))
+    want = module(x)
+    for name, fn in modes.items():
+        got = fn(x)
+        got = torch.as_tensor(got[0] if isinstance(got, list) else got)
+        assert torch.allclose(got, want, atol=1e-4), name
+
+
+def test_demo_best_modes_that_cannot_be_built_are_a_line_not_a_failure(tmp_path: Path,
+                                                                       capsys) -> None:
+    from tools.demo import best_modes
+    assert best_modes(str(tmp_path / "missing.pt2"), tmp_path / "missing.cached.pt",
+                      (1, 1, 28, 28), tmp_path) == {}
+    out = capsys.readouterr().out
+    assert out.startswith("  (the best CPU modes are not timed: ") and out.count("\n") == 1
+
+
 def test_miss_probe_times_every_exit_three_ways(teacher_artifact, tmp_path: Path) -> None:
     import json
     from tools.miss_probe import main

@@ -192,8 +192,8 @@ def serve_photos(rt, reference, ps, batch: int, order: Optional[torch.Tensor] = 
 
 
 def _ort_fn(path):
-    from tools.latency_bench import _ort_session
-    sess = _ort_session(str(path))
+    from tools.timing import ort_session
+    sess = ort_session(str(path))
     return lambda x: sess.run(None, {"input": x.numpy()})
 
 

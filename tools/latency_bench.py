@@ -41,18 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tools.timing import backbone_modes, ort_session
+
 BATCHES = {1: 300, 16: 120, 64: 40}   # batch size: requests timed
 MISS_THRESHOLD = 1.5                  # above any softmax confidence: no row leaves
-
-
-def _ort_session(path_or_bytes):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def _with_thresholds(src: str, dst: Path, threshold):
@@ -79,24 +71,13 @@ def build_variants(args, out: Path):
     eager = ep.module()
     example = torch.zeros((1,) + tuple(artifact.read_manifest(args.artifact)["input_shape"][1:]))
     v["backbone eager"] = ("backbone", lambda t, a: eager(t))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(eager, example, check_trace=False)
-        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    frozen, bb_plain = backbone_modes(eager, example, out / "backbone.plain.onnx")
     v["backbone frozen TorchScript"] = ("backbone", lambda t, a: frozen(t))
     plain_pt = _with_thresholds(args.artifact, out / "backbone.cached.pt", float("inf"))
     export_onnx(plain_pt, str(out / "backbone.export.onnx"))
-    bb_export = _ort_session(str(out / "backbone.export.onnx"))
+    bb_export = ort_session(str(out / "backbone.export.onnx"))
     v["backbone onnxruntime (compiler.export)"] = ("backbone",
                                                    lambda t, a: bb_export.run(None, {"input": a}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from compiler.export import _quiet
-        with _quiet():
-            torch.onnx.export(traced, (example.repeat(2, 1, 1, 1),), str(out / "backbone.plain.onnx"),
-                              input_names=["input"], output_names=["y"], dynamo=False,
-                              opset_version=18, dynamic_axes={"input": {0: "b"}, "y": {0: "b"}})
-    bb_plain = _ort_session(str(out / "backbone.plain.onnx"))
     v["backbone onnxruntime (plain export)"] = ("backbone",
                                                 lambda t, a: bb_plain.run(None, {"input": a}))
     if not args.no_compile:
@@ -106,7 +87,7 @@ def build_variants(args, out: Path):
     # --- the learned cache, and its misses
     module, manifest = artifact.load(args.artifact)
     export_onnx(args.artifact, str(out / "cached.onnx"))
-    cached_ort = _ort_session(str(out / "cached.onnx"))
+    cached_ort = ort_session(str(out / "cached.onnx"))
     E = len(manifest["exits"])
     blocks = [getattr(module.blocks, str(i)) for i in range(E)]
     stages = [b.stage for b in blocks] + [module.final]
@@ -131,7 +112,7 @@ def build_variants(args, out: Path):
     miss_pt = _with_thresholds(args.artifact, out / "miss.cached.pt", MISS_THRESHOLD)
     miss_module, _ = artifact.load(miss_pt)
     export_onnx(miss_pt, str(out / "miss.onnx"))
-    miss_ort = _ort_session(str(out / "miss.onnx"))
+    miss_ort = ort_session(str(out / "miss.onnx"))
     miss_plan = backend.compile(classifiers, [MISS_THRESHOLD] * E)
     v["miss TorchScript artifact"] = ("miss", lambda t, a: miss_module.forward_with_exits(t))
     v["miss onnxruntime (compiler.export)"] = ("miss", lambda t, a: miss_ort.run(None, {"input": a}))
@@ -373,7 +354,7 @@ def photo_stream(args, argv) -> int:
         from tools.camera_check import _compile
         _compile([str(weights), "--arch", "mobilenet_v2", "--num-classes", "1000", "-o", str(src)])
     export_onnx(str(src), str(out / "mobilenet_v2.exits_off.onnx"))   # exits are off as compiled
-    sess = _ort_session(str(out / "mobilenet_v2.exits_off.onnx"))
+    sess = ort_session(str(out / "mobilenet_v2.exits_off.onnx"))
     best = "backbone onnxruntime (compiler.export, exits off)"
     reqs = PhotoRequests(args.stream_rows, args.stream_batch)
     s = stream(str(src), lambda t: sess.run(None, {"input": t.numpy()}), reqs,

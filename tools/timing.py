@@ -61,3 +61,33 @@ def time_variants(variants: Dict[str, Callable], requests: List[torch.Tensor], r
                 sync(device)
                 times[name][k].append((time.perf_counter() - t0) * 1e3)
     return {n: [float(torch.tensor(ts).median()) for ts in times[n]] for n in names}
+
+
+def ort_session(path_or_bytes):
+    """An onnxruntime CPU session as we time every model: one thread, every graph optimisation."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def backbone_modes(eager: torch.nn.Module, example: torch.Tensor, onnx_path):
+    """The backbone as a CPU user would serve it at its fastest: (frozen TorchScript module,
+    onnxruntime session of a plain ``torch.onnx`` export with a dynamic batch, input "input").
+    ``example``: one row [1, ...]; the export is written to ``onnx_path``."""
+    import warnings
+    from compiler.export import _quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(eager, example, check_trace=False)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        with _quiet():
+            torch.onnx.export(traced, (example.repeat(2, *[1] * (example.dim() - 1)),),
+                              str(onnx_path), input_names=["input"], output_names=["y"],
+                              dynamo=False, opset_version=18,
+                              dynamic_axes={"input": {0: "b"}, "y": {0: "b"}})
+    return frozen, ort_session(str(onnx_path))
