@@ -15,8 +15,8 @@ order, ``--reps`` times over (a shared machine's load hits them alike):
   onnxruntime on a plain ``torch.onnx.export`` of the backbone, ``torch.compile``;
 - the learned cache: the TorchScript artifact, its ``compiler.export`` in onnxruntime, the
   runtime's onnxruntime backend (``runtime/backends.py``: stages as sessions, the exit decision
-  in numpy), and ``runtime.predict`` with learning off (shadow and collect rates at their
-  defaults, so it pays for them);
+  in numpy), and ``runtime.predict`` with rounds off twice: shadow and collect rates at their
+  defaults (so it pays for both), and with shadow checks only (``collect_rate=0``);
 - misses: the same cache modes with thresholds no row reaches (exits on, every row runs them).
 
 Then ``runtime.predict`` along a learning stream (background mode, starting with exits off) is
