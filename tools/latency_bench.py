@@ -14,8 +14,8 @@ order, ``--reps`` times over (a shared machine's load hits them alike):
   ``optimize_for_inference``), onnxruntime on ``compiler.export`` of the artifact with exits off,
   onnxruntime on a plain ``torch.onnx.export`` of the backbone, ``torch.compile``;
 - the learned cache: the TorchScript artifact, its ``compiler.export`` in onnxruntime, the
-  runtime's onnxruntime backend (``runtime/backends.py``: stages as sessions, the exit decision
-  in numpy), and ``runtime.predict`` with rounds off twice: shadow and collect rates at their
+  runtime's onnxruntime backend (``runtime/backends.py``'s plan: the learned state as one
+  composed graph, a one-row form at batch 1), and ``runtime.predict`` with rounds off twice: shadow and collect rates at their
   defaults (so it pays for both), and with shadow checks only (``collect_rate=0``);
 - misses: the same cache modes with thresholds no row reaches (exits on, every row runs them).
 
