@@ -15,8 +15,9 @@ order, ``--reps`` times over (a shared machine's load hits them alike):
   onnxruntime on a plain ``torch.onnx.export`` of the backbone, ``torch.compile``;
 - the learned cache: the TorchScript artifact, its ``compiler.export`` in onnxruntime, the
   runtime's onnxruntime backend (``runtime/backends.py``'s plan: the learned state as one
-  composed graph, a one-row form at batch 1), and ``runtime.predict`` with rounds off twice: shadow and collect rates at their
-  defaults (so it pays for both), and with shadow checks only (``collect_rate=0``);
+  composed graph, a one-row form at batch 1), and ``runtime.predict`` with rounds off, twice:
+  shadow and collect rates at their defaults (so it pays for both), and with shadow checks
+  only (``collect_rate=0``);
 - misses: the same cache modes with thresholds no row reaches (exits on, every row runs them).
 
 Then ``runtime.predict`` along a learning stream (background mode, starting with exits off) is
