@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         t = time_variants(variants, list(xs[:200 * bs].split(bs)), reps=3, warmup=10,
                           device="cpu")
         saved_lat[bs] = (median(t["cached"]), median(t["backbone"]))
-        best_lat[bs] = {name: median(t[name]) for name in ["cached", "backbone"] + list(best)}
+        best_lat[bs] = {name: median(t[name]) for name in variants}
     total = float(rt.manifest["total_flops"])
     second = summarise(rec, rt.num_exits, total)
     st = rt.stats()
@@ -200,9 +200,9 @@ def main(argv=None) -> int:
         if len(modes) > 2:
             cache = min((n for n in modes if n in CACHE_MODES), key=modes.get)
             back = min((n for n in modes if n not in CACHE_MODES), key=modes.get)
-            print(f"  best CPU modes, batch {bs:<3}:    cache {modes[cache]:.2f} ms ({CACHE_MODES[cache]}), "
-                  f"backbone {modes[back]:.2f} ms ({BACKBONE_MODES[back]}): "
-                  f"{modes[cache] / modes[back] - 1:+.0%}")
+            print(f"  best CPU modes, batch {bs:<3}:    cache {modes[cache]:.2f} ms "
+                  f"({CACHE_MODES[cache]}), backbone {modes[back]:.2f} ms "
+                  f"({BACKBONE_MODES[back]}): {modes[cache] / modes[back] - 1:+.0%}")
     print(f"  live agreement (shadow rows): {st['live_agreement'] if st['live_agreement'] is None else format(st['live_agreement'], '.2%')} "
           f"over {st['shadow_rows']} rows; drift events {st['drift_events']}")
     print(f"learning: {st['learning']['rounds']} rounds, {st['learning']['train_flops'] / 1e9:.2f} GFLOPs, "

@@ -1,4 +1,5 @@
-"""Wall-clock timing of requests: best-of and interleaved medians, and their summary tables."""
+"""Wall-clock timing of requests: interleaved medians, their summaries, and the backbone's
+fastest CPU modes (frozen TorchScript, onnxruntime) to time a cache against."""
 from __future__ import annotations
 
 import time
