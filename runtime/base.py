@@ -149,11 +149,18 @@ class Runtime:
         """The cost model (FLOPs only here), after building what the serving path needs."""
         return CostModel(self.manifest)
 
-    def _latency_weight(self) -> float:
-        """``ServingConfig.latency_weight`` in force: unset, 0.5 with background learning and 0
-        in synchronous mode (which must not depend on the clock)."""
+    def _latency_weight(self, onnxruntime: bool) -> float:
+        """``ServingConfig.latency_weight`` in force. Unset: 0 in synchronous mode (which must
+        not depend on the clock); with background learning, 1.0 where requests run in
+        onnxruntime, whose heads are priced at what a passing row pays (measured at load), and
+        0.5 elsewhere (TorchScript; CUDA, never measured here). On the CPU 1.0 saved as many
+        FLOPs as 0.5 and less time (docs/latency.md, "Time alone chooses the exits")."""
         w = self.config.serving.latency_weight
-        return (0.5 if self.config.background else 0.0) if w is None else w
+        if w is not None:
+            return w
+        if not self.config.background:
+            return 0.0
+        return 1.0 if onnxruntime else 0.5
 
     def _make_loop(self, scripted_stages) -> LearningLoop:
         """The learning rounds' loop."""

@@ -160,10 +160,11 @@ class ServingConfig:
     cuda_graphs:    on CUDA, run each stage as a CUDA graph per bucketed batch size (unmeasured:
                     no GPU was lent to this project).
     latency_weight: the cost model mixes each stage's FLOPs share and measured latency share;
-                    None: 0.5 with background learning, 0 (FLOPs only) in synchronous mode,
-                    which must not depend on the clock to stay deterministic. With the
-                    onnxruntime backend a head's latency is what a row that passes it pays at
-                    batch 1, its branch included (``miss_profile``, measured at load).
+                    None: with background learning 1.0 on the onnxruntime backend and 0.5 on
+                    TorchScript, 0 (FLOPs only) in synchronous mode, which must not depend on
+                    the clock to stay deterministic. With the onnxruntime backend a head's
+                    latency is what a row that passes it pays at batch 1, its branch included
+                    (``miss_profile``, measured at load).
     backend:        where requests run (runtime/backends.py): "onnxruntime" (each learned
                     state as one composed onnxruntime graph, a one-row form at batch 1; requests
                     that teach run segments with the decision in numpy; CPU only; detection:

@@ -61,7 +61,7 @@ class CachedRuntime(Runtime):
         if self.device.type == "cuda" and self.config.serving.cuda_graphs:
             self.stages = [GraphedStage(s) for s in self.stages]
         self.backend = self._make_backend(scripted_stages)
-        w = self._latency_weight()
+        w = self._latency_weight(self.backend is not None)
         miss = None   # each exit's miss overhead: what a cap tests and the time a head is priced at
         if self.backend is not None and (w or self.config.serving.max_miss_overhead is not None):
             miss = self.backend.miss_profile(list(classifiers))

@@ -19,7 +19,7 @@ class CostModel:
         self.total_flops = float(manifest["total_flops"])
         self.stage_flops = torch.tensor(manifest["stage_flops"], dtype=torch.float64)
         self.head_flops = torch.tensor([e["head"]["flops"] for e in exits], dtype=torch.float64)
-        w = latency_weight
+        w = self.latency_weight = latency_weight   # the share of latency in stage/head_cost
         self.stage_cost = self.stage_flops / self.total_flops
         self.head_cost = self.head_flops / self.total_flops
         self.stage_latency_ms, self.head_latency_ms = None, None

@@ -222,7 +222,7 @@ class DetectionRuntime(Runtime):
                                        f"backend='torchscript'") from None
                 log.warning("serving with TorchScript: the onnxruntime backend cannot be built "
                             "(%s)", e)
-        w = self._latency_weight()
+        w = self._latency_weight(self._ort is not None)
         if self._ort is None or (not w and self.config.serving.max_miss_overhead is None):
             return super()._build_serving(classifiers)
         # In onnxruntime a head costs far more than its FLOPs (pooling, the If that hands the

@@ -373,6 +373,23 @@ def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traf
     weighted.close()
 
 
+def test_unset_latency_weight_follows_the_mode_and_the_backend(teacher_artifact):
+    """Unset, time weighs fully in background mode on onnxruntime (heads priced at what a
+    passing row pays), half on TorchScript, not at all in synchronous mode (deterministic);
+    a weight that is set wins everywhere."""
+    pytest.importorskip("onnxruntime")
+    for background, backend, setting, want in ((False, "onnxruntime", None, 0.0),
+                                               (True, "onnxruntime", None, 1.0),
+                                               (True, "torchscript", None, 0.5),
+                                               (True, "onnxruntime", 0.25, 0.25)):
+        rt = runtime.load(teacher_artifact, background=background, backend=backend,
+                          latency_weight=setting)
+        try:
+            assert rt.costs.latency_weight == want, (background, backend, setting)
+        finally:
+            rt.close()
+
+
 def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifact, traffic,
                                                                    tmp_path):
     """Served live, exits may agree a little less than the budget (shadow rows make up the rest);
