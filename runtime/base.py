@@ -19,7 +19,7 @@ from .calibrate import INF, independent_rows_needed
 from .collect import Collector
 from .config import RuntimeConfig
 from .correlation import DesignEffect
-from .costs import CostModel
+from .costs import CostModel, default_latency_weight
 from .drift import ALARM, DriftMonitor
 from .learner import HeadLearner, NonFiniteRound, RoundCancelled
 from .learning import LearnerThread, LearningLoop
@@ -150,17 +150,10 @@ class Runtime:
         return CostModel(self.manifest)
 
     def _latency_weight(self, onnxruntime: bool) -> float:
-        """``ServingConfig.latency_weight`` in force. Unset: 0 in synchronous mode (which must
-        not depend on the clock); with background learning, 1.0 where requests run in
-        onnxruntime, whose heads are priced at what a passing row pays (measured at load), and
-        0.5 elsewhere (TorchScript; CUDA, never measured here). On the CPU 1.0 saved as many
-        FLOPs as 0.5 and less time (docs/latency.md, "Time alone chooses the exits")."""
+        """``ServingConfig.latency_weight`` in force (``costs.default_latency_weight`` when
+        unset); ``onnxruntime``: requests run in the onnxruntime backend."""
         w = self.config.serving.latency_weight
-        if w is not None:
-            return w
-        if not self.config.background:
-            return 0.0
-        return 1.0 if onnxruntime else 0.5
+        return default_latency_weight(self.config.background, onnxruntime) if w is None else w
 
     def _make_loop(self, scripted_stages) -> LearningLoop:
         """The learning rounds' loop."""

@@ -6,6 +6,17 @@ import torch
 from compiler import exit_rule
 
 
+def default_latency_weight(background: bool, onnxruntime: bool) -> float:
+    """``ServingConfig.latency_weight`` when unset: 0 in synchronous mode (which must not depend
+    on the clock); with background learning, 1.0 where requests run in onnxruntime, whose heads
+    are priced at what a passing row pays (measured at load), and 0.5 elsewhere (TorchScript;
+    CUDA, never measured here). On the CPU 1.0 saved as many FLOPs as 0.5 and less time
+    (docs/latency.md, "Time alone chooses the exits")."""
+    if not background:
+        return 0.0
+    return 1.0 if onnxruntime else 0.5
+
+
 class CostModel:
     """Stage and head FLOPs from the manifest, optionally mixed with latency measured here.
 

@@ -33,6 +33,21 @@ class Sink:
         self.decisions.append((version, list(exit_counts)))
 
 
+def test_the_learner_weighs_costs_as_a_background_server_on_its_backend(teacher_artifact):
+    """The learner runs rounds synchronously (FLOPs only, unless told), yet chooses exits for
+    replicas that serve with background learning: it takes their default weight for its
+    backend, and a weight that is set wins."""
+    pytest.importorskip("onnxruntime")
+    from runtime.scaleout.learner import LearnerCore
+    for options, want in (({}, 1.0), ({"backend": "torchscript"}, 0.5),
+                          ({"latency_weight": 0.0}, 0.0)):
+        core = LearnerCore(str(teacher_artifact), "m", runtime_options=options)
+        try:
+            assert core.rt.costs.latency_weight == want, options
+        finally:
+            core.rt.close()
+
+
 def test_replica_hooks_delegate_learning_and_adopt_a_state(teacher_artifact, fashion_small):
     x = fashion_small[2][:600]
     rt = runtime.load(teacher_artifact, background=False, train_every=100, min_train=50,

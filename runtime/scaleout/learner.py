@@ -25,6 +25,8 @@ import torch
 
 import runtime
 from compiler.artifact import fsync_folder
+from runtime.backends import resolve
+from runtime.costs import default_latency_weight
 
 from .protocol import PublishedState, Report, ServedTotals
 
@@ -61,8 +63,10 @@ class LearnerCore:
     def __init__(self, artifact: str, model_name: str, state_dir: Optional[str] = None,
                  runtime_options: Optional[dict] = None):
         opts = dict(runtime_options or {})
-        # The replicas learn nothing: cost weights as a background-learning server uses them.
-        opts.setdefault("latency_weight", 0.5)
+        # The replicas learn nothing: cost weights as a background-learning server uses them
+        # (this runtime is synchronous, so it would weigh FLOPs only).
+        opts.setdefault("latency_weight", default_latency_weight(
+            True, resolve(opts.get("backend", "auto"), "cpu") == "onnxruntime"))
         self.rt = runtime.load(artifact, background=False, **opts)
         self.model_name = model_name
         self.path = checkpoint_path(state_dir, model_name) if state_dir else None
