@@ -219,7 +219,7 @@ def test_detection_demo_unknown_exit_is_one_line_naming_the_cut_points(tmp_path:
     out = tmp_path / "out"
     assert main(["--exits", "layer2,nosuch", "--frames", "200", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --exits: not cut points of the body: nosuch") and "\n" not in err
+    assert err.startswith("error: not cut points of the body: nosuch") and "\n" not in err
     assert "layer1" in err and "layer3" in err    # the valid names, to pick from
     assert not out.exists()
 

@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         module, manifest, _ = rewrite_detector(
             detector, DetectionConfig(input_shape=(1, 1, size, size), exits=exits))
     except CompilerError as e:
-        print(f"error: --exits: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)   # names the cut points where --exits was wrong
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
