@@ -153,3 +153,75 @@ def test_pretrained_mobilenet_v2_top1_unchanged(tmp_path, capsys):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (exits == len(artifact.read_manifest(out)["exits"])).all()
     assert artifact.read_manifest(out)["input_shape"] == [-1, 3, 224, 224]
+
+
+# ----- attention: a transformer's artifact exports and serves in onnxruntime --------------------
+
+def test_vision_transformer_exports_to_onnx_and_serves_in_onnxruntime(tmp_path):
+    """Scripted, nn.MultiheadAttention keeps checks no ONNX exporter takes
+    (aten::is_autocast_enabled); the compiler writes it in plain ops (compiler/attention.py),
+    so a ViT artifact exports, matches onnxruntime, and the runtime serves it there."""
+    pytest.importorskip("onnxruntime")
+    import runtime
+    from compiler.export import check_onnx, export_onnx
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
+                              hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    module, manifest, _ = rewrite_module(model, (1, 3, 32, 32), RewriteConfig())
+    path = tmp_path / "vit.cached.pt"
+    artifact.save(module, manifest, path)
+    loaded, _ = artifact.load(path)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+
+    summary = export_onnx(str(path), str(tmp_path / "vit.onnx"))
+    assert summary
+    check = check_onnx(str(path), str(tmp_path / "vit.onnx"), rows=16)
+    assert check["max_logit_diff"] < 1e-3 and check["argmax_agreement"] == 1.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rt = runtime.load(str(path), seed=0)
+    try:
+        assert rt.backend is not None          # onnxruntime, not the TorchScript fallback
+        torch.testing.assert_close(rt.predict(x), model(x).detach(), atol=1e-4, rtol=1e-4)
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_plain_attention_computes_multihead_attention(batch_first):
+    """PlainAttention against nn.MultiheadAttention: masks, weights, separate key/value sizes."""
+    from torch import nn
+
+    from compiler.attention import PlainAttention, swap_attention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=batch_first).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit's deprecation notice
+        plain = torch.jit.script(PlainAttention(mha).eval())
+    L, S, N = 5, 7, 3
+    q = torch.randn((N, L, 16) if batch_first else (L, N, 16))
+    kv = torch.randn((N, S, 12) if batch_first else (S, N, 12))
+    pad = torch.rand(N, S) < 0.3
+    pad[:, 0] = False
+    masks = [{}, {"key_padding_mask": pad}, {"attn_mask": torch.randn(N * 4, L, S)},
+             {"attn_mask": torch.rand(L, S) < 0.2, "key_padding_mask": pad}]
+    with torch.no_grad():
+        for kw in masks:
+            for need, avg in ((False, True), (True, True), (True, False)):
+                want = mha(q, kv, kv, need_weights=need, average_attn_weights=avg, **kw)
+                got = plain(q, kv, kv, need_weights=need, average_attn_weights=avg, **kw)
+                torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+                if need:
+                    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+                else:
+                    assert got[1] is None
+    # add_bias_kv is not reproduced: such a module stays as it is
+    holder = nn.Sequential(nn.MultiheadAttention(16, 4, add_bias_kv=True), mha)
+    assert swap_attention(holder) == 1
+    assert type(holder[0]) is nn.MultiheadAttention and type(holder[1]) is PlainAttention
