@@ -103,16 +103,19 @@ class CachedRuntime(Runtime):
             return None
 
     # ----- serving ------------------------------------------------------------------------------
+    @property
+    def _shape_text(self) -> str:
+        return ", ".join(map(str, self.input_shape))
+
     def _check(self, x):
         """The batch as float32 on the device, and the guard's verdict on it; a request the
         runtime will not serve raises ``InputError`` and changes nothing."""
-        shape = ", ".join(map(str, self.input_shape))
         if not isinstance(x, torch.Tensor):
-            raise InputError(f"expected a torch.Tensor batch of shape [N, {shape}], "
+            raise InputError(f"expected a torch.Tensor batch of shape [N, {self._shape_text}], "
                              f"got {type(x).__name__}")
         if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise InputError(f"expected a batch of shape [N, {shape}], got {list(x.shape)}; "
-                             f"reshape the input (batch dimension first)")
+            raise InputError(f"expected a batch of shape [N, {self._shape_text}], got "
+                             f"{list(x.shape)}; reshape the input (batch dimension first)")
         if not x.is_floating_point():
             raise InputError(f"expected floating-point input, got {str(x.dtype).replace('torch.', '')}; "
                              f"convert it with x.float()")
