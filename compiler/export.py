@@ -218,6 +218,35 @@ def _export_dynamo(module, example, opset):
     return prog.model_proto
 
 
+def _fixed_batch(model, module, example: torch.Tensor) -> Optional[str]:
+    """Why ``model`` (an exported part) fails at another batch size than the example's, or None.
+
+    Given a scripted module, the dynamo exporter converts it to a program first and can fix the
+    example's batch into a reshape: the model then loads and fails (or answers wrongly) on any
+    other batch. Run it once at batch + 1 in onnxruntime; unchecked where that is not installed.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    x = torch.cat([example, example[:1]])
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    except Exception as e:  # onnxruntime raises its own types; the first line says enough
+        return _first_line(e)[:160]
+    with torch.no_grad():
+        want = module(x)
+    if tuple(got.shape) != tuple(want.shape) or \
+            not np.allclose(got, want.numpy(), atol=1e-3, rtol=1e-3):
+        return f"at batch {x.shape[0]} its output differs from the artifact's"
+    return None
+
+
 def export_module(module, example: torch.Tensor, what: str, opset: int, exporter: str = "auto"):
     """One tensor -> tensor module as an ONNX model (input 'x', output 'y', dynamic batch).
 
@@ -232,9 +261,16 @@ def export_module(module, example: torch.Tensor, what: str, opset: int, exporter
     for name in tries:
         try:
             fn = _export_torchscript if name == "torchscript" else _export_dynamo
-            return fn(module, example, opset), name
+            model = fn(module, example, opset)
         except Exception as e:  # the exporters raise many types; all are reported the same way
             first = first or e
+            continue
+        why = _fixed_batch(model, module, example) if name == "dynamo" else None
+        if why is None:
+            return model, name
+        first = first or ExportError(
+            f"cannot export {what} to ONNX opset {opset}: the exported graph runs only at the "
+            f"example's batch size ({why}) (the artifact itself still runs in TorchScript)")
     if isinstance(first, ExportError):
         raise first
     op, line = _operator_of(first), _first_line(first)

@@ -306,3 +306,48 @@ def test_missing_onnx_package_is_a_clear_error(monkeypatch, tmp_path, capsys):
     assert ex.main([str(tmp_path / "any.pt"), "-o", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ONNX export needs the 'onnx' package") and "pip install" in err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_part_fixed_to_the_example_batch_is_refused(monkeypatch):
+    """The dynamo exporter, given a scripted module, can fix the example's batch into a
+    reshape: the part loads and then fails at any other batch. export_module runs it once at
+    another batch size and refuses it in one line (the runtime then serves in TorchScript)."""
+    pytest.importorskip("onnxruntime")
+    import io
+
+    import onnx
+
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], -1) * 2
+
+    example = torch.randn(2, 3, 4)
+
+    def baked(module, example, opset):   # what such an export amounts to: no dynamic batch
+        f = io.BytesIO()
+        torch.onnx.export(Flat(), (example,), f, input_names=["x"], output_names=["y"],
+                          opset_version=opset, dynamo=False)
+        return onnx.load_from_string(f.getvalue())
+
+    monkeypatch.setattr(ex, "_export_dynamo", baked)
+    with pytest.raises(ExportError) as info:
+        ex.export_module(Flat(), example, "stage 0", 18, exporter="dynamo")
+    msg = str(info.value)
+    assert "runs only at the example's batch size" in msg and "\n" not in msg
+    # a part that runs at every batch size is kept
+    monkeypatch.setattr(ex, "_export_dynamo", _dynamic(Flat()))
+    model, how = ex.export_module(Flat(), example, "stage 0", 18, exporter="dynamo")
+    assert how == "dynamo"
+
+
+def _dynamic(module):
+    def export(_module, example, opset):
+        import io
+
+        import onnx
+        f = io.BytesIO()
+        torch.onnx.export(module, (example,), f, input_names=["x"], output_names=["y"],
+                          opset_version=opset, dynamo=False, dynamic_axes={"x": {0: "N"}})
+        return onnx.load_from_string(f.getvalue())
+    return export

@@ -157,10 +157,14 @@ def test_pretrained_mobilenet_v2_top1_unchanged(tmp_path, capsys):
 
 # ----- attention: a transformer's artifact exports and serves in onnxruntime --------------------
 
-def test_vision_transformer_exports_to_onnx_and_serves_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("route", ["module", "pt2"])
+def test_vision_transformer_exports_to_onnx_and_serves_in_onnxruntime(route, tmp_path):
     """Scripted, nn.MultiheadAttention keeps checks no ONNX exporter takes
-    (aten::is_autocast_enabled); the compiler writes it in plain ops (compiler/attention.py),
-    so a ViT artifact exports, matches onnxruntime, and the runtime serves it there."""
+    (aten::is_autocast_enabled); the compiler writes it in plain ops (compiler/attention.py).
+    A torch.export program of the same model shares its batch size across the graph and
+    unflattens in attention: the compiler reads sizes locally (six exits, not one) and reshapes
+    (compiler/analysis/trace.py). Either way the artifact exports, matches onnxruntime at any
+    batch size, and the runtime serves it there."""
     pytest.importorskip("onnxruntime")
     import runtime
     from compiler.export import check_onnx, export_onnx
@@ -169,7 +173,13 @@ def test_vision_transformer_exports_to_onnx_and_serves_in_onnxruntime(tmp_path):
     torch.manual_seed(0)
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
                               hidden_dim=32, mlp_dim=64, num_classes=10).eval()
-    module, manifest, _ = rewrite_module(model, (1, 3, 32, 32), RewriteConfig())
+    source = model
+    if route == "pt2":
+        source = torch.export.export(model, (torch.randn(2, 3, 32, 32),),
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    module, manifest, _ = rewrite_module(source, (1, 3, 32, 32), RewriteConfig(),
+                                         exported=route == "pt2")
+    assert len(manifest["exits"]) == 6
     path = tmp_path / "vit.cached.pt"
     artifact.save(module, manifest, path)
     loaded, _ = artifact.load(path)

@@ -71,11 +71,17 @@ def clean_exported(gm: fx.GraphModule) -> fx.GraphModule:
     The guards pin the batch size the program was exported with; cut stages must accept any.
     """
     graph = gm.graph
+    _unflatten_as_reshape(graph)
+    _reread_sizes(graph)
     for node in list(graph.nodes):
         drop = (node.op == "call_module" and str(node.target).startswith("_guards"))
         drop |= node.op == "call_function" and "_assert" in str(node.target)
         if drop and not node.users:
             graph.erase_node(node)
+        elif node.target is torch.ops.aten.sym_size.int:
+            # the same size as a plain int: TorchScript's aten::size, which ONNX exports (it
+            # has no aten::sym_size, and the other exporter would bake the example's batch)
+            node.target = torch.ops.aten.size
         elif isinstance(node.target, torch._ops.OpOverload):
             # TorchScript cannot script `torch.ops.aten.x.default`, only the packet; tracing
             # instead would bake symbolic sizes (the batch) into reshapes.
@@ -89,6 +95,80 @@ def clean_exported(gm: fx.GraphModule) -> fx.GraphModule:
     for p in new.parameters():
         p.requires_grad_(False)
     return new
+
+
+def _unflatten_as_reshape(graph: fx.Graph):
+    """``unflatten(x, dim, sizes)`` as a reshape to its full shape (symbolic sizes read from
+    ``x``): the TorchScript ONNX exporter loses the rank of an unflatten's output, and the
+    transpose after it (in every decomposed ``nn.MultiheadAttention``) then fails to export."""
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.unflatten.int:
+            continue
+        x, dim, sizes = n.args
+        v = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or not all(isinstance(k, int) for k in sizes):
+            continue
+        dim = dim % v.dim()
+        shape = []
+        with graph.inserting_before(n):
+            for d, size in enumerate(v.shape):
+                if d == dim:
+                    shape += list(sizes)
+                elif isinstance(size, torch.SymInt):
+                    read = graph.call_function(torch.ops.aten.sym_size.int, (x, d))
+                    read.meta["val"] = size
+                    shape.append(read)
+                else:
+                    shape.append(int(size))
+            flat = graph.call_function(torch.ops.aten.reshape.default, (x, shape))
+        flat.meta = dict(n.meta)
+        n.replace_all_uses_with(flat)
+        graph.erase_node(n)
+
+
+def _reread_sizes(graph: fx.Graph):
+    """Compute each symbolic size right before each of its uses, reading it from the nearest
+    earlier tensor that has it in its shape.
+
+    torch.export reads the batch size once, from the input (``sym_size(x, 0)``), and shares it
+    and sizes derived from it (``4 * batch``) with every later reshape: values live across the
+    whole graph, so no single tensor cuts the model (a ViT got one cut point, at 89%). Sunk
+    to their uses, each stage computes them from its own activations. Needs the program's
+    symbolic shapes (``meta["val"]``); without them the graph is left as it is.
+    """
+    for n in reversed(list(graph.nodes)):   # users first: a size's copies then sit by their users
+        if n.op != "call_function" or not isinstance(n.meta.get("val"), torch.SymInt):
+            continue
+        if n.target is torch.ops.aten.sym_size.int:
+            expr = n.meta["val"].node.expr
+            for u in list(n.users):
+                src = _nearest_with_size(u, expr)
+                if src is None:
+                    continue
+                with graph.inserting_before(u):
+                    local = graph.call_function(torch.ops.aten.sym_size.int, src)
+                local.meta = dict(n.meta)
+                u.replace_input_with(n, local)
+        elif all(isinstance(a.meta.get("val"), torch.SymInt) for a in n.all_input_nodes):
+            for u in list(n.users):   # arithmetic on sizes only: one copy per use
+                with graph.inserting_before(u):
+                    local = graph.node_copy(n)
+                u.replace_input_with(n, local)
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _nearest_with_size(node: fx.Node, expr):
+    """(tensor node, dim): the latest node before ``node`` whose shape has size ``expr``."""
+    p = node.prev
+    while p.op != "root":
+        v = p.meta.get("val")
+        if p.op != "get_attr" and isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                    return p, d
+        p = p.prev
+    return None
 
 
 class Annotator(fx.Interpreter):
