@@ -136,3 +136,29 @@ def test_photo_stream_cycles_photos_evenly(photos):
     h = len(src) // 2
     for name in ("imagenet", "cifar10", "cifar100"):
         assert abs((src[:h] == name).mean() - (src[h:] == name).mean()) < 0.05
+
+
+@needs_photos
+def test_snapshot_stream_is_built_differently_and_leaves_the_camera_as_it_was(photos):
+    """tools.camera.SNAPSHOTS: every frame its own crop, some mirrored, each with its own colour
+    cast; the camera streams (which draw nothing of this) render the same frames as before."""
+    s = camera.PhotoStream(frames=200, seed=0, photos=photos, **camera.SNAPSHOTS)
+    assert int(s.scene[-1]) == 199                       # no two frames share a scene
+    assert 60 < int(s.flip.sum()) < 140
+    assert float(s.tint.min()) >= 0.8 and float(s.tint.max()) <= 1.2
+    x = s.frames(0, 200)
+    assert torch.equal(x[7:9], s.frames(7, 9))
+    # mirroring (seen without the noise, which is drawn per pixel after it): a mirrored frame
+    # is its unmirrored rendering flipped
+    k = int(s.flip.nonzero()[0, 0])
+    quiet = {**camera.SNAPSHOTS, "noise": 0.0}
+    plain = camera.PhotoStream(frames=200, seed=0, photos=photos, **quiet)
+    mirrored = plain.frames(k, k + 1)
+    plain.flip = None
+    assert torch.allclose(plain.frames(k, k + 1).flip(-1), mirrored)
+    assert float(_cos(x[1:], x[:-1]).max()) < 0.9       # consecutive frames are not alike
+    # the camera's frames: the plan draws the same numbers as without the new fields
+    cam = camera.PhotoStream(frames=400, seed=0, photos=photos)
+    assert cam.flip is None and cam.tint is None
+    assert torch.equal(cam.frames(10, 12), camera.PhotoStream(
+        frames=400, seed=0, photos=photos, flip=False, color_jitter=0.0).frames(10, 12))

@@ -212,7 +212,15 @@ class PhotoCameraConfig:
     max_crop: float = 1.0
     flicker: float = 0.04         # brightness gain within 1 +- flicker, fresh each frame
     noise: float = 0.01           # sensor noise (std, pixel values in [0, 1])
+    flip: bool = False            # mirror half the frames (drawn per frame)
+    color_jitter: float = 0.0     # per-channel gains within 1 +- color_jitter, fresh each frame
     seed: int = 0
+
+
+# Not a camera: every frame its own random resized crop (35-100% of the short side) of a random
+# photo, mirrored half the time, with its own colour cast and more noise. A stream built the way
+# training pipelines augment images, unlike the pans and zooms above (issue 14's hidden streams).
+SNAPSHOTS = dict(mean_run=1.0, min_crop=0.35, flip=True, color_jitter=0.2, noise=0.03)
 
 
 class PhotoStream:
@@ -262,6 +270,11 @@ class PhotoStream:
                                                        size=cfg.frames)).float()
         self._noise_seed = int(rng.integers(0, 2 ** 31 - 1))
         self.y = torch.tensor([self.photos[i].label for i in self.item.tolist()])
+        # drawn last, and only when asked for: the streams without them stay as they were
+        self.flip = torch.from_numpy(rng.random(cfg.frames) < 0.5) if cfg.flip else None
+        self.tint = torch.from_numpy(1.0 + rng.uniform(-cfg.color_jitter, cfg.color_jitter,
+                                                       size=(cfg.frames, 3))).float() \
+            if cfg.color_jitter else None
 
     def __len__(self) -> int:
         return self.cfg.frames
@@ -289,6 +302,11 @@ class PhotoStream:
             out[pos] = roi_align(self.photos[i].image[None], boxes, (S, S),
                                  spatial_scale=1.0, sampling_ratio=2, aligned=True)
         out *= self.gain[idx].view(-1, 1, 1, 1)
+        if self.tint is not None:
+            out *= self.tint[idx].view(-1, 3, 1, 1)
+        if self.flip is not None:
+            mirrored = self.flip[idx]
+            out[mirrored] = out[mirrored].flip(-1)
         for k, f in enumerate(idx.tolist()):
             g = torch.Generator().manual_seed(self._noise_seed + f)
             out[k] += self.cfg.noise * torch.randn(out[k].shape, generator=g)

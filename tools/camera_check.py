@@ -259,13 +259,16 @@ def imagenet_latency(learned: Path, eager, ps, out: Path, seed: int, n1: int, n1
     return res
 
 
+IMAGENET_ORDERS = ("camera", "shuffled", "snapshots")
+
+
 def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tuple,
                  orders=("camera",)) -> list:
     import runtime
     from compiler import artifact
     from compiler.loading import load_model
     from tools.bench.imagenet import imagenet_weights
-    from tools.camera import PhotoStream, load_photos
+    from tools.camera import SNAPSHOTS, PhotoStream, load_photos
     from tools.experiment import summarise
 
     weights = imagenet_weights()
@@ -279,10 +282,13 @@ def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tu
     compile_s = time.perf_counter() - t0
     reference = artifact.load(str(cpath))[0]
     photos = load_photos()
-    ps = PhotoStream(frames=frames, seed=seed, photos=photos)
+    camera = PhotoStream(frames=frames, seed=seed, photos=photos)
     results = []
     for name in orders:
-        order = None if name == "camera" else \
+        # snapshots: every frame a random resized crop of its own (tools.camera.SNAPSHOTS)
+        kind = SNAPSHOTS if name == "snapshots" else {}
+        ps = PhotoStream(frames=frames, seed=seed, photos=photos, **kind) if kind else camera
+        order = None if name != "shuffled" else \
             torch.randperm(len(ps), generator=torch.Generator().manual_seed(seed))
         rt = runtime.load(str(cpath), background=False, seed=seed, agreement_budget=budget,
                           **SETTINGS)
@@ -314,7 +320,8 @@ def run_imagenet(args, out: Path, seed: int, frames: int, budget: float, lat: tu
              **runtime_figures(rt), "seconds": seconds}
         results.append(r)
         learned = out / f"mobilenet_v2.{name}.learned.pt"
-        fresh = PhotoStream(frames=args.fresh_photo_frames, seed=seed + 1000, photos=photos)
+        fresh = PhotoStream(frames=args.fresh_photo_frames, seed=seed + 1000, photos=photos,
+                            **kind)
         r["saved_on_fresh_stream"] = saved_on_fresh(rt, learned, reference, fresh, chunk=64)
         rt.close()
         if lat and name == args.latency_from:
@@ -354,8 +361,9 @@ def main(argv=None) -> int:
     p.add_argument("--fresh-photo-frames", type=int, default=None,
                    help="frames of the fresh photo stream for the saved artifact (800; quick 320)")
     p.add_argument("--imagenet-orders", default=None,
-                   help="photo stream orders for part (b): camera, shuffled (default both; "
-                        "quick: camera)")
+                   help="photo streams for part (b): camera, shuffled (its frames shuffled), "
+                        "snapshots (each frame its own random resized crop, flip and colour "
+                        "cast; tools.camera.SNAPSHOTS) (default camera,shuffled; quick: camera)")
     p.add_argument("--runtime-settings", default="",
                    help="runtime settings for every stream, e.g. max_miss_overhead=0.1")
     p.add_argument("--latency-from", default="camera",
@@ -449,6 +457,11 @@ def main(argv=None) -> int:
         print(f"\n(b) ImageNet MobileNetV2 on the photo stream, {pframes} frames, "
               f"{args.photo_batch} per request, budget {budget}")
         orders = [o for o in args.imagenet_orders.split(",") if o]
+        bad = [o for o in orders if o not in IMAGENET_ORDERS]
+        if bad:
+            print(f"error: --imagenet-orders {','.join(bad)}: unknown; use "
+                  f"{', '.join(IMAGENET_ORDERS)}", file=sys.stderr)
+            return 2
         for seed in iseeds:
             for r in run_imagenet(args, out, seed, pframes, budget, lat, orders):
                 res["imagenet"].append(r)
