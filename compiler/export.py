@@ -223,11 +223,14 @@ def _fixed_batch(model, module, example: torch.Tensor) -> Optional[str]:
 
     Given a scripted module, the dynamo exporter converts it to a program first and can fix the
     example's batch into a reshape: the model then loads and fails (or answers wrongly) on any
-    other batch. Run it once at batch + 1 in onnxruntime; unchecked where that is not installed.
+    other batch. Run it once at batch + 1 in onnxruntime; unchecked where that is not installed
+    (or the part is past 2 GiB).
     """
     try:
         import onnxruntime as ort
     except ImportError:
+        return None
+    if model.ByteSize() >= 2 ** 31:   # a protobuf past 2 GiB cannot be loaded from memory
         return None
     x = torch.cat([example, example[:1]])
     try:
@@ -250,8 +253,9 @@ def _fixed_batch(model, module, example: torch.Tensor) -> Optional[str]:
 def export_module(module, example: torch.Tensor, what: str, opset: int, exporter: str = "auto"):
     """One tensor -> tensor module as an ONNX model (input 'x', output 'y', dynamic batch).
 
-    Returns (model, exporter used). Failures become one-line ExportErrors naming ``what`` and,
-    where the exporter says, the operator.
+    Returns (model, exporter used). A dynamo export must also run at another batch size
+    (``_fixed_batch``). Failures become one-line ExportErrors naming ``what`` and, where the
+    exporter says, the operator.
     """
     tries = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"],
              "dynamo": ["dynamo"]}[exporter]
