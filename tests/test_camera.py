@@ -162,3 +162,12 @@ def test_snapshot_stream_is_built_differently_and_leaves_the_camera_as_it_was(ph
     assert cam.flip is None and cam.tint is None
     assert torch.equal(cam.frames(10, 12), camera.PhotoStream(
         frames=400, seed=0, photos=photos, flip=False, color_jitter=0.0).frames(10, 12))
+
+
+def test_camera_check_refuses_an_unknown_photo_stream_in_one_line(tmp_path, capsys):
+    from tools.camera_check import main
+    assert main(["--only", "imagenet", "--imagenet-orders", "camera,pans", "--out",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --imagenet-orders pans: unknown") and "snapshots" in err
+    assert len(err.splitlines()) == 1
