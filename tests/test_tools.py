@@ -243,6 +243,28 @@ def test_demo_times_the_cache_and_the_backbone_in_their_fastest_cpu_modes(
         assert torch.allclose(got, want, atol=1e-4), name
 
 
+def test_backbone_modes_of_a_transformer_program_run_at_any_batch(tmp_path: Path) -> None:
+    """A torch.export ViT: tracing fixes its batch (its sizes are plain ints) and the
+    TorchScript exporter cannot take its attention; the frozen mode scripts the program's graph
+    instead and the plain export falls back to the torch.export-based exporter, so both answer
+    as the program does at a batch size they were not built with."""
+    from tools.backbones import build
+    from tools.timing import backbone_modes
+    torch.manual_seed(0)
+    model = build("vit_tiny", 10, 1).eval()
+    torch.nn.init.normal_(model.heads.head.weight)   # torchvision starts it at zero
+    program = torch.export.export(model, (torch.randn(2, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    frozen, session = backbone_modes(program, torch.zeros(1, 1, 28, 28), tmp_path / "vit.onnx")
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = program(x)
+        assert float(want.std()) > 0.1
+        assert torch.allclose(frozen(x), want, atol=1e-4)
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert torch.allclose(got, want, atol=1e-4)
+
+
 def test_demo_best_modes_that_cannot_be_built_are_a_line_not_a_failure(tmp_path: Path,
                                                                        capsys) -> None:
     from tools.demo import best_modes

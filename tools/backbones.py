@@ -130,6 +130,16 @@ def _first_conv_stride1(fn: Callable[..., nn.Module]) -> Callable[[int, int], nn
     return build_net
 
 
+def _vit_tiny(num_classes: int, in_channels: int) -> nn.Module:
+    # A small transformer for 28x28 inputs: 4x4 patches (49 tokens and a class token), six
+    # encoder blocks of width 64; torchvision's own ViT, so nn.MultiheadAttention inside.
+    from torchvision.models.vision_transformer import VisionTransformer
+    m = VisionTransformer(image_size=28, patch_size=4, num_layers=6, num_heads=4, hidden_dim=64,
+                          mlp_dim=128, num_classes=num_classes)
+    m.conv_proj = nn.Conv2d(in_channels, 64, kernel_size=4, stride=4)
+    return m
+
+
 @dataclass(frozen=True)
 class Arch:
     """How to build an architecture and the input it expects by default."""
@@ -151,6 +161,7 @@ ARCHS: dict[str, Arch] = {
     "efficientnet_b0": Arch(
         _first_conv_stride1(torchvision.models.efficientnet_b0), size=32, channels=3
     ),
+    "vit_tiny": Arch(_vit_tiny, size=28, channels=1),
 }
 
 
