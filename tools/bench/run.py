@@ -56,6 +56,9 @@ def bench_backbone(name: str, path, x, y, s: Settings, out_dir: Path) -> Backbon
              replace(B.BASELINES[b], epochs=s.baseline_epochs) for b in s.baselines]
     head_budget = RewriteConfig(**s.rewrite_overrides).head_budget   # ours and branchynet alike
     sets = [B.build_exit_set(spec, an, our_names, head_budget) for spec in specs]
+    for es in [es for es in sets if not es.exits]:   # e.g. no stage ends in a transformer
+        say(f"{name}: baseline {es.spec.name} places no exit on this model; left out")
+    sets = [es for es in sets if es.exits]
     t0 = time.perf_counter()
     feats, logits = B.extract(an.gm, an.cuts, sets, x, device=s.device)
     say(f"{name}: baseline features for {len(x)} rows in {time.perf_counter() - t0:.1f} s")
