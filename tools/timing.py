@@ -95,17 +95,18 @@ def backbone_modes(eager: torch.nn.Module, example: torch.Tensor, onnx_path):
     freeze = lambda m: torch.jit.optimize_for_inference(torch.jit.freeze(m.eval()))  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(eager, example, check_trace=False)
-        frozen = freeze(traced)
+        script = torch.jit.trace(eager, example, check_trace=False)
+        frozen = freeze(script)
         two = example.repeat(2, *[1] * (example.dim() - 1))
         if not _same_at(frozen, eager, two):
             # tracing fixed a torch.export program's batch (its sizes are plain ints then):
             # script the program's graph as the compiler does its stages
             from compiler.analysis.trace import clean_exported
-            frozen = freeze(torch.jit.script(clean_exported(copy.deepcopy(eager))))
+            script = torch.jit.script(clean_exported(copy.deepcopy(eager)))
+            frozen = freeze(script)
         with _quiet():
             try:
-                torch.onnx.export(traced, (two,), str(onnx_path), input_names=["input"],
+                torch.onnx.export(script, (two,), str(onnx_path), input_names=["input"],
                                   output_names=["y"], dynamo=False, opset_version=18,
                                   dynamic_axes={"input": {0: "b"}, "y": {0: "b"}})
             except Exception:
