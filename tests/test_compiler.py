@@ -385,6 +385,19 @@ def test_plan_heads_prefers_a_finer_grid_where_channels_are_few():
     assert plan_heads([(-1, 4, 2, 2)], 10, 10 ** 6)[0].pool == "avgmax"
 
 
+def test_token_heads_read_the_first_token_and_old_token_heads_still_pool():
+    """A [B, T, C] cut (a transformer's tokens) gets "clstokens": its first token (a ViT's class
+    token) beside the tokens' mean and max; artifacts from before keep "tokens" (mean, max)."""
+    from compiler.heads import Pool
+    spec = plan_heads([(-1, 50, 64)], 10, 10 ** 6)[0]
+    assert (spec.pool, spec.feature_dim) == ("clstokens", 3 * 64)
+    h = torch.randn(2, 50, 64)
+    got = Pool("clstokens")(h)
+    assert torch.equal(got[:, :64], h[:, 0])
+    assert torch.equal(got[:, 64:], Pool("tokens")(h))
+    assert ExitHead(HeadSpec("tokens", 128, 0, 10))(h).shape == (2, 10)
+
+
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="unknown head pooling"):
         ExitHead(HeadSpec("avgmax5x5", 10, 0, 2))
