@@ -15,7 +15,8 @@ of the runtime's onnxruntime backend (``runtime/backends.py``):
 
 then all exits on in the one-row graph, and the backbone and that graph with onnxruntime's
 layout optimisations off (``ORT_ENABLE_EXTENDED``), since an If or a session boundary is where
-the NCHWc layout the convolutions run in must be undone and redone. Medians; one torch thread
+the NCHWc layout the convolutions run in must be undone and redone; and the TorchScript artifact
+with exits off, the backbone as TorchScript serves it. Medians; one torch thread
 and one onnxruntime thread. Writes ``OUT/miss_probe.json`` with machine, versions, date and
 commit, and prints the table.
 """
@@ -102,12 +103,17 @@ def probe(artifact_path: str, reps: int) -> dict:
     variants["backbone, layout optimisation off"] = feed(
         _session(backend._chain(features=False), extended=True), "x")
     variants["all exits: if, layout optimisation off"] = one_row(set(range(E)), extended=True)
+    off = artifact.load(artifact_path)[0]      # the TorchScript file a user would load, exits off
+    for k in range(E):
+        getattr(off.blocks, str(k)).enabled.fill_(False)
+    variants["backbone, TorchScript artifact"] = lambda a: off(torch.from_numpy(a))
     times = {k: [] for k in variants}
-    for _ in range(reps + 3):          # the first passes warm up
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t0)
+    with torch.no_grad():
+        for _ in range(reps + 3):          # the first passes warm up
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v[3:])) * 1e3 for k, v in times.items()}
     base = med["backbone"]
     return {"artifact": artifact_path, "exits": [e["name"] for e in manifest["exits"]],
