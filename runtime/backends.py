@@ -69,8 +69,10 @@ def resolve(name: str, device) -> str:
 
 # ----- onnxruntime ------------------------------------------------------------------------------
 def _session(model, threads: int = 1, layout: bool = True):
-    """An onnxruntime CPU session; ``layout`` False leaves out the layout optimisations (the
-    blocked NCHWc convolutions), for measuring what they buy (``tools/miss_probe.py``)."""
+    """An onnxruntime CPU session of ``model`` (an ONNX ModelProto, its bytes, or a file path):
+    every graph optimisation, ``threads`` intra-op threads, sequential. ``layout`` False leaves
+    out the layout optimisations (the blocked NCHWc convolutions), for measuring what they buy
+    (``tools/miss_probe.py``). The tools time every onnxruntime model this way too."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -79,8 +81,8 @@ def _session(model, threads: int = 1, layout: bool = True):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout else \
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
 def head_model(pool_model, classifier: nn.Module, hint: str):

@@ -114,13 +114,6 @@ def summarise(rec: dict, stream, rt, total_flops: float) -> dict:
     }
 
 
-def _onnx_session(path_or_bytes):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 1, 1, 3
-    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
-
-
 def _per_frame(sess, name: str, squeeze: bool):
     """A request of frames [N, C, H, W] through a one-frame onnxruntime session, frame by frame."""
     def run(x):
@@ -139,19 +132,19 @@ def latency(cached, detector, frames: torch.Tensor, batch: int, reps: int = 3,
     follows; a cache's p50 jumps between a hit and a miss when about half the frames leave)."""
     import io
 
-    from tools.timing import median
+    from tools.timing import median, ort_session
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(detector)
         f = io.BytesIO()
         torch.onnx.export(detector, ([frames[0]],), f, opset_version=18, dynamo=False)
-    det_ort = _onnx_session(f.getvalue())
+    det_ort = ort_session(f.getvalue())
     modes = {"cached": lambda x: cached(x),
              "detector_eager": lambda x: detector(list(x)),
              "detector_scripted": lambda x: scripted(list(x)),
              "detector_onnxruntime": _per_frame(det_ort, det_ort.get_inputs()[0].name, True)}
     if cached_onnx is not None:
-        modes["cached_onnxruntime"] = _per_frame(_onnx_session(cached_onnx), "image", False)
+        modes["cached_onnxruntime"] = _per_frame(ort_session(cached_onnx), "image", False)
     if served is not None:
         modes["runtime_predict"] = lambda x: served.predict(x)
     # requests spread evenly over ``frames``: a camera's frames come in scenes, and the first

@@ -3,6 +3,7 @@ fastest CPU modes (frozen TorchScript, onnxruntime) to time a cache against."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -65,15 +66,10 @@ def time_variants(variants: Dict[str, Callable], requests: List[torch.Tensor], r
 
 
 def ort_session(path_or_bytes):
-    """An onnxruntime CPU session as we time every model: one thread, every graph optimisation."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+    """An onnxruntime CPU session as the runtime builds its own: one thread, every graph
+    optimisation (``runtime.backends._session``)."""
+    from runtime.backends import _session
+    return _session(str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes)
 
 
 def _same_at(module, eager: torch.nn.Module, x: torch.Tensor) -> bool:
