@@ -281,7 +281,8 @@ class Runtime:
         E = self.num_exits
         if served.exit_of.shape[0] == 1:  # one row: no bincount
             counts = [0] * (E + 1)
-            counts[int(served.exit_of[0])] = 1
+            e = served.exit_of
+            counts[int(e.numpy()[0] if e.device.type == "cpu" else e[0])] = 1
         else:
             counts = torch.bincount(served.exit_of.cpu(), minlength=E + 1).tolist()
         self.counters.record(counts, self.costs.flops_of(counts, state.enabled_key), latency,

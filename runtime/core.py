@@ -126,7 +126,9 @@ class CachedRuntime(Runtime):
             raise InputError(f"rows {list(verdict.bad_rows[:10])} contain NaN, Inf or values beyond "
                              f"float32's range; clean or drop them and resend (nothing was served "
                              f"or learned)")
-        return x.to(self.device, torch.float32), verdict
+        if x.dtype != torch.float32 or x.device != self.device:
+            x = x.to(self.device, torch.float32)
+        return x, verdict
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, return_exits: bool = False):

@@ -62,7 +62,7 @@ class InputGuard:
         n = x.shape[0]
         # min and max in one pass, no temporary as large as the input (abs() would allocate
         # one per request: at 224 px that alone costs more than the rest of the check)
-        if x[0].numel() == 0:
+        if x.numel() == 0:   # rows of no values (x[0] would cost an indexing op per request)
             scales = [0.0] * n
         elif n == 1:
             lo, hi = torch.aminmax(x)

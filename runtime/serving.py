@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from compiler import exit_rule
@@ -149,7 +150,7 @@ def serve_plan(state: ServingState, x: torch.Tensor) -> Served:
 def serve_backbone(backend, x: torch.Tensor) -> Served:
     """No exit on and nothing to learn from the request: the onnxruntime backbone session."""
     out = torch.from_numpy(backend.run_backbone(x.numpy()))
-    return Served(out, torch.full((x.shape[0],), backend.num_exits, dtype=torch.long))
+    return Served(out, torch.from_numpy(np.full(x.shape[0], backend.num_exits, dtype=np.int64)))
 
 
 def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
