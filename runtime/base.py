@@ -323,6 +323,7 @@ class Runtime:
             # (else it trains on them and publishes exits on, as a generation it may publish in)
             self.buffer.clear()
             self.design.reset()   # old and new traffic in one window would read as correlation
+            self.collector.reset()   # new traffic: learn at the full warmup share
         self.counters.forget_shadow()
         log.warning("drift: %s; exits off, relearning from new traffic", verdict.reason)
 
@@ -332,7 +333,7 @@ class Runtime:
             return
         with self._lock:
             self._pending += n
-            due = self._pending >= self.config.learning.train_every
+            due = self._pending >= self.config.learning.train_every * self.collector.spacing
         if due and not self._paused:
             if self._thread is not None:
                 self._thread.wake.set()
@@ -402,6 +403,13 @@ class Runtime:
             self._state = ServingState(p.classifiers, p.thresholds, self._state.version + 1,
                                        generation, p.fast, p.exit_shares, p.plan, compiled)
             self.drift.reset(p.exit_shares)
+            was = self.collector.warmup_share
+            if p.promise is not None:
+                self.collector.after_round(any(t != INF for t in p.thresholds), p.promise)
+        if self.collector.warmup_share != was:
+            log.info("round %d: exits would save %.1f%% even if the held-out agreement were "
+                     "exact; %.0f%% of requests teach now", self._rounds, 100 * p.promise,
+                     100 * self.collector.warmup_share)
         if p.plan:
             log.info("round %d: exits %s, expected saving %.1f%%, agreement %.4f (bound %.4f, %d "
                      "held-out rows)", self._rounds,
@@ -456,6 +464,7 @@ class Runtime:
                 "round_seconds_max": max(rounds) if rounds else None,
                 "rows_trained": self.learner.rows,
                 "train_flops": self.learner.flops, "train_seconds": self._train_seconds,
+                "warmup_share": self.collector.warmup_share,
                 "buffer_rows": self.buffer.size,
                 "buffer_capacity": self.buffer.capacity,
                 "buffer_rows_rejected": self.buffer.rows_rejected,

@@ -23,12 +23,45 @@ class Collector:
         self._seed = seed
         self._seen = 0                  # rows through add(): the clock hold-out blocks follow
         self._roles = {}
+        self.warmup_share = config.warmup_collect_rate   # idle_collect_rate while backed off
+        self._idle_rounds = 0                            # rounds in a row that found too little
+
+    def after_round(self, any_enabled: bool, promise: float):
+        """Back off after ``idle_rounds`` rounds in a row that turned no exit on and whose exits
+        would save less than ``idle_below`` even on the point estimate (``LearningLoop.promise``):
+        then only an ``idle_collect_rate`` share of requests teaches. Any other round restores
+        ``warmup_collect_rate``."""
+        c = self.config
+        self._idle_rounds = self._idle_rounds + 1 if not any_enabled and promise < c.idle_below \
+            else 0
+        self.warmup_share = min(c.idle_collect_rate, c.warmup_collect_rate) \
+            if self._idle_rounds >= c.idle_rounds else c.warmup_collect_rate
+
+    def reset(self):
+        """New traffic (a drift alarm): teach at the full warmup share again."""
+        self._idle_rounds = 0
+        self.warmup_share = self.config.warmup_collect_rate
+
+    def adopt(self, share: float):
+        """The share a learner elsewhere set (replica mode, ``runtime.scaleout``), kept within
+        ``idle_collect_rate`` and ``warmup_collect_rate``."""
+        c = self.config
+        self.warmup_share = min(max(float(share), min(c.idle_collect_rate,
+                                                      c.warmup_collect_rate)),
+                                c.warmup_collect_rate)
+
+    @property
+    def spacing(self) -> float:
+        """How many times ``train_every`` rows the next round waits for: the rounds then see
+        about as many new rows as at the full warmup share."""
+        return self.config.warmup_collect_rate / self.warmup_share
 
     def decide(self, any_enabled: bool, shadow_rate: float, fast_available: bool,
                doubt_rate: float = 0.0):
         """(shadow, collect, calibrates) for one request: shadowed requests teach; before any
-        exit is on, a ``warmup_collect_rate`` share teaches; with exits on, every request
-        teaches until the whole-model path serves, then a ``collect_rate`` share.
+        exit is on, a ``warmup_collect_rate`` share teaches (less while backed off:
+        ``after_round``); with exits on, every request teaches until the whole-model path
+        serves, then a ``collect_rate`` share.
 
         In doubt (``doubt_rate`` above ``shadow_rate``) more requests are shadowed, to judge
         them; only those the plain ``shadow_rate`` would have taken calibrate (``calibrates``),
@@ -38,8 +71,8 @@ class Collector:
             u = self._uniform() if any_enabled else 1.0
             if u < max(shadow_rate, doubt_rate):
                 return True, True, u < shadow_rate
-            if not any_enabled and self.config.warmup_collect_rate < 1.0:
-                return False, self._uniform() < self.config.warmup_collect_rate, False
+            if not any_enabled and self.warmup_share < 1.0:
+                return False, self._uniform() < self.warmup_share, False
             if not fast_available:
                 return False, True, False
             return False, self._uniform() < self.config.collect_rate, False

@@ -86,6 +86,18 @@ class CollectConfig:
                     backbone. 1.0 learns fastest; below 0.5 the median request costs what the
                     backbone does while the first rounds run, and exits switch on about
                     1/rate times later (docs/latency.md).
+    idle_collect_rate, idle_below, idle_rounds: while no exit is on and ``idle_rounds``
+                    rounds in a row found that the exits would save less than ``idle_below``
+                    of the backbone's cost even if the held-out agreement were exact (the
+                    bound aside: more rows alone would not make them pay), only an
+                    ``idle_collect_rate`` share of requests teaches, and rounds come that many
+                    times further apart. Back to ``warmup_collect_rate`` as soon as a round
+                    finds more, and after a drift alarm. Teaching costs a request about 2-3%
+                    of ImageNet MobileNetV2's time at batch 1, and the deferred teacher a
+                    second backbone pass per row (docs/latency.md): a model whose exits would
+                    save less on its traffic stops paying that at the full share. Several
+                    rounds, because the first heads, trained on the first rows, promise less
+                    than they will. ``idle_collect_rate`` 1.0: never back off.
     holdout_block_rows, holdout_gap_rows: before any exit is on, rows are held out in whole
                     blocks of this many consecutive rows, and training rows within
                     ``holdout_gap_rows`` of a held-out block are not kept at all: a camera's
@@ -114,6 +126,9 @@ class CollectConfig:
     calib_fraction: float = 0.5
     collect_rate: float = 0.1
     warmup_collect_rate: float = 1.0
+    idle_collect_rate: float = 0.125
+    idle_below: float = 0.05
+    idle_rounds: int = 3
     holdout_block_rows: int = 64
     holdout_gap_rows: int = 16
     deferred: bool = True
@@ -313,6 +328,7 @@ class RuntimeConfig:
         for name, v in (("shadow_rate", g.shadow_rate), ("calib_fraction", self.collect.calib_fraction),
                         ("collect_rate", self.collect.collect_rate),
                         ("warmup_collect_rate", self.collect.warmup_collect_rate),
+                        ("idle_collect_rate", self.collect.idle_collect_rate),
                         ("doubt_shadow_rate", self.drift.doubt_shadow_rate),
                         ("doubt_alarm_p", self.drift.doubt_alarm_p)):
             if not 0.0 <= v <= 1.0:
@@ -323,6 +339,12 @@ class RuntimeConfig:
         if self.collect.warmup_collect_rate <= 0.0:
             raise ConfigError("warmup_collect_rate must be above 0 (at 0 nothing would ever "
                               "teach the exits); 1.0 learns fastest")
+        if not 0.0 <= self.collect.idle_below < 1.0:
+            raise ConfigError(f"idle_below must be in [0, 1) (a share of the backbone's cost), "
+                              f"got {self.collect.idle_below}")
+        if self.collect.idle_collect_rate <= 0.0:
+            raise ConfigError("idle_collect_rate must be above 0 (at 0 a model whose exits do "
+                              "not pay yet would stop learning for good); 1.0 never backs off")
         if g.threshold_rule not in THRESHOLD_RULES:
             raise ConfigError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got "
                               f"{g.threshold_rule!r}")
@@ -364,6 +386,9 @@ class RuntimeConfig:
         if not isinstance(g.correlation_block_rows, int) or g.correlation_block_rows < 1:
             raise ConfigError(f"correlation_block_rows must be a whole number of rows, at least 1 "
                               f"(1: rows counted as independent), got {g.correlation_block_rows!r}")
+        if not isinstance(self.collect.idle_rounds, int) or self.collect.idle_rounds < 1:
+            raise ConfigError(f"idle_rounds must be a whole number of rounds, at least 1, got "
+                              f"{self.collect.idle_rounds!r}")
         for name in ("train_every", "min_train", "min_calib", "max_train_rows", "max_calib_rows",
                      "epochs", "batch_size"):
             if getattr(self.learning, name) < 1:

@@ -202,13 +202,16 @@ class CachedRuntime(Runtime):
         self.buffer.clear()
 
     def adopt_state(self, version: int, generation: int, classifiers_state, thresholds,
-                    exit_shares=None, fast: bool = False) -> bool:
+                    exit_shares=None, fast: bool = False,
+                    warmup_share: Optional[float] = None) -> bool:
         """Install a serving state published by a learner elsewhere (replica mode).
 
         ``classifiers_state``: per exit, the classifier's ``state_dict`` (reads raw features);
         ``thresholds``: per exit (None or ``inf``: off); ``fast``: also build the scripted fast
-        path (the learner trained on ``fast_after`` rows). Built outside the lock, swapped whole
-        under it; a version not newer than the one in force is ignored (returns False).
+        path (the learner trained on ``fast_after`` rows); ``warmup_share``: the share of
+        requests that teach while no exit is on, as the learner set it (``Collector.adopt``).
+        Built outside the lock, swapped whole under it; a version not newer than the one in
+        force is ignored (returns False).
         """
         if version <= self._state.version:
             return False
@@ -226,6 +229,8 @@ class CachedRuntime(Runtime):
             self._state = ServingState(classifiers, thresholds, version, generation, module,
                                        None if exit_shares is None else tuple(exit_shares),
                                        compiled=compiled)
+            if warmup_share is not None:
+                self.collector.adopt(warmup_share)
         return True
 
     # ----- monitoring and persistence -----------------------------------------------------------

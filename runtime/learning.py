@@ -13,7 +13,7 @@ from compiler import artifact
 from compiler.heads import ExitHead, HeadSpec
 
 from .buffer import CALIB, TRAIN, FeatureBuffer
-from .calibrate import (INF, LTT_FAMILY, Plan, choose_thresholds_corrected,
+from .calibrate import (INF, LTT_FAMILY, Plan, choose_thresholds, choose_thresholds_corrected,
                         choose_thresholds_ltt, exit_shares)
 from .config import RuntimeConfig
 from .costs import CostModel
@@ -34,6 +34,7 @@ class Proposal:
     fast: Optional[torch.jit.ScriptModule]
     train_rows: int
     calib_rows: int
+    promise: Optional[float] = None   # what exits would save were the held-out agreement exact
 
 
 class LearningLoop:
@@ -62,6 +63,9 @@ class LearningLoop:
                should_stop=None) -> Plan:
         """Thresholds meeting ``budget`` on held-out rows (feats, teacher)."""
         conf, agree = self.confidences(head_logits, feats, teacher)
+        return self._choose(conf, agree, budget, round_seed, should_stop)
+
+    def _choose(self, conf, agree, budget: float, round_seed: int, should_stop=None) -> Plan:
         g = self.config.guarantee
         deff = 1.0 if self.design is None else max(1.0, self.design.value)
         kw = dict(should_stop=should_stop, effective_rows=conf.shape[1] / deff,
@@ -90,20 +94,31 @@ class LearningLoop:
         self.learner.train(feats, teacher, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
                            should_stop=should_stop)
         cfeats, cteacher = self.calib_rows()
-        plan, shares = None, None
+        plan, shares, promise = None, None, None
         if cteacher.shape[0] >= cfg.min_calib:
-            plan = self.choose(lambda e, f: self.learner.predict(e, f), cfeats, cteacher,
-                               self.config.guarantee.plan_budget, self.config.seed + round_index,
-                               should_stop)
-            conf, _ = self.confidences(lambda e, f: self.learner.predict(e, f), cfeats, cteacher)
+            conf, agree = self.confidences(lambda e, f: self.learner.predict(e, f), cfeats,
+                                           cteacher)
+            plan = self._choose(conf, agree, self.config.guarantee.plan_budget,
+                                self.config.seed + round_index, should_stop)
             shares = tuple(exit_shares(conf, plan.thresholds))
+            promise = plan.saving if plan.saving > 0 else \
+                self.promise(conf, agree, should_stop)
         classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(len(self.exits)))
         thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)
         fast = None
         if teacher.shape[0] >= self.config.serving.fast_after:
             fast = self.fast_module(classifiers, thresholds)
         return Proposal(classifiers, thresholds, plan, shares if plan and plan.saving > 0 else None,
-                        fast, teacher.shape[0], cteacher.shape[0])
+                        fast, teacher.shape[0], cteacher.shape[0], promise)
+
+    def promise(self, conf, agree, should_stop=None) -> float:
+        """What the exits would save on these held-out rows if their agreement were exact
+        (the greedy search at the point estimate, no bound): what more rows alone could
+        certify, with heads as good as now (``CollectConfig.idle_below``)."""
+        return choose_thresholds(conf, agree, self.costs.stage_cost, self.costs.head_cost,
+                                 self.config.guarantee.plan_budget, 0.5, should_stop=should_stop,
+                                 allowed=self.costs.within_miss_cap(
+                                     self.config.serving.max_miss_overhead)).saving
 
     def fast_module(self, classifiers, thresholds):
         """The serving state as one scripted CachedModel (CPU; on CUDA the staged path runs

@@ -627,6 +627,40 @@ def test_before_exits_are_on_requests_that_do_not_teach_run_the_bare_backbone(
     rt.close()
 
 
+def test_while_no_exit_would_pay_fewer_requests_teach_and_rounds_space_out(
+        teacher_artifact, traffic, reference, monkeypatch):
+    """``idle_collect_rate``: heads priced as slow as the whole backbone pay on no row even at
+    the held-out point estimate, so after the first round that can tell, only that share of
+    requests teaches and rounds come 1/share times further apart (here after one such round:
+    ``idle_rounds=1``); a round that finds an exit would pay restores the full warmup share."""
+    import runtime.core
+
+    def pinned(stages, heads, *args, **kwargs):   # every head costs a whole backbone
+        return (torch.ones(len(stages), dtype=torch.float64),
+                torch.full((len(heads),), float(len(stages)), dtype=torch.float64))
+    monkeypatch.setattr(runtime.core, "profile", pinned)
+    rt = runtime.load(teacher_artifact, background=False, backend="torchscript",
+                      latency_weight=1.0, train_every=500, min_train=500, min_calib=250,
+                      idle_collect_rate=0.25, idle_rounds=1)
+    x = traffic[0]
+    stream(rt, x[:1000], batch=10)        # too few rows for a round yet: every request teaches
+    full = rt.buffer.size / 1000          # rows kept per row served at the full share
+    out, exits = stream(rt, x[1000:2000], batch=10)
+    learning = rt.stats()["learning"]
+    assert learning["rounds"] >= 1 and learning["warmup_share"] == 0.25
+    assert bool((exits == rt.num_exits).all())
+    assert torch.allclose(out, reference(x[1000:2000]), atol=1e-4)
+    rounds, kept = learning["rounds"], rt.buffer.size
+    out, _ = stream(rt, x[2000:3900], batch=10)
+    assert torch.allclose(out, reference(x[2000:3900]), atol=1e-4)
+    assert 0.15 * full < (rt.buffer.size - kept) / 1900 < 0.4 * full
+    assert rt.stats()["learning"]["rounds"] - rounds <= 1    # 500 rows apart: 3 more rounds
+    rt.loop.promise = lambda *args, **kwargs: 0.1             # now an exit would pay
+    rt.learn()
+    assert rt.stats()["learning"]["warmup_share"] == 1.0
+    rt.close()
+
+
 def test_a_cap_no_exit_fits_serves_the_backbone_and_teaches_nothing(teacher_artifact, traffic,
                                                                      reference, monkeypatch,
                                                                      caplog):

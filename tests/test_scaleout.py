@@ -67,8 +67,12 @@ def test_replica_hooks_delegate_learning_and_adopt_a_state(teacher_artifact, fas
         teacher.predict(x[i:i + 50])
     sd = [c.state_dict() for c in teacher.state.classifiers]
     thresholds = [0.0] + [None] * (rt.num_exits - 1)   # every row leaves at the first exit
-    assert rt.adopt_state(7, 2, sd, thresholds)
-    assert not rt.adopt_state(7, 2, sd, [None] * rt.num_exits)     # not newer: ignored
+    assert rt.adopt_state(6, 2, sd, [None] * rt.num_exits, warmup_share=0.125)
+    assert rt.collector.warmup_share == 0.125   # the learner backed off: fewer rows teach here
+    assert rt.adopt_state(7, 2, sd, thresholds, warmup_share=1.0)
+    assert rt.collector.warmup_share == 1.0
+    assert not rt.adopt_state(7, 2, sd, [None] * rt.num_exits, warmup_share=0.125)  # not newer
+    assert rt.collector.warmup_share == 1.0
     out, exits = rt.predict(x[:20], return_exits=True)
     assert rt.state.version == 7 and rt.state.generation == 2
     assert (exits == 0).all()

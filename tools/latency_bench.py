@@ -188,6 +188,7 @@ def stream(rt_path: str, best_fn, reqs, batch: int, window_rows: int,
     rt = runtime.load(rt_path, background=True, seed=0, **(settings or {}))
     E = rt.num_exits
     pt, bt, missed, windows = [], [], [], []
+    taught = 0
     with torch.no_grad():
         for k in range(len(reqs)):
             r = reqs[k]
@@ -216,9 +217,13 @@ def stream(rt_path: str, best_fn, reqs, batch: int, window_rows: int,
                                 "missed_ratio_p50": float(np.median(miss)) if len(miss) else None,
                                 "rounds": st["learning"]["rounds"],
                                 "untaught_rows": st["learning"]["deferred_rows_dropped"],
+                                "warmup_share": st["learning"]["warmup_share"],
+                                # rows the deferred teacher ran through the backbone again
+                                "taught_rows": st["learning"]["deferred_rows_taught"] - taught,
                                 "exits_on": sum(st["enabled"]),
                                 "plan": rt.state.compiled is not None})
                 pt, bt, missed = [], [], []
+                taught = st["learning"]["deferred_rows_taught"]
     rt.close()
     return {"batch": batch, "window_rows": window_rows, "settings": settings or {},
             "windows": windows}
@@ -337,7 +342,9 @@ def _print_stream(s: dict, fresh: str, best: str):
               f"every exit {w['missed_requests']}" + (
                   f" ({w['missed_ratio_p50'] - 1:+.1%})" if w["missed_ratio_p50"] else "") +
               f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}, "
-              f"untaught rows {w['untaught_rows']}")
+              f"untaught rows {w['untaught_rows']}" + (
+                  f", teaching share {w['warmup_share']:.3g}, rows taught again "
+                  f"{w['taught_rows']}" if "warmup_share" in w else ""))
 
 
 def photo_stream(args, argv) -> int:

@@ -95,7 +95,7 @@ class LearnerCore:
             thresholds=[None if t == float("inf") else float(t) for t in s.thresholds],
             exit_shares=None if s.exit_shares is None else [float(x) for x in s.exit_shares],
             fast=s.fast is not None, in_doubt=bool(self.rt.drift.in_doubt),
-            published_unix=time.time())
+            published_unix=time.time(), warmup_share=self.rt.collector.warmup_share)
 
     def _publish_now(self) -> bool:
         """Checkpoint the runtime's state, then make it the one replicas get. True if new."""
@@ -217,7 +217,7 @@ class LearnerCore:
 
     @property
     def due(self) -> bool:
-        return self.pending >= self.rt.config.learning.train_every
+        return self.pending >= self.rt.config.learning.train_every * self.rt.collector.spacing
 
     def run_round(self) -> bool:
         """One learning round on the pooled rows; True when it published a new state."""

@@ -96,6 +96,8 @@ class PublishedState:
     fast:        replicas also build the scripted fast path (the learner trained on enough rows).
     in_doubt:    the pooled drift monitor doubts the exit shares: replicas raise the shadow rate.
     published_unix: the learner's clock when it was published.
+    warmup_share: the share of requests that teach while no exit is on (lowered while the
+                 exits would not pay: ``CollectConfig.idle_collect_rate``).
     """
 
     version: int
@@ -106,3 +108,4 @@ class PublishedState:
     fast: bool
     in_doubt: bool
     published_unix: float
+    warmup_share: float = 1.0

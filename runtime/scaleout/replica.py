@@ -147,7 +147,7 @@ class LearnerLink:
         classifiers = [{k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
                        for sd in p.classifiers]
         if self.rt.adopt_state(p.version, p.generation, classifiers, p.thresholds,
-                               p.exit_shares, p.fast):
+                               p.exit_shares, p.fast, p.warmup_share):
             self.adopted.append((p.version, time.time(), time.perf_counter() - t0))
             del self.adopted[:-100]
             log.info("replica %s: serving version %d (generation %d, %d exits on)", self.replica,
