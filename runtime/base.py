@@ -118,6 +118,7 @@ class Runtime:
         self._last_error = None
         self._round_seconds = collections.deque(maxlen=100)  # bounded: runs for days
         self._train_seconds = 0.0
+        self._promise = None   # the last round's saving at the held-out point estimate
         self._learning = False
         self._paused = False
         self._closed = False
@@ -405,6 +406,7 @@ class Runtime:
             self.drift.reset(p.exit_shares)
             was = self.collector.warmup_share
             if p.promise is not None:
+                self._promise = p.promise
                 self.collector.after_round(any(t != INF for t in p.thresholds), p.promise)
         if self.collector.warmup_share != was:
             log.info("round %d: exits would save %.1f%% even if the held-out agreement were "
@@ -465,6 +467,7 @@ class Runtime:
                 "rows_trained": self.learner.rows,
                 "train_flops": self.learner.flops, "train_seconds": self._train_seconds,
                 "warmup_share": self.collector.warmup_share,
+                "promise": self._promise,
                 "buffer_rows": self.buffer.size,
                 "buffer_capacity": self.buffer.capacity,
                 "buffer_rows_rejected": self.buffer.rows_rejected,

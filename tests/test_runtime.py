@@ -648,6 +648,7 @@ def test_while_no_exit_would_pay_fewer_requests_teach_and_rounds_space_out(
     out, exits = stream(rt, x[1000:2000], batch=10)
     learning = rt.stats()["learning"]
     assert learning["rounds"] >= 1 and learning["warmup_share"] == 0.25
+    assert learning["promise"] <= 0.0    # no row pays for a head that costs a whole backbone
     assert bool((exits == rt.num_exits).all())
     assert torch.allclose(out, reference(x[1000:2000]), atol=1e-4)
     rounds, kept = learning["rounds"], rt.buffer.size

@@ -435,12 +435,15 @@ def test_metrics_parse_and_count_requests(server, rows):
     assert sample(after, "layer_cache_exit_rows_total", exit="backbone") == rt_rows[-1]
     for name in ("layer_cache_flops_saved_ratio", "layer_cache_learning_rounds_total",
                  "layer_cache_drift_events_total", "layer_cache_held_out_independent_rows",
-                 "layer_cache_independent_rows_needed", "layer_cache_untaught_rows_total"):
+                 "layer_cache_independent_rows_needed", "layer_cache_untaught_rows_total",
+                 "layer_cache_teaching_share_ratio"):
         assert (name, frozenset({"model": MODEL}.items())) in after
     assert sample(after, "layer_cache_independent_rows_needed") == \
         server.service.rt.stats()["learning"]["independent_rows_needed"]
     assert sample(after, "layer_cache_untaught_rows_total") == \
         server.service.rt.stats()["learning"]["deferred_rows_dropped"]
+    assert sample(after, "layer_cache_teaching_share_ratio") == \
+        server.service.rt.stats()["learning"]["warmup_share"]
 
 
 def test_stats_and_pause_resume_learning(server):

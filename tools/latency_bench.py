@@ -218,6 +218,7 @@ def stream(rt_path: str, best_fn, reqs, batch: int, window_rows: int,
                                 "rounds": st["learning"]["rounds"],
                                 "untaught_rows": st["learning"]["deferred_rows_dropped"],
                                 "warmup_share": st["learning"]["warmup_share"],
+                                "promise": st["learning"]["promise"],
                                 # rows the deferred teacher ran through the backbone again
                                 "taught_rows": st["learning"]["deferred_rows_taught"] - taught,
                                 "exits_on": sum(st["enabled"]),
@@ -344,7 +345,9 @@ def _print_stream(s: dict, fresh: str, best: str):
               f"; rounds {w['rounds']}, exits on {w['exits_on']}, plan {w['plan']}, "
               f"untaught rows {w['untaught_rows']}" + (
                   f", teaching share {w['warmup_share']:.3g}, rows taught again "
-                  f"{w['taught_rows']}" if "warmup_share" in w else ""))
+                  f"{w['taught_rows']}" if "warmup_share" in w else "") + (
+                  f", last round's point-estimate saving {w['promise']:.1%}"
+                  if w.get("promise") is not None else ""))
 
 
 def photo_stream(args, argv) -> int:

@@ -99,6 +99,12 @@ class _RuntimeCollector:
                                     labels=["model"])
             c.add_metric([model], learning["deferred_rows_dropped"])
             yield c
+        if "warmup_share" in learning:
+            g = GaugeMetricFamily(f"{PREFIX}_teaching_share_ratio", "Share of requests that "
+                                  "teach the heads while no exit is on (lowered while the "
+                                  "exits would not pay)", labels=["model"])
+            g.add_metric([model], float(learning["warmup_share"]))
+            yield g
         c = CounterMetricFamily(f"{PREFIX}_drift_events", "Drift alarms (every exit switched "
                                 "off, heads relearn)", labels=["model"])
         c.add_metric([model], s.get("drift_events", 0))
