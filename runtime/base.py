@@ -407,11 +407,11 @@ class Runtime:
             was = self.collector.warmup_share
             if p.promise is not None:
                 self._promise = p.promise
-                self.collector.after_round(any(t != INF for t in p.thresholds), p.promise)
+                self.collector.after_round(p.idle)
         if self.collector.warmup_share != was:
-            log.info("round %d: exits would save %.1f%% even if the held-out agreement were "
-                     "exact; %.0f%% of requests teach now", self._rounds, 100 * p.promise,
-                     100 * self.collector.warmup_share)
+            log.info("round %d: %.0f%% of requests teach now (the exits would save %.1f%% if "
+                     "the held-out agreement were exact)", self._rounds,
+                     100 * self.collector.warmup_share, 100 * p.promise)
         if p.plan:
             log.info("round %d: exits %s, expected saving %.1f%%, agreement %.4f (bound %.4f, %d "
                      "held-out rows)", self._rounds,

@@ -26,14 +26,13 @@ class Collector:
         self.warmup_share = config.warmup_collect_rate   # idle_collect_rate while backed off
         self._idle_rounds = 0                            # rounds in a row that found too little
 
-    def after_round(self, any_enabled: bool, promise: float):
-        """Back off after ``idle_rounds`` rounds in a row that turned no exit on and whose exits
-        would save less than ``idle_below`` even on the point estimate (``LearningLoop.promise``):
-        then only an ``idle_collect_rate`` share of requests teaches. Any other round restores
-        ``warmup_collect_rate``."""
+    def after_round(self, idle: bool):
+        """Back off after ``idle_rounds`` rounds in a row that were ``idle`` (no exit on, and
+        none would save more than ``idle_below`` even at the point estimate:
+        ``LearningLoop.run``): then only an ``idle_collect_rate`` share of requests teaches.
+        Any other round restores ``warmup_collect_rate``."""
         c = self.config
-        self._idle_rounds = self._idle_rounds + 1 if not any_enabled and promise < c.idle_below \
-            else 0
+        self._idle_rounds = self._idle_rounds + 1 if idle else 0
         self.warmup_share = min(c.idle_collect_rate, c.warmup_collect_rate) \
             if self._idle_rounds >= c.idle_rounds else c.warmup_collect_rate
 

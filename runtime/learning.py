@@ -35,6 +35,7 @@ class Proposal:
     train_rows: int
     calib_rows: int
     promise: Optional[float] = None   # what exits would save were the held-out agreement exact
+    idle: bool = False                # no exit on, and none would pay enough (Collector.after_round)
 
 
 class LearningLoop:
@@ -94,26 +95,47 @@ class LearningLoop:
         self.learner.train(feats, teacher, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
                            should_stop=should_stop)
         cfeats, cteacher = self.calib_rows()
-        plan, shares, promise = None, None, None
+        plan, shares, promise, idle = None, None, None, False
         if cteacher.shape[0] >= cfg.min_calib:
             conf, agree = self.confidences(lambda e, f: self.learner.predict(e, f), cfeats,
                                            cteacher)
             plan = self._choose(conf, agree, self.config.guarantee.plan_budget,
                                 self.config.seed + round_index, should_stop)
+            if plan.saving <= self.min_saving and any(plan.enabled):   # too little to serve
+                plan = Plan([INF] * len(self.exits), 0.0, 1.0, 1.0, plan.n)
             shares = tuple(exit_shares(conf, plan.thresholds))
             promise = plan.saving if plan.saving > 0 else \
                 self.promise(conf, agree, should_stop)
+            idle = plan.saving <= 0 and promise <= self.idle_below
         classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(len(self.exits)))
         thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)
         fast = None
         if teacher.shape[0] >= self.config.serving.fast_after:
             fast = self.fast_module(classifiers, thresholds)
         return Proposal(classifiers, thresholds, plan, shares if plan and plan.saving > 0 else None,
-                        fast, teacher.shape[0], cteacher.shape[0], promise)
+                        fast, teacher.shape[0], cteacher.shape[0], promise, idle)
+
+    def _by_cost_model(self, setting: Optional[float], timed: float) -> float:
+        """``setting``, or where None: ``timed`` when the cost model mixes in measured time,
+        0 when it counts FLOPs (exact)."""
+        if setting is not None:
+            return float(setting)
+        return timed if self.costs.latency_weight > 0 else 0.0
+
+    @property
+    def min_saving(self) -> float:
+        """``LearningConfig.min_saving`` in force: a plan must save more to switch exits on."""
+        return self._by_cost_model(self.config.learning.min_saving, 0.05)
+
+    @property
+    def idle_below(self) -> float:
+        """``CollectConfig.idle_below`` in force: a round whose exits would save no more even
+        at the point estimate counts toward backing off."""
+        return self._by_cost_model(self.config.collect.idle_below, 0.10)
 
     def promise(self, conf, agree, should_stop=None) -> float:
         """What the exits would save on these held-out rows if their agreement were exact
-        (the greedy search at the point estimate, no bound): what more rows alone could
+        (the greedy search at the point estimate, no bound): more than more rows alone could
         certify, with heads as good as now (``CollectConfig.idle_below``)."""
         return choose_thresholds(conf, agree, self.costs.stage_cost, self.costs.head_cost,
                                  self.config.guarantee.plan_budget, 0.5, should_stop=should_stop,

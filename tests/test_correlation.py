@@ -176,30 +176,30 @@ def test_warmup_collect_rate_samples_which_requests_teach_before_exits_are_on():
 
 
 def test_the_warmup_share_backs_off_after_idle_rounds_in_a_row_and_comes_back():
-    """``after_round``: only ``idle_rounds`` rounds in a row whose exits would save less than
-    ``idle_below`` (none on) lower the teaching share, and rounds then wait 1/share times as
-    long; a promising round, an exit on, or a drift alarm (``reset``) restore it."""
+    """``after_round``: only ``idle_rounds`` idle rounds in a row lower the teaching share, and
+    rounds then wait 1/share times as long; any other round, or a drift alarm (``reset``),
+    restores it."""
     from runtime.buffer import FeatureBuffer
     from runtime.collect import Collector
     from runtime.config import CollectConfig
 
     col = Collector(FeatureBuffer([4], 3, 1.0), CollectConfig(idle_collect_rate=0.125), seed=0)
     for _ in range(2):
-        col.after_round(False, 0.01)
+        col.after_round(True)
         assert col.warmup_share == 1.0 and col.spacing == 1.0
-    col.after_round(False, 0.01)
+    col.after_round(True)
     assert col.warmup_share == 0.125 and col.spacing == 8.0
     taught = sum(c for _, c, _ in (col.decide(False, 0.05, False) for _ in range(4000)))
     assert 0.1 < taught / 4000 < 0.15
-    col.after_round(False, 0.2)                     # the exits would pay now
+    col.after_round(False)
     assert col.warmup_share == 1.0
     for _ in range(2):
-        col.after_round(False, 0.0)
-    col.after_round(True, 0.01)                     # an exit is on: never idle
-    col.after_round(False, 0.0)
+        col.after_round(True)
+    col.after_round(False)                # the count starts again
+    col.after_round(True)
     assert col.warmup_share == 1.0
     for _ in range(3):
-        col.after_round(False, 0.0)
+        col.after_round(True)
     assert col.warmup_share == 0.125
     col.reset()
     assert col.warmup_share == 1.0 and col.spacing == 1.0

@@ -656,10 +656,31 @@ def test_while_no_exit_would_pay_fewer_requests_teach_and_rounds_space_out(
     assert torch.allclose(out, reference(x[2000:3900]), atol=1e-4)
     assert 0.15 * full < (rt.buffer.size - kept) / 1900 < 0.4 * full
     assert rt.stats()["learning"]["rounds"] - rounds <= 1    # 500 rows apart: 3 more rounds
-    rt.loop.promise = lambda *args, **kwargs: 0.1             # now an exit would pay
+    rt.loop.promise = lambda *args, **kwargs: 0.2             # now the exits would pay
     rt.learn()
     assert rt.stats()["learning"]["warmup_share"] == 1.0
     rt.close()
+
+
+def test_a_plan_that_saves_too_little_switches_no_exit_on(teacher_artifact, traffic, reference):
+    """``min_saving``: a round whose certified plan saves no more serves every exit off (the
+    backbone's answers), while its point estimate still says what the exits would save. The
+    default is 0 for a FLOPs-only cost model (exact) and 0.05 for one with measured time."""
+    rt = runtime.load(teacher_artifact, background=False, min_saving=0.9, **STABLE)
+    x = traffic[0]
+    out, exits = stream(rt, x)
+    st = rt.stats()
+    assert st["learning"]["rounds"] >= 1 and not any(st["enabled"])
+    assert 0.0 < st["learning"]["promise"] < 0.9
+    assert st["learning"]["warmup_share"] == 1.0     # FLOPs only: idle only where none pays
+    assert bool((exits == rt.num_exits).all())
+    assert torch.allclose(out, reference(x), atol=1e-4)
+    assert rt.loop.min_saving == 0.9 and rt.loop.idle_below == 0.0
+    rt.close()
+    for weight, saving, idle in ((0.0, 0.0, 0.0), (1.0, 0.05, 0.10)):
+        rt = runtime.load(teacher_artifact, background=False, latency_weight=weight)
+        assert (rt.loop.min_saving, rt.loop.idle_below) == (saving, idle), weight
+        rt.close()
 
 
 def test_a_cap_no_exit_fits_serves_the_backbone_and_teaches_nothing(teacher_artifact, traffic,
