@@ -493,6 +493,7 @@ class Runtime:
 
         With no plan (no round chose these thresholds) they are the artifact's own, which the
         save that wrote them already held to the full budget, or all off: kept as they are.
+        Exits that would save no more than ``LearningConfig.min_saving`` are saved off.
         """
         if state.plan is None or not state.any_enabled or self.config.guarantee.shadow_rate <= 0:
             return state.thresholds
@@ -502,6 +503,8 @@ class Runtime:
         plan = self.loop.choose(lambda e, f: state.classifiers[e](f.to(self.device)), cfeats,
                                 cteacher, self.config.guarantee.agreement_budget,
                                 self.config.seed + state.version)
+        if plan.saving <= self.loop.min_saving:   # at the full budget too little to pay
+            return (INF,) * self.num_exits
         return tuple(plan.thresholds)
 
     def save(self, path: str):

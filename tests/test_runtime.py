@@ -391,7 +391,7 @@ def test_unset_latency_weight_follows_the_mode_and_the_backend(teacher_artifact)
 
 
 def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifact, traffic,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
     """Served live, exits may agree a little less than the budget (shadow rows make up the rest);
     a saved artifact has no shadow rows, so its thresholds are re-chosen for the full budget."""
     from runtime.buffer import CALIB
@@ -421,6 +421,12 @@ def test_saved_artifact_meets_the_full_budget_without_shadow_rows(teacher_artifa
     assert ok_saved / n >= rt.config.guarantee.agreement_budget
     assert ok_live / n >= rt.config.guarantee.plan_budget
     assert rt.config.guarantee.plan_budget < rt.config.guarantee.agreement_budget
+    # exits that at the full budget would save no more than min_saving are saved off
+    from runtime.learning import LearningLoop
+    monkeypatch.setattr(LearningLoop, "min_saving", property(lambda self: 0.99))
+    rt.save(tmp_path / "off.pt")
+    assert artifact.read_manifest(tmp_path / "off.pt")["runtime"]["thresholds"] == \
+        [None] * rt.num_exits
 
 
 def test_save_is_atomic(learned, tmp_path, monkeypatch):
