@@ -23,7 +23,7 @@ from .costs import CostModel, default_latency_weight
 from .drift import ALARM, DriftMonitor
 from .learner import HeadLearner, NonFiniteRound, RoundCancelled
 from .learning import LearnerThread, LearningLoop
-from .pacing import InFlight
+from .pacing import InFlight, quicken_gil_switch
 from .serving import Served, ServingState
 from .stats import Counters
 from .tasks import task_for
@@ -126,6 +126,8 @@ class Runtime:
         self._state = self._first_state(classifiers, thresholds)
         self.in_flight = InFlight()            # deferred teaching yields to requests (pacing.py)
         self._thread = LearnerThread(self) if self.config.background else None
+        if self.config.background:
+            quicken_gil_switch(self.config.serving.gil_switch_ms)
         c = self.config.collect
         # CPU only: on CUDA the staged path's CUDA graphs are captured per batch size and not
         # meant to be replayed from two threads at once (and the GPU is not the GIL's problem).

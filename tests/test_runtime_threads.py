@@ -279,3 +279,24 @@ print("learning" if rt._learning else "idle")
     assert proc.stdout.strip() == "learning", proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "terminate called" not in proc.stderr
+
+
+def test_background_mode_lowers_the_gil_switch_interval_and_never_raises_it(teacher_artifact):
+    """``gil_switch_ms``: a background runtime shortens the interpreter's GIL switch interval
+    (a learner running Python then holds a request at most that long), never lengthens one set
+    shorter, and None leaves it alone; synchronous mode never touches it."""
+    before = sys.getswitchinterval()
+    try:
+        for start, setting, background, want in ((0.005, 0.5, True, 0.0005),
+                                                 (0.0001, 0.5, True, 0.0001),
+                                                 (0.005, None, True, 0.005),
+                                                 (0.005, 0.5, False, 0.005)):
+            sys.setswitchinterval(start)
+            rt = runtime.load(teacher_artifact, background=background, gil_switch_ms=setting)
+            try:
+                assert sys.getswitchinterval() == pytest.approx(want), (start, setting,
+                                                                        background)
+            finally:
+                rt.close()
+    finally:
+        sys.setswitchinterval(before)

@@ -227,7 +227,7 @@ def stream(rt_path: str, best_fn, reqs, batch: int, window_rows: int,
                 taught = st["learning"]["deferred_rows_taught"]
     rt.close()
     return {"batch": batch, "window_rows": window_rows, "settings": settings or {},
-            "windows": windows}
+            "gil_switch_ms": 1000 * sys.getswitchinterval(), "windows": windows}
 
 
 def main(argv=None) -> int:
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
 
 def _print_stream(s: dict, fresh: str, best: str):
     print(f"\nruntime.predict along a learning stream (background, batch {s['batch']}, from "
-          f"{fresh}) vs {best}:")
+          f"{fresh}; GIL switch interval {s.get('gil_switch_ms', 5.0):g} ms) vs {best}:")
     for w in s["windows"]:
         print(f"  rows {w['rows_end']:6d}: predict p50 {w['predict_p50']:7.3f} ms, backbone "
               f"{w['backbone_p50']:7.3f} ms ({w['ratio_p50'] - 1:+.1%}), mean "
