@@ -213,9 +213,10 @@ class ServingConfig:
                     (``sys.setswitchinterval``) is lowered to this many milliseconds at load
                     if it is longer (it is process-wide; never raised). Python's default, 5 ms,
                     lets the learner and the deferred teacher, while they run Python, keep a
-                    request waiting for the GIL up to 5 ms. On the demo at batch 1, learning in
-                    the background, 0.5 ms took the mean request from +20-31% to +5-9% against
-                    the backbone in onnxruntime (docs/latency.md). None: leave it as it is.
+                    request waiting for the GIL up to 5 ms, a dozen requests' time on a 0.4 ms
+                    model. Measured on the demo's learning stream at batch 1 (docs/latency.md):
+                    ahead in every window where both settings switched on the same exits, level
+                    where they did not. None: leave it as it is.
     """
 
     fast_after: int = 4000
