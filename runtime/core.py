@@ -207,9 +207,10 @@ class CachedRuntime(Runtime):
         """Install a serving state published by a learner elsewhere (replica mode).
 
         ``classifiers_state``: per exit, the classifier's ``state_dict`` (reads raw features);
-        ``thresholds``: per exit (None or ``inf``: off); ``fast``: also build the scripted fast
-        path (the learner trained on ``fast_after`` rows); ``warmup_share``: the share of
-        requests that teach while no exit is on, as the learner set it (``Collector.adopt``).
+        ``thresholds``: per exit (None or ``inf``: off); ``fast``: the learner trained on
+        ``fast_after`` rows, so the whole-model paths serve (``_whole_paths``);
+        ``warmup_share``: the share of requests that teach while no exit is on, as the learner
+        set it (``Collector.adopt``).
         Built outside the lock, swapped whole under it; a version not newer than the one in
         force is ignored (returns False).
         """
@@ -220,8 +221,7 @@ class CachedRuntime(Runtime):
             head_classifier(spec, {n: torch.as_tensor(v).float() for n, v in sd.items()})
             .to(self.device) for spec, sd in zip(specs, classifiers_state))
         thresholds = tuple(INF if t is None else float(t) for t in thresholds)
-        module = self.loop.fast_module(classifiers, thresholds) if fast else None
-        compiled = self._compile(classifiers, thresholds, fast)
+        module, compiled = self._whole_paths(classifiers, thresholds, fast)
         with self._lock:
             if version <= self._state.version:
                 return False

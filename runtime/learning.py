@@ -36,6 +36,7 @@ class Proposal:
     calib_rows: int
     promise: Optional[float] = None   # what exits would save were the held-out agreement exact
     idle: bool = False                # no exit on, and none would pay enough (Collector.after_round)
+    whole: bool = False               # trained on fast_after rows: the whole-model paths serve
 
 
 class LearningLoop:
@@ -109,11 +110,9 @@ class LearningLoop:
             idle = plan.saving <= 0 and promise <= self.idle_below
         classifiers = tuple(self.learner.folded(e).to(self.device) for e in range(len(self.exits)))
         thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)
-        fast = None
-        if teacher.shape[0] >= self.config.serving.fast_after:
-            fast = self.fast_module(classifiers, thresholds)
+        whole = teacher.shape[0] >= self.config.serving.fast_after
         return Proposal(classifiers, thresholds, plan, shares if plan and plan.saving > 0 else None,
-                        fast, teacher.shape[0], cteacher.shape[0], promise, idle)
+                        None, teacher.shape[0], cteacher.shape[0], promise, idle, whole)
 
     def _by_cost_model(self, setting: Optional[float], timed: float) -> float:
         """``setting``, or where None: ``timed`` when the cost model mixes in measured time,

@@ -586,7 +586,7 @@ def test_scripted_fast_path_serves_like_the_staged_path(teacher_artifact, traffi
     import dataclasses
 
     rt = runtime.load(teacher_artifact, background=False, shadow_rate=0.0, fast_after=0,
-                      collect_rate=0.0, **STABLE)
+                      collect_rate=0.0, backend="torchscript", **STABLE)
     stream(rt, traffic[0])
     state = rt._state
     assert any(t != float("inf") for t in state.thresholds), "exits must be on"
@@ -600,6 +600,26 @@ def test_scripted_fast_path_serves_like_the_staged_path(teacher_artifact, traffi
     torch.testing.assert_close(fast_out, slow_out, atol=1e-5, rtol=1e-5)
 
 
+def test_a_state_an_onnxruntime_plan_serves_whole_is_not_also_scripted(teacher_artifact,
+                                                                       traffic):
+    """``_whole_paths``: where the onnxruntime plan serves a state whole, the scripted whole
+    model (which would never run, and whose build holds the GIL) is not built; where no plan
+    is built, it is."""
+    pytest.importorskip("onnxruntime")
+    rt = runtime.load(teacher_artifact, background=False, fast_after=0, backend="onnxruntime",
+                      **STABLE)
+    stream(rt, traffic[0])
+    state = rt._state
+    assert any(t != float("inf") for t in state.thresholds), "exits must be on"
+    assert state.fast is None and state.compiled is not None and state.compiled.whole
+    assert state.servable_whole
+    rt._compile = lambda *args: None            # no plan: the scripted model serves whole
+    fast, compiled = rt._whole_paths(state.classifiers, state.thresholds, True)
+    assert compiled is None and fast is not None
+    assert rt._whole_paths(state.classifiers, state.thresholds, False) == (None, None)
+    rt.close()
+
+
 @pytest.mark.parametrize("collect_rate", [0.0, 1.0])
 def test_heads_keep_learning_once_the_fast_path_is_on(teacher_artifact, traffic, collect_rate):
     """With collect_rate > 0 rows reaching the backbone keep being buffered for training."""
@@ -609,7 +629,7 @@ def test_heads_keep_learning_once_the_fast_path_is_on(teacher_artifact, traffic,
                       collect_rate=collect_rate, train_every=10 ** 9, **STABLE)
     stream(rt, traffic[0][:3000])  # 600+ held-out rows after the warm-up and hold-out gaps
     rt.learn()
-    assert rt._state.fast is not None, "exits and the fast path must be on"
+    assert rt._state.servable_whole, "exits and the whole-model path must be on"
     before = rt.buffer.snapshot(TRAIN)[1].shape[0]
     _, exits = stream(rt, traffic[1][:1000])
     after = rt.buffer.snapshot(TRAIN)[1].shape[0]

@@ -94,7 +94,7 @@ class LearnerCore:
                          for c in s.classifiers],
             thresholds=[None if t == float("inf") else float(t) for t in s.thresholds],
             exit_shares=None if s.exit_shares is None else [float(x) for x in s.exit_shares],
-            fast=s.fast is not None, in_doubt=bool(self.rt.drift.in_doubt),
+            fast=s.servable_whole, in_doubt=bool(self.rt.drift.in_doubt),
             published_unix=time.time(), warmup_share=self.rt.collector.warmup_share)
 
     def _publish_now(self) -> bool:

@@ -93,7 +93,8 @@ class PublishedState:
 
     classifiers: per exit, the classifier's state_dict (numpy; reads raw pooled features).
     thresholds:  per exit, None: off.
-    fast:        replicas also build the scripted fast path (the learner trained on enough rows).
+    fast:        the learner trained on ``fast_after`` rows: replicas serve the whole-model
+                 paths (their onnxruntime plan, or the scripted model where none serves).
     in_doubt:    the pooled drift monitor doubts the exit shares: replicas raise the shadow rate.
     published_unix: the learner's clock when it was published.
     warmup_share: the share of requests that teach while no exit is on (lowered while the
