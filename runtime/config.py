@@ -184,7 +184,8 @@ class ServingConfig:
     """How requests are run (runtime/serving.py).
 
     fast_after:     once a round trained on this many rows, requests with nothing to check or
-                    learn from run the scripted model whole (no Python between stages).
+                    learn from run the model whole (no Python between stages): the onnxruntime
+                    plan, or the scripted model where no plan serves (``_whole_paths``).
     cuda_graphs:    on CUDA, run each stage as a CUDA graph per bucketed batch size (unmeasured:
                     no GPU was lent to this project).
     latency_weight: the cost model mixes each stage's FLOPs share and measured latency share;
