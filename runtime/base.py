@@ -407,7 +407,7 @@ class Runtime:
         return fast, compiled
 
     def _publish(self, p, generation: int) -> bool:
-        p.fast, compiled = self._whole_paths(p.classifiers, p.thresholds, p.whole)
+        fast, compiled = self._whole_paths(p.classifiers, p.thresholds, p.whole)
         with self._lock:
             if generation != self._generation:
                 self._rounds_discarded += 1
@@ -415,7 +415,7 @@ class Runtime:
                 return False
             self._rounds += 1
             self._state = ServingState(p.classifiers, p.thresholds, self._state.version + 1,
-                                       generation, p.fast, p.exit_shares, p.plan, compiled)
+                                       generation, fast, p.exit_shares, p.plan, compiled)
             self.drift.reset(p.exit_shares)
             was = self.collector.warmup_share
             if p.promise is not None:
@@ -516,8 +516,6 @@ class Runtime:
         plan = self.loop.choose(lambda e, f: state.classifiers[e](f.to(self.device)), cfeats,
                                 cteacher, self.config.guarantee.agreement_budget,
                                 self.config.seed + state.version)
-        if plan.saving <= self.loop.min_saving:   # at the full budget too little to pay
-            return (INF,) * self.num_exits
         return tuple(plan.thresholds)
 
     def save(self, path: str):

@@ -54,6 +54,11 @@ class Plan:
     def enabled(self) -> List[bool]:
         return [t != INF for t in self.thresholds]
 
+    @staticmethod
+    def off(num_exits: int, n: int) -> "Plan":
+        """Every exit off (the backbone answers every row), judged on ``n`` rows."""
+        return Plan([INF] * num_exits, 0.0, 1.0, 1.0, n)
+
 
 def route(conf: torch.Tensor, t) -> torch.Tensor:
     """Each row's exit (``E``: the backbone) under thresholds ``t`` (``inf``: off), by the exit rule."""
@@ -405,7 +410,7 @@ def choose_thresholds_ltt(conf: torch.Tensor, agree: torch.Tensor, stage_cost: t
         return max(plans, key=lambda p: p.saving)
     risk = 1.0 - budget
     delta = 1.0 - confidence
-    off = Plan([INF] * E, 0.0, 1.0, 1.0, n)
+    off = Plan.off(E, n)
     if family == "global":
         test = torch.arange(n)
         on = []

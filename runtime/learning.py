@@ -31,7 +31,6 @@ class Proposal:
     thresholds: tuple
     plan: Optional[Plan]
     exit_shares: Optional[tuple]
-    fast: Optional[torch.jit.ScriptModule]
     train_rows: int
     calib_rows: int
     promise: Optional[float] = None   # what exits would save were the held-out agreement exact
@@ -68,6 +67,8 @@ class LearningLoop:
         return self._choose(conf, agree, budget, round_seed, should_stop)
 
     def _choose(self, conf, agree, budget: float, round_seed: int, should_stop=None) -> Plan:
+        """The threshold rule's plan, or every exit off where it saves no more than
+        ``min_saving``."""
         g = self.config.guarantee
         deff = 1.0 if self.design is None else max(1.0, self.design.value)
         kw = dict(should_stop=should_stop, effective_rows=conf.shape[1] / deff,
@@ -77,8 +78,11 @@ class LearningLoop:
         else:
             rule = choose_thresholds_ltt
             kw["family"] = LTT_FAMILY[g.threshold_rule]
-        return rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget, g.confidence,
-                    round_seed, **kw)
+        plan = rule(conf, agree, self.costs.stage_cost, self.costs.head_cost, budget,
+                    g.confidence, round_seed, **kw)
+        if any(plan.enabled) and plan.saving <= self.min_saving:   # too little to serve
+            return Plan.off(len(plan.thresholds), plan.n)
+        return plan
 
     def calib_rows(self):
         """The most recent held-out rows, ``max_calib_rows`` independent rows' worth: with
@@ -102,8 +106,6 @@ class LearningLoop:
                                            cteacher)
             plan = self._choose(conf, agree, self.config.guarantee.plan_budget,
                                 self.config.seed + round_index, should_stop)
-            if plan.saving <= self.min_saving and any(plan.enabled):   # too little to serve
-                plan = Plan([INF] * len(self.exits), 0.0, 1.0, 1.0, plan.n)
             shares = tuple(exit_shares(conf, plan.thresholds))
             promise = plan.saving if plan.saving > 0 else \
                 self.promise(conf, agree, should_stop)
@@ -112,7 +114,7 @@ class LearningLoop:
         thresholds = tuple(plan.thresholds) if plan else (INF,) * len(self.exits)
         whole = teacher.shape[0] >= self.config.serving.fast_after
         return Proposal(classifiers, thresholds, plan, shares if plan and plan.saving > 0 else None,
-                        None, teacher.shape[0], cteacher.shape[0], promise, idle, whole)
+                        teacher.shape[0], cteacher.shape[0], promise, idle, whole)
 
     def _by_cost_model(self, setting: Optional[float], timed: float) -> float:
         """``setting``, or where None: ``timed`` when the cost model mixes in measured time,
