@@ -105,6 +105,10 @@ class Runtime:
         self.drift = DriftMonitor(self.config.drift, self.config.guarantee.plan_budget,
                                   self.design)
         self.counters = Counters(self.num_exits)
+        # plain requests' bookkeeping, done in bulk (ServingConfig.settle_every)
+        every = self.config.serving.settle_every
+        self._settle_every = every if every is not None else (16 if self.config.background else 1)
+        self._held = collections.deque()
 
         self._lock = threading.Lock()          # orders publish, drift and the round counters
         self._learn_lock = threading.Lock()    # one round at a time
@@ -243,13 +247,37 @@ class Runtime:
         served = self._run(state, x, shadow, teach and not defer)
         deferred = defer and self._defer(x, served, state)
         latency = (time.perf_counter() - t0) * 1e3
+        if not (shadow or teach) and self._settle_every > 1:   # plain: booked in bulk
+            self._held.append((state, served, latency))
+            if len(self._held) >= self._settle_every:
+                self._settle()
+            return served
+        self._settle()   # the requests held back first, in order
+        self._book(state, served, latency, calibrates, deferred)
+        return served
+
+    def _book(self, state: ServingState, served: Served, latency: float,
+              calibrates: bool = False, deferred: bool = False):
+        """A served request's bookkeeping: the correlation estimate, what it taught, the
+        counters and drift (``_account``), the round trigger."""
         self.design.observe(self.task.answers(served.out))
+        rows = served.exit_of.shape[0]
         if served.features is not None:   # shadowed in doubt alone: judged, not calibrating
-            self._collect(served, calibrates, state.any_enabled, x.shape[0])
+            self._collect(served, calibrates, state.any_enabled, rows)
         self._account(state, served, latency)
         if not deferred:   # else counted by the deferred teacher, once buffered
-            self._maybe_learn(x.shape[0])
-        return served
+            self._maybe_learn(rows)
+
+    def _settle(self):
+        """Book the plain requests held back (``ServingConfig.settle_every``), oldest first.
+        Any thread may settle; each request is booked once (``deque.popleft`` is atomic)."""
+        held = self._held
+        while held:
+            try:
+                item = held.popleft()
+            except IndexError:   # another thread took the last one
+                return
+            self._book(*item)
 
     def __call__(self, x):
         return self.predict(x)
@@ -446,6 +474,7 @@ class Runtime:
     # ----- monitoring ---------------------------------------------------------------------------
     def stats(self) -> dict:
         """Counters since load: traffic, exits, live agreement, FLOPs saved, latency, learning."""
+        self._settle()
         out = self.counters.snapshot(self.costs.total_flops)
         with self._lock:
             out.update(self._report(self._state))
@@ -546,6 +575,7 @@ class Runtime:
     def close(self):
         """Stop learning within a second, abandoning a round in progress; serving still works."""
         self._closed = True
+        self._settle()
         if self._teacher is not None:
             self._teacher.close()
         if self._thread is not None:

@@ -218,6 +218,15 @@ class ServingConfig:
                     model. Measured on the demo's learning stream at batch 1 (docs/latency.md):
                     ahead in every window where both settings switched on the same exits, level
                     where they did not. None: leave it as it is.
+    settle_every:   a request that neither teaches nor is shadowed is booked (counters, drift,
+                    the correlation estimate, the round trigger) in bulk with the others held
+                    back, every this many requests, and at ``stats()``, ``save`` and ``close``.
+                    Right after a pass of a large model the CPU's caches hold the model, not
+                    the runtime's Python, so each bookkeeping step cost a request tens of
+                    microseconds; booked together they run warm (docs/latency.md). A drift
+                    alarm or a round may then come up to this many requests later. None: 16 in
+                    background mode, 1 (each request at once) in synchronous mode, whose rounds
+                    then start at the same requests as ever.
     """
 
     fast_after: int = 4000
@@ -226,6 +235,7 @@ class ServingConfig:
     backend: str = "auto"
     max_miss_overhead: Optional[float] = None
     gil_switch_ms: Optional[float] = 0.5
+    settle_every: Optional[int] = None
 
 
 @dataclass
@@ -384,6 +394,10 @@ class RuntimeConfig:
         if ms is not None and not (isinstance(ms, (int, float)) and 0.001 <= ms <= 100):
             raise ConfigError(f"gil_switch_ms must be None (leave the interpreter's setting) or "
                               f"between 0.001 and 100 milliseconds, got {ms!r}")
+        k = self.serving.settle_every
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 4096):
+            raise ConfigError(f"settle_every must be None (the mode's default) or a whole number "
+                              f"of requests from 1 to 4096, got {k!r}")
         c = self.collect
         if c.holdout_block_rows < 1 or not 0 <= c.holdout_gap_rows < c.holdout_block_rows:
             raise ConfigError(f"holdout_block_rows must be at least 1 and holdout_gap_rows in "
