@@ -247,8 +247,9 @@ class Runtime:
         served = self._run(state, x, shadow, teach and not defer)
         deferred = defer and self._defer(x, served, state)
         latency = (time.perf_counter() - t0) * 1e3
-        if not (shadow or teach) and self._settle_every > 1:   # plain: booked in bulk
-            self._held.append((state, served, latency))
+        if not shadow and served.features is None and self._settle_every > 1:
+            # plain (nothing to buffer or judge here): booked in bulk
+            self._held.append((state, served, latency, False, deferred))
             if len(self._held) >= self._settle_every:
                 self._settle()
             return served

@@ -218,9 +218,11 @@ class ServingConfig:
                     model. Measured on the demo's learning stream at batch 1 (docs/latency.md):
                     ahead in every window where both settings switched on the same exits, level
                     where they did not. None: leave it as it is.
-    settle_every:   a request that neither teaches nor is shadowed is booked (counters, drift,
-                    the correlation estimate, the round trigger) in bulk with the others held
-                    back, every this many requests, and at ``stats()``, ``save`` and ``close``.
+    settle_every:   a request that is not shadowed and buffers nothing itself (it teaches
+                    nothing, or hands its rows to the deferred teacher) is booked (counters,
+                    drift, the correlation estimate, the round trigger) in bulk with the others
+                    held back, every this many requests, and at ``stats()``, ``save`` and
+                    ``close``.
                     Right after a pass of a large model the CPU's caches hold the model, not
                     the runtime's Python, so each bookkeeping step cost a request tens of
                     microseconds; booked together they run warm (docs/latency.md). A drift

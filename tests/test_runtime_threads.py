@@ -300,3 +300,42 @@ def test_background_mode_lowers_the_gil_switch_interval_and_never_raises_it(teac
                 rt.close()
     finally:
         sys.setswitchinterval(before)
+
+
+def test_plain_requests_booked_in_bulk_are_all_counted_under_threads(teacher_artifact, rows):
+    """``settle_every``: requests that buffer nothing are booked in bulk. Under 8 threads none
+    is lost or booked twice, ``stats()`` books those still held, and exits answered by the
+    bulk-booked requests are counted with the rest."""
+    rt = runtime.load(teacher_artifact, background=True, warmup_collect_rate=1e-9,
+                      settle_every=16, seed=0)
+    per_thread, batch = 37, 3   # 8 x 37 requests: not a multiple of 16, some stay held
+
+    def client(k):
+        for i in range(per_thread):
+            j = (k * per_thread + i) * batch
+            rt.predict(rows[j:j + batch])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(THREADS)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s = rt.stats()
+        assert s["requests"] == THREADS * per_thread
+        assert s["rows"] == sum(s["rows_per_exit"]) == THREADS * per_thread * batch
+        assert len(rt._held) == 0
+        for i in range(5):   # one thread: the bulk path holds them until the 16th or stats()
+            rt.predict(rows[i:i + 1])
+        assert len(rt._held) == 5 and rt.counters.requests == THREADS * per_thread
+        assert rt.stats()["requests"] == THREADS * per_thread + 5
+    finally:
+        rt.close()
+
+
+def test_synchronous_mode_books_each_request_at_once(teacher_artifact, rows):
+    """In synchronous mode (rounds on the request path, the mode of the benchmarks) nothing is
+    held back: a round starts at the same request as when each request was booked at once."""
+    rt = runtime.load(teacher_artifact, background=False, warmup_collect_rate=1e-9)
+    rt.predict(rows[:4])
+    assert len(rt._held) == 0 and rt.counters.requests == 1
