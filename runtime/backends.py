@@ -25,6 +25,7 @@ stride, plus a ``Gather`` where adaptive pooling's windows overlap unevenly): th
 """
 import logging
 import time
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -68,11 +69,86 @@ def resolve(name: str, device) -> str:
 
 
 # ----- onnxruntime ------------------------------------------------------------------------------
+_IN_MEMORY = {}   # key -> numpy array: the weights of models built by ``hold_weights_in_memory``
+_IN_MEMORY_PREFIX = "layer_cache_in_memory:"
+
+
+def hold_weights_in_memory(model, min_bytes: int = 1024) -> list:
+    """Move ``model``'s initializers of at least ``min_bytes`` (graph and subgraphs) out of the
+    protobuf into process memory, in place; the model then names each by a key (an external
+    data location) that ``_session`` resolves. Returns the keys (``release_weights``).
+
+    A backend composes a plan's nine or so graphs from its stages each round; with the weights
+    in the protobuf every composition, serialisation and parse copied them in C++ holding the
+    GIL (several milliseconds at a time on the demo model: every request waited). Now they
+    copy names."""
+    from onnx import TensorProto, numpy_helper
+    keys = []
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            if t.data_location == TensorProto.EXTERNAL or t.data_type == TensorProto.STRING:
+                continue
+            arr = numpy_helper.to_array(t)
+            if arr.nbytes < min_bytes:
+                continue
+            key = f"{_IN_MEMORY_PREFIX}{id(arr):x}"
+            _IN_MEMORY[key] = np.ascontiguousarray(arr)
+            keys.append(key)
+            dims, dtype, name = list(t.dims), t.data_type, t.name
+            t.Clear()
+            t.name, t.data_type = name, dtype
+            t.dims.extend(dims)
+            t.data_location = TensorProto.EXTERNAL
+            e = t.external_data.add()
+            e.key, e.value = "location", key
+    return keys
+
+
+def release_weights(keys):
+    """Forget weights ``hold_weights_in_memory`` kept (sessions built on them keep their own)."""
+    for k in keys:
+        _IN_MEMORY.pop(k, None)
+
+
+def _graphs(graph):
+    """``graph`` and every subgraph in it (If branches, loop bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.g.ByteSize():
+                yield from _graphs(a.g)
+            for sub in a.graphs:
+                yield from _graphs(sub)
+
+
+def _in_memory_weights(model):
+    """(names, OrtValues) of ``model``'s main-graph initializers held in process memory.
+    onnxruntime takes such weights for the main graph only: a subgraph's (an If branch holds
+    the weights it reads) are written back into ``model``, in place."""
+    import onnxruntime as ort
+    names, values = [], []
+    for depth, g in enumerate(_graphs(model.graph)):
+        for t in g.initializer:
+            if not (t.external_data and t.external_data[0].value.startswith(_IN_MEMORY_PREFIX)):
+                continue
+            arr = _IN_MEMORY[t.external_data[0].value]
+            if depth == 0:
+                names.append(t.name)
+                values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            else:
+                del t.external_data[:]
+                t.data_location = t.DEFAULT
+                t.raw_data = arr.tobytes()
+    return names, values
+
+
 def _session(model, threads: int = 1, layout: bool = True):
     """An onnxruntime CPU session of ``model`` (an ONNX ModelProto, its bytes, or a file path):
     every graph optimisation, ``threads`` intra-op threads, sequential. ``layout`` False leaves
     out the layout optimisations (the blocked NCHWc convolutions), for measuring what they buy
-    (``tools/miss_probe.py``). The tools time every onnxruntime model this way too."""
+    (``tools/miss_probe.py``). The tools time every onnxruntime model this way too. Weights a
+    ModelProto holds in process memory (``hold_weights_in_memory``) are handed over from there;
+    the session keeps a reference to them."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -81,8 +157,15 @@ def _session(model, threads: int = 1, layout: bool = True):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout else \
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.log_severity_level = 3
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    held = ([], [])
+    if hasattr(model, "SerializeToString"):
+        held = _in_memory_weights(model)
+        if held[0]:
+            opts.add_external_initializers(*held)
+        model = model.SerializeToString()
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    sess.layer_cache_weights = held[1]   # onnxruntime reads them in place: keep them alive
+    return sess
 
 
 def head_model(pool_model, classifier: nn.Module, hint: str):
@@ -219,6 +302,8 @@ class OnnxRuntimeBackend:
                     pool = StridedPool(exits[i]["head"]["pool"], h.shape).eval()
                     pm, _ = export_module(pool, h, f"the pooling of exit {i}", OPSET)
                     self.pool_models.append(pm)
+        keys = [k for m in self.stage_models + self.pool_models for k in hold_weights_in_memory(m)]
+        weakref.finalize(self, release_weights, keys)
         self.backbone = _session(self._chain(features=False), threads)
         self.collector = _session(self._chain(features=True), threads)
         self.build_seconds = time.perf_counter() - t0

@@ -136,3 +136,30 @@ def test_the_miss_path_is_measured_per_exit_against_the_backbone_session(exits_o
     assert bool(torch.isfinite(share).all()) and bool((share >= 0).all())
     assert float(share.sum()) > 0   # a head and a session boundary are never free
     rt.close()
+
+
+def test_stage_weights_stay_in_memory_and_leave_with_their_backend(exits_on, rows):
+    """Each round composes a plan's graphs from the stages: the stages' weights are held in
+    process memory and the graphs only name them (composition then copies no weight bytes,
+    in C++ holding the GIL); the sessions still answer as TorchScript does, and a backend's
+    weights are freed with it (a service reloading models does not grow)."""
+    import gc
+
+    from runtime import backends
+    before = set(backends._IN_MEMORY)
+    rt = runtime.load(exits_on, backend="onnxruntime", **FIXED)
+    mine = set(backends._IN_MEMORY) - before
+    weight_bytes = sum(backends._IN_MEMORY[k].nbytes for k in mine)
+    assert weight_bytes > 100_000
+    assert len(rt.backend._chain(features=False).SerializeToString()) < weight_bytes / 10
+    x = rows[:64]
+    ts = runtime.load(exits_on, backend="torchscript", **FIXED)
+    for batch in (x[:1], x):   # the one-row graph and the batched one, both with exits on
+        want, want_exit = ts.predict(batch, return_exits=True)
+        got, got_exit = rt.predict(batch, return_exits=True)
+        assert torch.equal(got_exit, want_exit)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert rt.state.compiled is not None
+    del rt
+    gc.collect()
+    assert not mine & set(backends._IN_MEMORY), "a dropped backend's weights are still held"

@@ -218,6 +218,8 @@ def stream(rt_path: str, best_fn, reqs, batch: int, window_rows: int,
                                 "rounds": st["learning"]["rounds"],
                                 "untaught_rows": st["learning"]["deferred_rows_dropped"],
                                 "warmup_share": st["learning"]["warmup_share"],
+                                "predict_mean": float(np.mean(pt)),
+                                "backbone_mean": float(np.mean(bt)),
                                 "promise": st["learning"]["promise"],
                                 # rows the deferred teacher ran through the backbone again
                                 "taught_rows": st["learning"]["deferred_rows_taught"] - taught,
