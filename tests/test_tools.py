@@ -294,6 +294,36 @@ def test_miss_probe_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: artifact") and "\n" not in err
 
 
+def test_gil_probe_times_plan_builds_and_the_waits_they_cause(teacher_artifact,
+                                                              tmp_path: Path) -> None:
+    import json
+
+    from compiler import artifact
+    from tools.gil_probe import main
+    module, manifest = artifact.load(teacher_artifact)
+    for i in range(len(manifest["exits"])):
+        artifact.set_exit(getattr(module.blocks, str(i)), 0.9)
+    on = tmp_path / "exits_on.cached.pt"
+    artifact.save(module, manifest, on)
+    assert main([str(on), "--builds", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gil_probe.json").read_text())
+    assert len(res["builds"]) == 2 and res["code"] and res["machine"]
+    m = res["median"]
+    assert m["build_ms"] > 0 and 0 < m["longest_wait_ms"] <= m["build_ms"] + 50
+
+
+@pytest.mark.parametrize("case", ["missing", "exits_off", "builds"])
+def test_gil_probe_bad_input_is_one_line(case, teacher_artifact, tmp_path: Path, capsys) -> None:
+    from tools.gil_probe import main
+    argv = {"missing": [str(tmp_path / "missing.pt")],
+            "exits_off": [str(teacher_artifact), "--out", str(tmp_path)],
+            "builds": [str(teacher_artifact), "--builds", "0"]}[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "gil_probe.json").exists()
+
+
 def test_drift_check_bad_runtime_settings_are_one_line(tmp_path: Path, capsys) -> None:
     from tools.drift_check import main
     out = tmp_path / "drift"
