@@ -91,8 +91,9 @@ def hold_weights_in_memory(model, min_bytes: int = 1024) -> list:
             arr = numpy_helper.to_array(t)
             if arr.nbytes < min_bytes:
                 continue
-            key = f"{_IN_MEMORY_PREFIX}{id(arr):x}"
-            _IN_MEMORY[key] = np.ascontiguousarray(arr)
+            arr = np.ascontiguousarray(arr)
+            key = f"{_IN_MEMORY_PREFIX}{id(arr):x}"   # unique while the registry holds it
+            _IN_MEMORY[key] = arr
             keys.append(key)
             dims, dtype, name = list(t.dims), t.data_type, t.name
             t.Clear()
