@@ -304,8 +304,8 @@ def test_background_mode_lowers_the_gil_switch_interval_and_never_raises_it(teac
 
 def test_plain_requests_booked_in_bulk_are_all_counted_under_threads(teacher_artifact, rows):
     """``settle_every``: requests that buffer nothing are booked in bulk. Under 8 threads none
-    is lost or booked twice, ``stats()`` books those still held, and exits answered by the
-    bulk-booked requests are counted with the rest."""
+    is lost or booked twice (requests and rows add up), and ``stats()`` books those still
+    held."""
     rt = runtime.load(teacher_artifact, background=True, warmup_collect_rate=1e-9,
                       settle_every=16, seed=0)
     per_thread, batch = 37, 3   # 8 x 37 requests: not a multiple of 16, some stay held
