@@ -83,10 +83,12 @@ def hold_weights_in_memory(model, min_bytes: int = 1024) -> list:
     GIL (several milliseconds at a time on the demo model: every request waited). Now they
     copy names."""
     from onnx import TensorProto, numpy_helper
+    plain = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT64,
+             TensorProto.INT32)   # numpy's own types, which onnxruntime takes from numpy
     keys = []
     for g in _graphs(model.graph):
         for t in g.initializer:
-            if t.data_location == TensorProto.EXTERNAL or t.data_type == TensorProto.STRING:
+            if t.data_location == TensorProto.EXTERNAL or t.data_type not in plain:
                 continue
             arr = numpy_helper.to_array(t)
             if arr.nbytes < min_bytes:
