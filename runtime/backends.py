@@ -24,6 +24,7 @@ stride, plus a ``Gather`` where adaptive pooling's windows overlap unevenly): th
 ``ExitHead``'s adaptive pooling, far cheaper in onnxruntime than one ``Slice`` per window.
 """
 import logging
+import threading
 import time
 import weakref
 from typing import List, Optional, Sequence, Tuple
@@ -210,12 +211,20 @@ def _classifier_nodes(c, nodes: list, f: str, classifier: nn.Module, hint: str) 
     return h
 
 
+FORMS = ("one", "many")   # a plan's composed graphs: for one-row batches, for larger ones
+
+
 class Plan:
-    """One serving state compiled for onnxruntime (immutable).
+    """One serving state compiled for onnxruntime (immutable, but for the forms built late).
 
     ``composed``: the whole cached model as one session, the graph ``compiler.export`` writes
     (after each enabled exit the rows that stay are compressed and an If runs the rest when any
-    did; each branch holds the weights it reads); it serves the requests that teach nothing.
+    did; each branch holds the weights it reads), in two forms: ``many`` for any batch and
+    ``one`` for a batch of one row (an If per exit, no index bookkeeping). They serve the
+    requests that teach nothing. Each costs far more memory than the rest of the plan (its
+    branches hold their own weights: about 120-140 MB each for MobileNetV2), so a plan builds
+    the forms its predecessor served (``used``; both for the first); a form first needed later
+    is built then, once, on that request (``build``).
     ``collecting``: segments (session, exit, threshold as float32, the exits whose pooled
     features it returns), the stages up to an enabled exit and that exit's head, with the exit
     decision in numpy between them, for requests that teach the heads. ``whole``: the state was
@@ -224,14 +233,34 @@ class Plan:
     nothing to check or teach inline runs ``composed``, before that too.
     """
 
-    def __init__(self, composed, composed1, collecting, num_exits: int, num_classes: int,
+    def __init__(self, composed: dict, build, collecting, num_exits: int, num_classes: int,
                  whole: bool):
-        self.composed = composed
-        self.composed1 = composed1       # the same for one row: an If per exit, no bookkeeping
+        self._composed = dict(composed)   # form -> session, for the forms built so far
+        self._build = build               # form -> its session
+        self._lock = threading.Lock()
+        self.used = set()                 # the forms requests ran
         self.collecting = collecting
         self.num_exits = num_exits
         self.num_classes = num_classes
         self.whole = whole
+
+    def composed(self, form: str):
+        """The session of composed ``form``, built now if it was not (once)."""
+        sess = self._composed.get(form)
+        if sess is None:
+            with self._lock:
+                sess = self._composed.get(form)
+                if sess is None:
+                    sess = self._composed[form] = self._build(form)
+        return sess
+
+    @property
+    def built(self) -> set:
+        return set(self._composed)
+
+    @property
+    def composed1(self):
+        return self.composed("one")
 
     def run_collect(self, x: np.ndarray):
         """(logits, exit index, features per exit of the rows that ran the whole backbone,
@@ -267,7 +296,9 @@ class Plan:
 
     def run(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
-        sess = self.composed1 if x.shape[0] == 1 else self.composed
+        form = "one" if x.shape[0] == 1 else "many"
+        self.used.add(form)
+        sess = self._composed.get(form) or self.composed(form)
         logits, exit_of = sess.run(None, {"input": x})
         return logits, exit_of
 
@@ -378,8 +409,10 @@ class OnnxRuntimeBackend:
                         self.num_classes, {"input_shape": [-1] + list(self._input_shape())},
                         OPSET, out_type, one_row)
 
-    def compile(self, classifiers, thresholds, whole: bool = True) -> Optional[Plan]:
-        """The plan for a serving state (None when no exit is on: the backbone session serves)."""
+    def compile(self, classifiers, thresholds, whole: bool = True,
+                forms=FORMS) -> Optional[Plan]:
+        """The plan for a serving state (None when no exit is on: the backbone session serves),
+        with the composed ``forms`` built now (the others when first needed: ``Plan``)."""
         on = [e for e, t in enumerate(thresholds) if t != float("inf")]
         if not on:
             return None
@@ -391,9 +424,10 @@ class OnnxRuntimeBackend:
             start = e + 1
         last = _session(self._segment(start, self.num_exits, None, None, True), self.threads)
         collecting.append((last, None, None, list(range(start, self.num_exits))))
-        composed = _session(self.composed(classifiers, thresholds), self.threads)
-        composed1 = _session(self.composed(classifiers, thresholds, True), self.threads)
-        return Plan(composed, composed1, collecting, self.num_exits, self.num_classes, whole)
+        def build(form):
+            return _session(self.composed(classifiers, thresholds, form == "one"), self.threads)
+        return Plan({f: build(f) for f in FORMS if f in forms}, build, collecting,
+                    self.num_exits, self.num_classes, whole)
 
     # -- running --
     def run_backbone(self, x: np.ndarray) -> np.ndarray:

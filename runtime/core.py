@@ -16,7 +16,7 @@ import torch
 
 from compiler import artifact
 
-from .backends import BackendError, OnnxRuntimeBackend, resolve
+from .backends import FORMS, BackendError, OnnxRuntimeBackend, resolve
 from .base import InputError, Runtime, head_classifier
 from .calibrate import INF
 from .config import RuntimeConfig
@@ -96,8 +96,13 @@ class CachedRuntime(Runtime):
         serve requests with nothing to learn from (else only those that teach use it)."""
         if self.backend is None or all(t == INF for t in thresholds):
             return None
+        # the composed forms the plan in force served (both for the first): the others cost
+        # memory and build time for nothing unless the traffic changes (Plan builds them then)
+        prev = getattr(self, "_state", None)
+        prev = prev.compiled if prev is not None else None
+        forms = FORMS if prev is None else (set(prev.used) or prev.built)
         try:
-            return self.backend.compile(classifiers, thresholds, whole)
+            return self.backend.compile(classifiers, thresholds, whole, forms)
         except Exception as e:  # serving goes on with the scripted fast path
             log.warning("onnxruntime plan not built (%s); this state serves with TorchScript", e)
             return None

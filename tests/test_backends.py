@@ -163,3 +163,25 @@ def test_stage_weights_stay_in_memory_and_leave_with_their_backend(exits_on, row
     del rt
     gc.collect()
     assert not mine & set(backends._IN_MEMORY), "a dropped backend's weights are still held"
+
+
+def test_a_plan_builds_the_composed_forms_its_predecessor_served(exits_on, rows):
+    """Each composed form of a plan (one row, many rows) costs far more memory than the rest
+    of it: a round's plan builds the forms the plan in force served. A form first needed later
+    is built on that request, once, and answers as a plan built with both."""
+    rt = runtime.load(exits_on, backend="onnxruntime", **FIXED)
+    first = rt.state.compiled
+    assert first.built == {"one", "many"}    # nothing served yet: both
+    for i in range(8):                       # batch-1 traffic
+        rt.predict(rows[i:i + 1])
+    assert first.used == {"one"}
+    st = rt.state
+    plan = rt._compile(st.classifiers, st.thresholds, True)
+    assert plan.built == {"one"}
+    x = rows[:64].numpy()
+    got, got_exit = plan.run(x)              # a larger batch: its form is built now
+    assert plan.built == {"one", "many"} and plan.used == {"many"}
+    want, want_exit = first.run(x)
+    assert (got_exit == want_exit).all()
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want))
+    rt.close()
