@@ -7,7 +7,8 @@ whole cached model as one scripted module (``serving.serve_fast``).
 compiled into a ``Plan``: the whole cached model as one session (``compiler.export``'s graph:
 after an enabled exit the rows that stay are compressed and an If runs the rest when any did;
 each branch holds the weights it reads; for a single row, a second graph with one If on its
-decision per exit and no index bookkeeping), which serves every request that teaches nothing; and,
+decision per exit and no index bookkeeping; each form built when the traffic needs it), which
+serves every request that teaches nothing; and,
 for requests that teach, one session per *segment* (the stages up to an enabled exit, then that
 exit's head) returning the activation, the head's logits and confidence and the pooled features,
 with the exit decision in numpy between sessions (``exit_rule.leaves_np``). Exits that are off
