@@ -132,12 +132,12 @@ def _in_memory_weights(model):
     the weights it reads) are written back into ``model``, in place."""
     import onnxruntime as ort
     names, values = [], []
-    for depth, g in enumerate(_graphs(model.graph)):
+    for i, g in enumerate(_graphs(model.graph)):   # the main graph first
         for t in g.initializer:
             if not (t.external_data and t.external_data[0].value.startswith(_IN_MEMORY_PREFIX)):
                 continue
             arr = _IN_MEMORY[t.external_data[0].value]
-            if depth == 0:
+            if i == 0:
                 names.append(t.name)
                 values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             else:
@@ -259,10 +259,6 @@ class Plan:
     def built(self) -> set:
         return set(self._composed)
 
-    @property
-    def composed1(self):
-        return self.composed("one")
-
     def run_collect(self, x: np.ndarray):
         """(logits, exit index, features per exit of the rows that ran the whole backbone,
         their backbone output); the last two are None when every row left at an exit."""
@@ -299,8 +295,7 @@ class Plan:
         """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
         form = "one" if x.shape[0] == 1 else "many"
         self.used.add(form)
-        sess = self._composed.get(form) or self.composed(form)
-        logits, exit_of = sess.run(None, {"input": x})
+        logits, exit_of = self.composed(form).run(None, {"input": x})
         return logits, exit_of
 
 
@@ -472,7 +467,7 @@ class OnnxRuntimeBackend:
     def miss_profile(self, classifiers, reps: int = 15) -> torch.Tensor:
         """Per exit, what a row pays at batch 1 when that exit alone is on and the row misses
         it, as a share of the backbone session's time: the head, the decision and the If, in
-        the one-row graph that serves batch 1 (``Plan.composed1``). Turns interleaved; the
+        the one-row graph that serves batch 1 (``Plan.composed("one")``). Turns interleaved; the
         minimum over ``reps``."""
         x = np.random.default_rng(0).standard_normal((1,) + self._input_shape()) \
             .astype(np.float32)

@@ -249,7 +249,7 @@ class Runtime:
         latency = (time.perf_counter() - t0) * 1e3
         if not shadow and served.features is None and self._settle_every > 1:
             # plain (nothing to buffer or judge here): booked in bulk
-            self._held.append((state, served, latency, False, deferred))
+            self._held.append((state, served, latency, deferred))
             if len(self._held) >= self._settle_every:
                 self._settle()
             return served
@@ -278,7 +278,8 @@ class Runtime:
                 item = held.popleft()
             except IndexError:   # another thread took the last one
                 return
-            self._book(*item)
+            state, served, latency, deferred = item
+            self._book(state, served, latency, deferred=deferred)
 
     def __call__(self, x):
         return self.predict(x)

@@ -6,7 +6,7 @@ For each exit of ARTIFACT (its heads as they are; nothing exits: the threshold i
 confidence), one turn-by-turn run at batch 1 of seeded noise times, against the backbone session
 of the runtime's onnxruntime backend (``runtime/backends.py``):
 
-- ``if``: the one-row graph that serves batch 1 (``Plan.composed1``) with that exit alone on:
+- ``if``: the one-row graph that serves batch 1 (``Plan.composed("one")``) with that exit alone on:
   the head, its decision, and an If whose other branch holds the rest of the backbone;
 - ``inline``: the same head computed inside the backbone graph with no branch (its confidence
   an extra output): what the head's own ops cost;
