@@ -126,6 +126,31 @@ def test_values_past_float32_range_are_refused(teacher_artifact):
     assert rt.stats()["rows"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_guard_judges_every_float_dtype_alike(dtype, rows):
+    """numpy's reductions judge CPU batches numpy can view, torch's the rest (bfloat16, a batch
+    that needs grad): both name the same bad rows and record the same scales."""
+    from runtime.config import GuardConfig
+    from runtime.guard import InputGuard
+    x = torch.linspace(-3, 2, rows * 12).reshape(rows, 3, 2, 2).to(dtype)
+    x[-1, 0, 0, 0] = -4.0          # a row's scale from its minimum
+    verdicts = []
+    for batch in (x, x.clone().requires_grad_(True)):   # numpy's path, torch's path
+        guard = InputGuard(GuardConfig(range_warmup_rows=1))
+        assert guard.judge(batch).finite
+        verdicts.append(list(guard._scales))
+        bad = batch.detach().clone()
+        bad[-1, 1, 1, 1] = float("nan")
+        if rows > 1:
+            bad[0, 2, 0, 0] = float("inf")
+        v = guard.judge(bad)
+        assert not v.finite and v.bad_rows == ((0, rows - 1) if rows > 1 else (0,))
+        assert list(guard._scales) == verdicts[-1], "a refused batch records nothing"
+    assert verdicts[0] == verdicts[1]
+    assert verdicts[0][-1] == 4.0
+
+
 def test_a_saved_cache_judges_its_first_request(teacher_artifact, clean, tmp_path):
     rt = runtime.load(teacher_artifact, background=False, **STABLE)
     _serve(rt, clean)
