@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if (os.cpu_count() or 1) <= 2:
         torch.set_num_threads(1)  # a second thread on a shared 2-core machine makes timings erratic
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="  %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")   # libraries: warnings only
+    logging.getLogger("layer_cache").setLevel(logging.WARNING if args.quiet else logging.INFO)
     torch.manual_seed(args.seed)
 
     from compiler import artifact

@@ -220,8 +220,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if (os.cpu_count() or 1) <= 2:
         torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="  %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")   # libraries: warnings only
+    logging.getLogger("layer_cache").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from compiler import artifact
     from compiler.detection import DetectionConfig, rewrite_detector
     from compiler.errors import CompilerError
