@@ -228,19 +228,22 @@ class Plan:
     is built then, once, on that request (``build``).
     ``collecting``: segments (session, exit, threshold as float32, the exits whose pooled
     features it returns), the stages up to an enabled exit and that exit's head, with the exit
-    decision in numpy between them, for requests that teach the heads. ``whole``: the state was
+    decision in numpy between them, for requests that teach the heads. ``shadow``: (session,
+    [(exit, threshold)]): the whole backbone with every exit's pooled features and every
+    enabled head on every row, for shadowed requests (one session run, not one per segment). ``whole``: the state was
     learned on ``fast_after`` rows, so requests need no longer all teach
     (``ServingState.servable_whole``; then a ``collect_rate`` share does). Any request with
     nothing to check or teach inline runs ``composed``, before that too.
     """
 
-    def __init__(self, composed: dict, build, collecting, num_exits: int, num_classes: int,
-                 whole: bool):
+    def __init__(self, composed: dict, build, collecting, shadow, num_exits: int,
+                 num_classes: int, whole: bool):
         self._composed = dict(composed)   # form -> session, for the forms built so far
         self._build = build               # form -> its session
         self._lock = threading.Lock()
         self.used = set()                 # the forms requests ran
         self.collecting = collecting
+        self.shadow = shadow
         self.num_exits = num_exits
         self.num_classes = num_classes
         self.whole = whole
@@ -290,6 +293,23 @@ class Plan:
             return y, exit_of, feats, y
         out[idx] = y
         return out, exit_of, feats, y
+
+    def run_shadow(self, x: np.ndarray):
+        """A shadow request: every row runs the whole backbone and every enabled exit's head
+        (``shadow``, one session), with the exit each row would have left at (``num_exits``:
+        none) and that exit's answer (-1: none), decided as ``run_collect`` decides; (backbone
+        output, would, would_pred, pooled features per exit)."""
+        n, E = x.shape[0], self.num_exits
+        sess, on = self.shadow
+        y, *outs = sess.run(None, {"x": x})
+        would = np.full(n, E, dtype=np.int64)
+        would_pred = np.full(n, -1, dtype=np.int64)
+        for k, (e, thr) in enumerate(on):
+            logits, conf = outs[2 * k], outs[2 * k + 1]
+            newly = exit_rule.leaves_np(conf, thr) & (would == E)
+            would[newly] = e
+            would_pred[newly] = logits[newly].argmax(1)
+        return y, would, would_pred, outs[2 * len(on):]
 
     def run(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(logits [n, K], exit index [n] int64) for a float32 batch, rows in input order."""
@@ -370,21 +390,28 @@ class OnnxRuntimeBackend:
         return self._finish(c, nodes, ["y"] + outs)
 
     def _segment(self, start: int, stop: int, exit_: Optional[int], classifier=None,
-                 features: bool = False):
+                 features: bool = False, heads: Optional[dict] = None):
         """Stages ``start``..``stop``; then, for an exit, its head: outputs h, logits, conf
         (or y, after the last stage); with ``features`` also f<j> for every exit j among the
-        stages (its pooled features)."""
+        stages (its pooled features). ``heads`` (exit: classifier, with ``exit_`` None): y, then
+        each of those heads' logits<e> and conf<e>, every row through them all."""
         from compiler.export import confidence_nodes
         from onnx import helper
+        heads = heads or {}
         c = self._Composer(OPSET)
         nodes, h, pooled = [], "x", {}
         for s in range(start, stop + 1):
             h = c.inline(nodes, self.stage_models[s], f"s{s}/", h, f"stage{s}_out")
-            if s < self.num_exits and (s == exit_ or features):
+            if s < self.num_exits and (s == exit_ or s in heads or features):
                 pooled[s] = c.inline(nodes, self.pool_models[s], f"p{s}/", h, f"pool{s}")
         extra = [(pooled[j], f"f{j}") for j in sorted(pooled)] if features else []
         if exit_ is None:
-            outs = [(h, "y")] + extra
+            outs = [(h, "y")]
+            for e in sorted(heads):
+                logits = _classifier_nodes(c, nodes, pooled[e], heads[e], f"head{e}")
+                outs += [(logits, f"logits{e}"),
+                         (confidence_nodes(c, nodes, logits, f"head{e}"), f"conf{e}")]
+            outs += extra
         else:
             logits = _classifier_nodes(c, nodes, pooled[exit_], classifier, f"head{exit_}")
             conf = confidence_nodes(c, nodes, logits, f"head{exit_}")
@@ -420,9 +447,12 @@ class OnnxRuntimeBackend:
             start = e + 1
         last = _session(self._segment(start, self.num_exits, None, None, True), self.threads)
         collecting.append((last, None, None, list(range(start, self.num_exits))))
+        shadow = _session(self._segment(0, self.num_exits, None, None, True,
+                                        {e: classifiers[e] for e in on}), self.threads)
         def build(form):
             return _session(self.composed(classifiers, thresholds, form == "one"), self.threads)
         return Plan({f: build(f) for f in FORMS if f in forms}, build, collecting,
+                    (shadow, [(e, np.float32(thresholds[e])) for e in on]),
                     self.num_exits, self.num_classes, whole)
 
     # -- running --

@@ -157,16 +157,28 @@ def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
                     collect: bool) -> Served:
     """The onnxruntime backend's path for requests that teach or are shadowed.
 
-    With a compiled plan and no shadow: the plan's collecting segments (rows leave at exits;
-    the rows that reach the end bring every exit's features), as ``serve_staged`` does. Else
-    every row runs the whole backbone with every exit's pooled features (one session), then
-    the exits route the rows (``exit_rule``) on those features."""
+    With a compiled plan: the plan's collecting segments, as ``serve_staged`` does (rows leave
+    at exits, and the rows that reach the end bring every exit's features; shadowed, every row
+    runs them all, ``Plan.run_shadow``). Else every row runs the whole backbone with every
+    exit's pooled features (one session), then the exits route the rows (``exit_rule``) on
+    those features."""
     if state.compiled is not None and not shadow:
         out, exit_of, feats, y = state.compiled.run_collect(x.numpy())
         served = Served(torch.from_numpy(out), torch.from_numpy(exit_of))
         if collect and y is not None:
             served.features = [torch.from_numpy(f) for f in feats]
             served.teacher = torch.from_numpy(y)
+        return served
+    if state.compiled is not None:   # shadowed: the plan's own heads judge, in numpy
+        y, would, would_pred, feats = state.compiled.run_shadow(x.numpy())
+        served = Served(torch.from_numpy(y), torch.from_numpy(
+            np.full(x.shape[0], state.compiled.num_exits, dtype=np.int64)))
+        served.shadow_exit = torch.from_numpy(would)
+        served.shadow_ok = torch.from_numpy((would == state.compiled.num_exits) |
+                                            (would_pred == y.argmax(1)))
+        if collect:
+            served.features = [torch.from_numpy(f) for f in feats]
+            served.teacher = served.out
         return served
     y, feats = backend.run_collect(x.numpy())
     y = torch.from_numpy(y)

@@ -68,11 +68,21 @@ def test_onnxruntime_backend_answers_as_torchscript(exits_on, rows):
     assert (taken > 0).sum() >= 3, f"too few exits taken to test routing: {taken.tolist()}"
 
 
-def test_requests_that_learn_or_are_shadowed_route_the_same(exits_on, rows):
-    """``serve_collected`` (onnxruntime, whole backbone + every exit's features) against
-    ``serve_staged`` (TorchScript, stage by stage), plain, collecting and shadow."""
+@pytest.mark.parametrize("on", ["all", "some", "none"])
+def test_requests_that_learn_or_are_shadowed_route_the_same(exits_on, rows, on):
+    """``serve_collected`` (onnxruntime: the plan's segments, its shadow session, or the whole
+    backbone + every exit's features where no exit is on) against ``serve_staged``
+    (TorchScript, stage by stage), plain, collecting and shadow; every exit on, every other
+    one, none."""
+    import dataclasses
     rt = runtime.load(exits_on, backend="onnxruntime", **FIXED)
     state, x = rt.state, rows[:257]
+    if on != "all":
+        thr = tuple(t if (on == "some" and e % 2 == 1) else INF
+                    for e, t in enumerate(state.thresholds))
+        state = dataclasses.replace(state, thresholds=thr,
+                                    compiled=rt.backend.compile(state.classifiers, thr))
+        assert (state.compiled is None) == (on == "none")
     with torch.no_grad():
         for shadow, collect in ((False, True), (True, True), (True, False), (False, False)):
             got = serve_collected(rt.backend, state, x, shadow, collect)
