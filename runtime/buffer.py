@@ -4,6 +4,7 @@ import collections
 import threading
 from typing import List
 
+import numpy as np
 import torch
 
 # Row roles: TRAIN rows teach the heads; CALIB rows (unbiased, held out) choose thresholds.
@@ -29,6 +30,8 @@ class FeatureBuffer:
         self.calib_cap = max(1, min(self.capacity - 1, int(calib_share * self.capacity)))
         self.features = [torch.zeros(self.capacity, d, dtype=torch.float16) for d in feature_dims]
         self.teacher = torch.zeros(self.capacity, num_classes)
+        self._stores = [f.numpy() for f in self.features]   # numpy views: what add writes
+        self._teacher = self.teacher.numpy()
         self.added = 0
         self.rows_rejected = 0
         self.lock = threading.Lock()
@@ -43,20 +46,23 @@ class FeatureBuffer:
         """Rows held."""
         return self.capacity - len(self._free)
 
-    def add(self, feats: List[torch.Tensor], teacher: torch.Tensor, role: torch.Tensor):
-        """Append rows (features per exit [n, d_i], teacher logits [n, K], role [n]).
+    def add(self, feats: List[torch.Tensor], teacher: torch.Tensor, role):
+        """Append rows (features per exit [n, d_i], teacher logits [n, K], role [n]: a tensor,
+        an array or a list).
 
         A row whose features do not fit float16 or whose teacher is not finite is dropped and
         counted (``rows_rejected``): one such row would make every head's standardisation,
-        and so every head, non-finite."""
+        and so every head, non-finite. Done in numpy on views of the rows and of the stores: a
+        request of one row pays a few numpy calls, not two dozen torch ops."""
         n = teacher.shape[0]
         if n == 0:
             return
-        # one concatenation checks every exit's features (a request of one row pays a few ops)
-        scale = torch.cat([f.reshape(n, -1) for f in feats], 1).abs().amax(1) if feats else \
-            torch.zeros(n)
-        ok = torch.isfinite(teacher).all(1) & (scale <= FLOAT16_MAX).to(teacher.device)  # NaN: False
-        if not bool(ok.all()):
+        feats = [_array(f).reshape(n, -1) for f in feats]
+        teacher, role = _array(teacher), np.asarray(_array(role) if torch.is_tensor(role) else role)
+        ok = np.isfinite(teacher).all(1)
+        for f in feats:   # NaN compares False: dropped
+            ok &= np.abs(f).max(1) <= FLOAT16_MAX
+        if not ok.all():
             with self.lock:
                 self.rows_rejected += int((~ok).sum())
             feats, teacher, role = [f[ok] for f in feats], teacher[ok], role[ok]
@@ -67,11 +73,11 @@ class FeatureBuffer:
             where = {}   # slot -> row of this batch (a later row may take an earlier one's slot)
             for i, r in enumerate(role.tolist()):
                 where[self._slot(r)] = i
-            slots = torch.tensor(list(where.keys()), dtype=torch.long)
-            rows = torch.tensor(list(where.values()), dtype=torch.long)
-            for store, f in zip(self.features, feats):
-                store[slots] = f[rows].to(store.device, store.dtype)
-            self.teacher[slots] = teacher[rows].to(self.teacher.device, self.teacher.dtype)
+            slots = np.fromiter(where.keys(), dtype=np.int64, count=len(where))
+            rows = np.fromiter(where.values(), dtype=np.int64, count=len(where))
+            for store, f in zip(self._stores, feats):
+                store[slots] = f[rows]            # float16 on assignment
+            self._teacher[slots] = teacher[rows]
             self.added += n
 
     def _slot(self, role: int) -> int:
@@ -103,3 +109,12 @@ class FeatureBuffer:
             slots = self._slots[role]
             sel = torch.tensor(list(slots)[-limit:] if limit else list(slots), dtype=torch.long)
             return [f[sel].float() for f in self.features], self.teacher[sel].clone()
+
+
+def _array(t) -> np.ndarray:
+    """A tensor's values as a CPU numpy array (a view where it can be)."""
+    if not torch.is_tensor(t):
+        return np.asarray(t)
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.device.type == "cpu" else t.cpu()).numpy()

@@ -1,6 +1,7 @@
 """Collection: which requests are shadowed or learned from, and which buffered rows calibrate."""
 import threading
 
+import numpy as np
 import torch
 
 from .buffer import CALIB, TRAIN, FeatureBuffer
@@ -117,12 +118,12 @@ class Collector:
             start = self._seen
             self._seen += n if rows is None else rows
             if any_enabled:
-                role = torch.full((n,), CALIB if shadow else TRAIN, dtype=torch.long)
+                role = np.full(n, CALIB if shadow else TRAIN, dtype=np.int64)
                 keep = None
             else:   # rows start .. start + n - 1, block by block (plain ints: cheap per request)
                 B, G = self.config.holdout_block_rows, self.config.holdout_gap_rows
-                role = torch.empty(n, dtype=torch.long)
-                keep = torch.ones(n, dtype=torch.bool)
+                role = np.empty(n, dtype=np.int64)
+                keep = np.ones(n, dtype=bool)
                 for b in range(start // B, (start + n - 1) // B + 1):
                     lo, hi = max(b * B, start) - start, min((b + 1) * B, start + n) - start
                     held = self._held_out(b)
@@ -132,7 +133,8 @@ class Collector:
                             keep[lo:max(lo, min(hi, b * B + G - start))] = False
                         if self._held_out(b + 1):
                             keep[max(lo, (b + 1) * B - G - start):hi] = False
-        if keep is not None and not bool(keep.all()):
-            features = [f[keep] for f in features]
-            teacher, role = teacher[keep], role[keep]
+        if keep is not None and not keep.all():
+            kept = torch.from_numpy(keep).to(teacher.device)
+            features = [f[kept] for f in features]
+            teacher, role = teacher[kept], role[keep]
         self.buffer.add(features, teacher, role)
