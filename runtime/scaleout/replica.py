@@ -44,16 +44,19 @@ class Forwarder:
         self._gen = torch.Generator().manual_seed(seed)
 
     # the sink interface of CachedRuntime.delegate_learning
-    def add(self, features, teacher: torch.Tensor, role: torch.Tensor):
+    def add(self, features, teacher: torch.Tensor, role):
+        role = (role.detach().cpu().numpy() if torch.is_tensor(role) else
+                np.asarray(role)).astype(np.uint8)
         if self.link.send_rate < 1.0:
             with self.lock:
                 keep = torch.rand(teacher.shape[0], generator=self._gen) < self.link.send_rate
             if not bool(keep.any()):
                 return
-            features, teacher, role = [f[keep] for f in features], teacher[keep], role[keep]
+            features, teacher, role = [f[keep] for f in features], teacher[keep], \
+                role[keep.numpy()]
         item = (self.rt.state.generation,
                 [f.detach().to(torch.float16).cpu().numpy() for f in features],
-                teacher.detach().float().cpu().numpy(), role.detach().to(torch.uint8).cpu().numpy())
+                teacher.detach().float().cpu().numpy(), role)
         n = item[2].shape[0]
         with self.lock:
             self.rows.append(item)
