@@ -35,6 +35,8 @@ class FeatureBuffer:
         self.added = 0
         self.rows_rejected = 0
         self.lock = threading.Lock()
+        self._version = np.zeros(self.capacity, dtype=np.int64)   # bumped when a slot is reused
+        self._cleared = 0                                          # bumped by clear()
         self._reset()
 
     def _reset(self):
@@ -90,6 +92,7 @@ class FeatureBuffer:
             take_calib = (role == CALIB and len(calib) >= self.calib_cap) or \
                 not self._slots[TRAIN]
             slot = (calib if take_calib else self._slots[TRAIN]).popleft()
+            self._version[slot] += 1   # an old row's slot: a snapshot copying it drops it
         self._slots[role].append(slot)
         return slot
 
@@ -101,14 +104,32 @@ class FeatureBuffer:
     def clear(self):
         with self.lock:
             self._reset()
+            self._cleared += 1
 
     def snapshot(self, role: int, limit: int = 0):
         """Copies of (features per exit, teacher) of rows with ``role`` in arrival order, the
-        most recent ``limit``."""
+        most recent ``limit``.
+
+        The copy (tens of MB for a large round) runs outside the lock, so requests that buffer
+        rows meanwhile do not wait for it. A row whose slot was given to a new row during the
+        copy (its ``_version`` moved; a slot may change role then) is left out, and after a
+        ``clear`` the snapshot is empty, as if it had been taken after it."""
         with self.lock:
-            slots = self._slots[role]
-            sel = torch.tensor(list(slots)[-limit:] if limit else list(slots), dtype=torch.long)
-            return [f[sel].float() for f in self.features], self.teacher[sel].clone()
+            slots = list(self._slots[role])
+            sel = np.array(slots[-limit:] if limit else slots, dtype=np.int64)
+            versions, cleared = self._version[sel], self._cleared
+        feats, teacher = self._copy(torch.from_numpy(sel))
+        with self.lock:
+            kept = self._version[sel] == versions if cleared == self._cleared else \
+                np.zeros(len(sel), dtype=bool)
+        if not kept.all():
+            keep = torch.from_numpy(kept)
+            feats, teacher = [f[keep] for f in feats], teacher[keep]
+        return [f.float() for f in feats], teacher
+
+    def _copy(self, sel: torch.Tensor):
+        """The rows in slots ``sel``, copied (float16 features, teacher)."""
+        return [f[sel] for f in self.features], self.teacher[sel]
 
 
 def _array(t) -> np.ndarray:

@@ -61,3 +61,31 @@ def test_a_batch_larger_than_the_buffer_keeps_its_latest_rows():
     _add(buf, 1000, 100, CALIB)
     assert _held(buf, CALIB) == list(range(1084, 1100)), "held-out rows fill their share"
     assert _held(buf, TRAIN) == list(range(452, 500))
+
+
+def test_rows_added_while_a_snapshot_copies_never_reach_it_torn_or_in_the_wrong_role():
+    """The copy runs outside the lock: rows that reuse slots meanwhile (training rows over
+    training rows, held-out rows over training rows) are left out, never mixed in."""
+    buf = _buffer(100, share=0.5)
+    _add(buf, 0, 100, TRAIN)                     # full: every new row reuses a slot
+    copy = buf._copy
+
+    def racing_copy(sel):
+        feats, teacher = copy(sel)
+        _add(buf, 1000, 10, TRAIN)               # reuse the slots of rows 0-9 ...
+        _add(buf, 2000, 5, CALIB)                # ... and of rows 10-14, now held out
+        feats[0][:3] = -1.0                      # what a torn read of those slots could hold
+        return feats, teacher
+
+    buf._copy = racing_copy
+    assert _held(buf, TRAIN) == list(range(15, 100)), "overwritten slots are left out"
+    buf._copy = copy
+    assert _held(buf, CALIB) == list(range(2000, 2005))
+
+    def clearing_copy(sel):
+        out = copy(sel)
+        buf.clear()
+        return out
+
+    buf._copy = clearing_copy
+    assert _held(buf, TRAIN) == [], "a snapshot that a clear overtook is empty"
