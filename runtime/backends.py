@@ -230,8 +230,8 @@ class Plan:
     features it returns), the stages up to an enabled exit and that exit's head, with the exit
     decision in numpy between them, for requests that teach the heads. ``shadow``: (session,
     [(exit, threshold)]): the whole backbone with every exit's pooled features and every
-    enabled head on every row, for shadowed requests (one session run, not one per segment). ``whole``: the state was
-    learned on ``fast_after`` rows, so requests need no longer all teach
+    enabled head on every row, for shadowed requests (one session run, not one per segment).
+    ``whole``: the state was learned on ``fast_after`` rows, so requests need no longer all teach
     (``ServingState.servable_whole``; then a ``collect_rate`` share does). Any request with
     nothing to check or teach inline runs ``composed``, before that too.
     """
