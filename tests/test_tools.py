@@ -363,3 +363,41 @@ def test_detection_demo_counts_lost_boxes_and_the_items_among_them() -> None:
     assert boxes_lost([det([item], [0.8], [1])], [ref], 0.3, [truth]) == (1, 0)
     assert boxes_lost([det([item], [0.8], [2])], [ref], 0.3, [truth]) == (2, 1)  # wrong label
     assert boxes_lost([empty], [ref], 0.3) == (2, 0)                   # no labels: no items
+
+
+def test_stream_probe_labels_every_request_and_its_time_adds_up(teacher_artifact,
+                                                               tmp_path: Path) -> None:
+    """Each request gets one kind, one outcome and one round label; what the labels add to
+    a phase's mean sums to the phase's excess."""
+    import json
+
+    from tools.stream_probe import main
+    assert main([str(teacher_artifact), "--rows", "600", "--batch", "8", "--settings",
+                 "train_every=200,shadow_rate=0.2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "stream_probe.json").read_text())
+    assert res["code"] and res["machine"] and res["batch"] == 8
+    phases = res["phases"]
+    assert sum(p["requests"] for p in phases.values()) == 600 // 8
+    for p in phases.values():
+        labels = p["labels"]
+        for group in (("kind: plain", "kind: taught", "kind: shadowed"),
+                      ("rows: all exited", "rows: some exited", "rows: none exited"),
+                      ("round running", "no round")):
+            got = [labels[g] for g in group if g in labels]
+            assert sum(v["requests"] for v in got) == p["requests"]
+            added = sum(v["adds_to_mean_us"] for v in got) * p["requests"] / 1e3
+            assert added == pytest.approx(p["excess_ms"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing", "rows", "settings", "stream"])
+def test_stream_probe_bad_input_is_one_line(case, teacher_artifact, tmp_path: Path,
+                                            capsys) -> None:
+    from tools.stream_probe import main
+    argv = {"missing": [str(tmp_path / "missing.pt")],
+            "rows": [str(teacher_artifact), "--rows", "4", "--batch", "8"],
+            "settings": [str(teacher_artifact), "--settings", "shadow_rate=2"],
+            "stream": [str(teacher_artifact), "--inputs", "photos"]}[case]
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
