@@ -77,6 +77,18 @@ def checked_runtime_settings(text: str) -> dict:
     return settings
 
 
+def artifact_missing(path: str) -> bool:
+    """True, after one line on stderr that names the fix, when artifact ``path`` is not a file
+    (the probes' and benchmarks' default is the demo's)."""
+    import sys
+    from pathlib import Path
+    if Path(path).is_file():
+        return False
+    print(f"error: artifact '{path}' does not exist; run python -m tools.demo first",
+          file=sys.stderr)
+    return True
+
+
 def demo_artifact(path: str) -> Optional[str]:
     """Compile the embedded demo backbone into ``path`` (exits off); None if that failed (the
     compiler printed why)."""

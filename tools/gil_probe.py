@@ -33,9 +33,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    if not Path(args.artifact).is_file():
-        print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
-              file=sys.stderr)
+    from tools.experiment import artifact_missing
+    if artifact_missing(args.artifact):
         return 2
     if args.builds < 1:
         print("error: --builds must be at least 1", file=sys.stderr)

@@ -261,9 +261,8 @@ def main(argv=None) -> int:
 
     if args.inputs in ("photos", "snapshots"):
         return photo_stream(args, argv)
-    if not os.path.isfile(args.artifact):
-        print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
-              file=sys.stderr)
+    from tools.experiment import artifact_missing
+    if artifact_missing(args.artifact):
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -147,10 +147,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from tools.experiment import checked_runtime_settings
-    if not Path(args.artifact).is_file():
-        print(f"error: artifact '{args.artifact}' does not exist; run python -m tools.demo first",
-              file=sys.stderr)
+    from tools.experiment import artifact_missing, checked_runtime_settings
+    if artifact_missing(args.artifact):
         return 2
     if args.batch < 1 or args.rows < args.batch:
         print(f"error: --rows ({args.rows}) must be at least --batch ({args.batch}), and "
