@@ -288,11 +288,13 @@ class Runtime:
         """Hand a served request's rows that reached the end to the deferred teacher; False
         when there were none or its queue is full."""
         if state.any_enabled:
-            rest = served.exit_of == self.num_exits
-            if not bool(rest.any()):
+            e = served.exit_of
+            # numpy on CPU: every taught request asks, and most of them have no row to teach
+            rest = (e.numpy() if e.device.type == "cpu" else e.cpu().numpy()) == self.num_exits
+            if not rest.any():
                 return False
-            if not bool(rest.all()):
-                x = x[rest]
+            if not rest.all():
+                x = x[torch.from_numpy(rest).to(x.device)]
         return self._teacher.submit(x, state.any_enabled, served.exit_of.shape[0],
                                     state.generation)
 

@@ -204,3 +204,38 @@ def test_requests_teach_inline_while_the_teacher_is_behind(teacher_artifact, fas
     finally:
         release.set()
         rt.close()
+
+
+def test_with_exits_on_only_the_rows_that_reached_the_end_are_taught(teacher_artifact,
+                                                                     fashion_small,
+                                                                     backbone_logits, tmp_path):
+    """With exits on, a request hands the teacher the rows that missed every exit, and only
+    those: the buffer's training rows are exactly their backbone logits, in order."""
+    from compiler import artifact
+    x = _rows(fashion_small, 400)
+    module, manifest = artifact.load(teacher_artifact)
+    first = getattr(module.blocks, "0")
+    with torch.no_grad():      # exit 0 on at the median confidence: about half the rows leave
+        conf = torch.softmax(first.head(first.stage(x)), 1).amax(1)
+    artifact.set_exit(first, float(conf.median()))
+    on = tmp_path / "exits_on.cached.pt"
+    artifact.save(module, manifest, on)
+    rt = runtime.load(on, background=True, train_every=10 ** 9, shadow_rate=0.0,
+                      collect_rate=1.0, seed=0)            # every request teaches
+    missed = []
+    try:
+        assert rt.state.any_enabled
+        warm = rt.config.guard.range_warmup_rows           # the guard's warm-up teaches nothing
+        for i in range(0, len(x), BATCH):
+            _, ex = rt.predict(x[i:i + BATCH], return_exits=True)
+            if i >= warm:
+                missed.append(x[i:i + BATCH][ex == rt.num_exits])
+        assert rt._teacher.drain(30)
+        missed = torch.cat(missed)
+        s = rt.stats()["learning"]
+        assert 0 < len(missed) < len(x) - warm, "some rows must exit and some miss"
+        assert s["deferred_rows_taught"] == len(missed) == s["buffer_rows"]
+        _, teacher = rt.buffer.snapshot(TRAIN)
+        assert torch.allclose(teacher, backbone_logits(missed), atol=1e-4)
+    finally:
+        rt.close()
