@@ -134,11 +134,18 @@ def serve_staged(stages: Sequence, heads: Sequence, state: ServingState, x: torc
             out[idx] = y.to(out.dtype)
     served = Served(out, exit_of)
     if shadow:
-        served.shadow_exit = would
-        served.shadow_ok = (would == E) | (would_pred == out.argmax(1))
+        judge_shadow(served, would, would_pred, E)
     if collect and y is not None and len(feats) == E and all(f is not None for f in feats):
         served.features, served.teacher = feats, y
     return served
+
+
+def judge_shadow(served: Served, would: torch.Tensor, would_pred: torch.Tensor, E: int):
+    """A shadow request's verdicts, per row: the exit it would have left at (``E``: none) and
+    whether that exit's answer agrees with the backbone's, which answered (a row that would
+    have left nowhere agrees)."""
+    served.shadow_exit = would
+    served.shadow_ok = (would == E) | (would_pred == served.out.argmax(1))
 
 
 def serve_plan(state: ServingState, x: torch.Tensor) -> Served:
@@ -173,9 +180,8 @@ def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
         y, would, would_pred, feats = state.compiled.run_shadow(x.numpy())
         served = Served(torch.from_numpy(y), torch.from_numpy(
             np.full(x.shape[0], state.compiled.num_exits, dtype=np.int64)))
-        served.shadow_exit = torch.from_numpy(would)
-        served.shadow_ok = torch.from_numpy((would == state.compiled.num_exits) |
-                                            (would_pred == y.argmax(1)))
+        judge_shadow(served, torch.from_numpy(would), torch.from_numpy(would_pred),
+                     state.compiled.num_exits)
         if collect:
             served.features = [torch.from_numpy(f) for f in feats]
             served.teacher = served.out
@@ -207,8 +213,7 @@ def serve_collected(backend, state: ServingState, x: torch.Tensor, shadow: bool,
                 exit_of[hit] = e
     served = Served(out, exit_of)
     if shadow:
-        served.shadow_exit = would
-        served.shadow_ok = (would == E) | (would_pred == out.argmax(1))
+        judge_shadow(served, would, would_pred, E)
     if collect:
         rest = exit_of == E
         if bool(rest.any()):
