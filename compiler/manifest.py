@@ -186,6 +186,13 @@ def check(manifest, where: str) -> dict:
                 if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)
                                       or math.isnan(t)):
                     c.fail(f"runtime.thresholds[{i}]", f"is {_show(t)}, not null or a number")
+        if rt.get("exit_shares") is not None:   # the share of rows at each exit, then the backbone
+            sh = c.type(rt["exit_shares"], list, "runtime.exit_shares", "a list")
+            if len(sh) != len(exits) + 1 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                    for v in sh) or abs(sum(sh) - 1) > 1e-3:
+                c.fail("runtime.exit_shares", f"is {_show(sh)}, not {len(exits) + 1} shares "
+                       f"(one per exit, then the backbone) between 0 and 1 that sum to 1")
     return manifest
 
 

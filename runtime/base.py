@@ -15,7 +15,7 @@ from compiler import artifact
 from compiler.errors import ArtifactError
 
 from .buffer import CALIB, FeatureBuffer
-from .calibrate import INF, independent_rows_needed
+from .calibrate import INF, exit_shares, independent_rows_needed
 from .collect import Collector
 from .config import RuntimeConfig
 from .correlation import DesignEffect
@@ -30,6 +30,14 @@ from .tasks import task_for
 from .teaching import DeferredTeacher
 
 log = logging.getLogger("layer_cache.runtime")
+
+
+def _saved_shares(manifest: dict):
+    """The share of rows leaving at each exit (last: the backbone) that a save measured on its
+    held-out rows under the artifact's thresholds (``Runtime.save``; checked with the manifest,
+    ``compiler/manifest.py``), or None (an artifact saved without them)."""
+    shares = manifest.get("runtime", {}).get("exit_shares")
+    return None if shares is None else tuple(float(v) for v in shares)
 
 
 class InputError(ValueError):
@@ -92,6 +100,16 @@ class Runtime:
                             for s, b in zip(specs, blocks))
         thresholds = tuple(float(b.threshold) if bool(b.enabled) else INF for b in blocks)
         self.costs = self._build_serving(classifiers)
+        # An artifact's thresholds may have been chosen by FLOPs (synchronous mode); where time
+        # is priced in, serve the prefix of its exits that pays here (its bound still holds).
+        # Its next round is far off: once exits are on only shadow rows calibrate.
+        saved = thresholds
+        thresholds, self._loaded_shares = self.costs.cheapest_prefix(
+            thresholds, _saved_shares(self.manifest))
+        if thresholds != saved:
+            log.info("loaded exits %s switched off: here they cost rows that pass them more "
+                     "time than they save (measured at load)",
+                     [e for e, (a, b) in enumerate(zip(saved, thresholds)) if a != b])
         self.learner = HeadLearner(list(classifiers), self.config.seed)
         if self.manifest.get("runtime", {}).get("learned"):
             self.learner.adopt([c.cpu() for c in classifiers])
@@ -534,7 +552,8 @@ class Runtime:
 
     # ----- persistence --------------------------------------------------------------------------
     def _standalone_thresholds(self, state: ServingState) -> tuple:
-        """Thresholds for serving with no shadow rows (a saved artifact, its ONNX export): held to
+        """(thresholds, the share of held-out rows leaving at each exit under them or None)
+        for serving with no shadow rows (a saved artifact, its ONNX export): held to
         the full agreement budget rather than ``plan_budget``, on the capped held-out rows.
 
         With no plan (no round chose these thresholds) they are the artifact's own, which the
@@ -542,14 +561,19 @@ class Runtime:
         Exits that would save no more than ``LearningConfig.min_saving`` are saved off.
         """
         if state.plan is None or not state.any_enabled or self.config.guarantee.shadow_rate <= 0:
-            return state.thresholds
+            shares = state.exit_shares   # a round's, for these thresholds on its held-out rows
+            if shares is None and state.version == 0:
+                shares = self._loaded_shares
+            return state.thresholds, (shares if state.any_enabled else None)
         cfeats, cteacher = self.loop.calib_rows()
         if cteacher.shape[0] < self.config.learning.min_calib:
-            return (INF,) * self.num_exits
-        plan = self.loop.choose(lambda e, f: state.classifiers[e](f.to(self.device)), cfeats,
-                                cteacher, self.config.guarantee.agreement_budget,
-                                self.config.seed + state.version)
-        return tuple(plan.thresholds)
+            return (INF,) * self.num_exits, None
+        conf, agree = self.loop.confidences(lambda e, f: state.classifiers[e](f.to(self.device)),
+                                            cfeats, cteacher)
+        plan = self.loop._choose(conf, agree, self.config.guarantee.agreement_budget,
+                                 self.config.seed + state.version)
+        shares = exit_shares(conf, plan.thresholds) if any(plan.enabled) else None
+        return tuple(plan.thresholds), shares
 
     def save(self, path: str):
         """Write the serving state's heads, thresholds and flags into an artifact, atomically.
@@ -557,7 +581,7 @@ class Runtime:
         Reads one serving state (immutable), so a round publishing meanwhile cannot mix in.
         """
         state = self._state
-        thresholds = self._standalone_thresholds(state)
+        thresholds, shares = self._standalone_thresholds(state)
         blob = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -573,6 +597,7 @@ class Runtime:
         manifest["runtime"] = {"learned": True, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "agreement_budget": self.config.guarantee.agreement_budget,
                                "thresholds": [None if t == INF else t for t in thresholds],
+                               "exit_shares": None if shares is None else [float(v) for v in shares],
                                "state_version": state.version, **self._saved()}
         artifact.save(module, manifest, path)
 

@@ -5,6 +5,8 @@ import torch
 
 from compiler import exit_rule
 
+from .calibrate import INF
+
 
 def default_latency_weight(background: bool, onnxruntime: bool) -> float:
     """``ServingConfig.latency_weight`` when unset: 0 in synchronous mode (which must not depend
@@ -70,6 +72,33 @@ class CostModel:
         if cap is None:
             return None
         return lambda enabled: self.miss_overhead(enabled) <= cap
+
+    def cheapest_prefix(self, thresholds, shares):
+        """(thresholds, shares) of the prefix of ``thresholds`` (its first k enabled exits on,
+        the rest off: ``calibrate.prefixes``) that costs least under ``stage_cost`` and
+        ``head_cost``, given ``shares``, the share of rows leaving at each exit (last: the
+        backbone) under ``thresholds`` itself. A prefix's rows leave where ``thresholds`` let
+        them or reach the backbone, so it keeps any agreement bound ``thresholds`` had. With no
+        latency mixed in (``latency_weight`` 0), or no shares, ``thresholds`` as they are: FLOPs
+        were what chose them. Ties keep more exits."""
+        E = len(thresholds)
+        if not self.latency_weight or shares is None or len(shares) != E + 1:
+            return tuple(thresholds), shares
+        on = [e for e, t in enumerate(thresholds) if t != INF]
+        best, best_cost = (tuple(thresholds), tuple(shares)), None
+        for k in range(len(on), -1, -1):
+            t = tuple(x if e in on[:k] else INF for e, x in enumerate(thresholds))
+            if k == len(on):
+                s = list(shares)
+            else:
+                s = [shares[e] if e in on[:k] else 0.0 for e in range(E)]
+                s.append(1.0 - sum(s))
+            costs = exit_rule.exit_costs(self.stage_cost, self.head_cost,
+                                         torch.tensor([x != INF for x in t])).tolist()
+            cost = sum(c * w for c, w in zip(costs, s))
+            if best_cost is None or cost < best_cost - 1e-12:
+                best, best_cost = (t, tuple(s)), cost
+        return best
 
     def exit_flops(self, enabled: torch.Tensor) -> torch.Tensor:
         """FLOPs of a row leaving at each exit (last: the backbone), enabled heads it passed included."""

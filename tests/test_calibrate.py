@@ -276,3 +276,25 @@ def test_ltt_switches_off_a_late_exit_whose_head_costs_more_than_it_saves():
             r = calibrate.route(conf2, p)
             ok_p = torch.cat([agree2, torch.ones(1, n, dtype=torch.bool)]).gather(0, r[None])[0]
             assert bool((ok_p | ~ok).all()) and bool((ok_p >= ok).all())
+
+
+def test_a_loaded_setting_keeps_the_prefix_of_its_exits_that_pays_in_time():
+    """Time priced in (``latency_weight``), an exit that few rows take but every passing row
+    pays for is switched off with those after it (a prefix keeps the setting's bound); the
+    rows it and they took reach the backbone. FLOPs alone, or no shares: kept as they are."""
+    from runtime.costs import CostModel
+    manifest = {"total_flops": 10.0, "stage_flops": [4.0, 3.0, 3.0],
+                "exits": [{"head": {"flops": 0.1}}, {"head": {"flops": 0.1}}]}
+    lat = (torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64),
+           torch.tensor([0.1, 0.3], dtype=torch.float64))
+    timed = CostModel(manifest, 1.0, lat, miss_share=[0.02, 0.10])
+    t, shares = (0.9, 0.8), (0.5, 0.05, 0.45)
+    # exit 1 saves 0.05 x 0.25 of the time and costs the 0.5 of rows passing it 0.10 each
+    assert timed.cheapest_prefix(t, shares) == ((0.9, INF), (0.5, 0.0, 0.5))
+    # taken often enough, it pays
+    assert timed.cheapest_prefix(t, (0.3, 0.5, 0.2)) == (t, (0.3, 0.5, 0.2))
+    # an exit that pays nothing at all goes, even the first
+    assert timed.cheapest_prefix(t, (0.0, 0.0, 1.0)) == ((INF, INF), (0.0, 0.0, 1.0))
+    flops = CostModel(manifest, 0.0, lat, miss_share=[0.02, 0.10])
+    assert flops.cheapest_prefix(t, shares) == (t, shares)
+    assert timed.cheapest_prefix(t, None) == (t, None)

@@ -262,6 +262,8 @@ EDITS = [
     ("input_dtype", _set(["input_dtype"], "float99"), ManifestError, "'input_dtype'"),
     ("runtime thresholds", _set(["runtime"], {"thresholds": [0.5]}), ManifestError,
      "'runtime.thresholds'"),
+    ("runtime exit shares", _set(["runtime"], {"exit_shares": [0.5, 0.6]}), ManifestError,
+     "'runtime.exit_shares'"),
     ("source sha", _set(["source_sha256"], "xyz"), ManifestError, "'source_sha256'"),
     ("not an object", lambda m: [1, 2], ManifestError, "not a JSON object"),
     ("not JSON", lambda m: b"{\"format_version\": 3,", ArtifactCorruptError, "not JSON"),

@@ -731,3 +731,35 @@ def test_a_cap_no_exit_fits_serves_the_backbone_and_teaches_nothing(teacher_arti
     assert bool((exits == rt.num_exits).all())
     assert rt.buffer.size == 0 and rt.stats()["exits_possible"] is False
     rt.close()
+
+
+def test_a_saved_artifact_carries_its_exit_shares_and_a_load_that_prices_time_keeps_what_pays(
+        learned, tmp_path, monkeypatch):
+    """``save`` writes the share of held-out rows leaving at each exit under the saved
+    thresholds. A runtime that prices time in (onnxruntime, ``latency_weight``) serves the
+    prefix of those exits that pays by them; by FLOPs it serves them as saved."""
+    from runtime.backends import OnnxRuntimeBackend
+    rt, path = learned
+    module, manifest = artifact.load(path)
+    saved = manifest["runtime"]
+    shares = saved["exit_shares"]
+    assert len(shares) == rt.num_exits + 1 and abs(sum(shares) - 1) < 1e-6
+    on = [t is not None for t in saved["thresholds"]]
+    assert any(on) and all(s == 0 for s, o in zip(shares, on) if not o)
+    again = runtime.load(path, background=False, **STABLE)
+    as_saved = again.state.thresholds
+    assert again.state.enabled_key == tuple(on)
+    again.close()
+    # the same artifact where no row left at any exit: every exit costs passing rows time
+    manifest["runtime"]["exit_shares"] = [0.0] * rt.num_exits + [1.0]
+    edited = tmp_path / "no_exit_pays.cached.pt"
+    artifact.save(module, manifest, edited)
+    monkeypatch.setattr(OnnxRuntimeBackend, "miss_profile",   # the clock, held still
+                        lambda self, classifiers, reps=15: torch.full((rt.num_exits,), 0.03,
+                                                                      dtype=torch.float64))
+    timed = runtime.load(edited, background=False, backend="onnxruntime", latency_weight=1.0)
+    assert not timed.state.any_enabled
+    again = runtime.load(edited, background=False, backend="onnxruntime", **STABLE)
+    assert again.state.thresholds == as_saved
+    timed.close()
+    again.close()
