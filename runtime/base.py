@@ -40,6 +40,13 @@ def _saved_shares(manifest: dict):
     return None if shares is None else tuple(float(v) for v in shares)
 
 
+def _saved_design_effect(manifest: dict):
+    """The design effect of the traffic an artifact's save had seen (its stats), or None."""
+    v = manifest.get("runtime", {}).get("stats", {}).get("design_effect")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 \
+        else None
+
+
 class InputError(ValueError):
     """A request the runtime will not serve; the message says what is wrong with it."""
 
@@ -104,8 +111,7 @@ class Runtime:
         # is priced in, serve the prefix of its exits that pays here (its bound still holds).
         # Its next round is far off: once exits are on only shadow rows calibrate.
         saved = thresholds
-        thresholds, self._loaded_shares = self.costs.cheapest_prefix(
-            thresholds, _saved_shares(self.manifest))
+        thresholds, shares = self.costs.cheapest_prefix(thresholds, _saved_shares(self.manifest))
         if thresholds != saved:
             log.info("loaded exits %s switched off: here they cost rows that pass them more "
                      "time than they save (measured at load)",
@@ -145,7 +151,13 @@ class Runtime:
         self._paused = False
         self._closed = False
         self._delegate = None                  # replica mode: see CachedRuntime.delegate_learning
-        self._state = self._first_state(classifiers, thresholds)
+        self._state = self._first_state(classifiers, thresholds,
+                                        shares if any(t != INF for t in thresholds) else None)
+        # A loaded artifact's exits are watched from its first request, as a round's would be:
+        # its next round may be tens of thousands of rows away (once exits are on only shadow
+        # rows calibrate), and until then a shift would go unseen.
+        self.drift.reset(self._state.exit_shares, watching=self._state.any_enabled,
+                         deff=_saved_design_effect(self.manifest))
         self.in_flight = InFlight()            # deferred teaching yields to requests (pacing.py)
         self._thread = LearnerThread(self) if self.config.background else None
         if self.config.background:
@@ -185,9 +197,10 @@ class Runtime:
         return LearningLoop(self.learner, self.buffer, self.costs, self.config, self.exits,
                             scripted_stages, self.device, self.design, self.task)
 
-    def _first_state(self, classifiers, thresholds) -> ServingState:
-        """The serving state of the artifact as loaded."""
-        return ServingState(classifiers, thresholds)
+    def _first_state(self, classifiers, thresholds, exit_shares=None) -> ServingState:
+        """The serving state of the artifact as loaded (``exit_shares``: as its save measured
+        them, or None)."""
+        return ServingState(classifiers, thresholds, exit_shares=exit_shares)
 
     def _compile(self, classifiers, thresholds, whole: bool):
         """A state's plan in a faster backend; None: this runtime has none."""
@@ -561,10 +574,8 @@ class Runtime:
         Exits that would save no more than ``LearningConfig.min_saving`` are saved off.
         """
         if state.plan is None or not state.any_enabled or self.config.guarantee.shadow_rate <= 0:
-            shares = state.exit_shares   # a round's, for these thresholds on its held-out rows
-            if shares is None and state.version == 0:
-                shares = self._loaded_shares
-            return state.thresholds, (shares if state.any_enabled else None)
+            # a round's shares for these thresholds on its held-out rows, or the loaded ones
+            return state.thresholds, (state.exit_shares if state.any_enabled else None)
         cfeats, cteacher = self.loop.calib_rows()
         if cteacher.shape[0] < self.config.learning.min_calib:
             return (INF,) * self.num_exits, None

@@ -69,9 +69,9 @@ class CachedRuntime(Runtime):
                                                    self.input_shape, self.device,
                                                    backend=self.backend), miss)
 
-    def _first_state(self, classifiers, thresholds) -> ServingState:
+    def _first_state(self, classifiers, thresholds, exit_shares=None) -> ServingState:
         fast = self.module if any(t != INF for t in thresholds) and self.device.type == "cpu" else None
-        return ServingState(classifiers, thresholds, fast=fast,
+        return ServingState(classifiers, thresholds, fast=fast, exit_shares=exit_shares,
                             compiled=self._compile(classifiers, thresholds, fast is not None))
 
     def _make_backend(self, stages):

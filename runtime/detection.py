@@ -229,7 +229,7 @@ class DetectionRuntime(Runtime):
         # branch its inputs): 5-10% of the detector each, against 0.1% of its FLOPs.
         return CostModel(self.manifest, w, self._ort.profile(list(classifiers)))
 
-    def _first_state(self, classifiers, thresholds) -> ServingState:
+    def _first_state(self, classifiers, thresholds, exit_shares=None) -> ServingState:
         """A learned artifact serves whole (it is its own fast path) until the first round.
         Also builds the whole detector as one call (onnxruntime, or scripted on the CPU), for
         requests served with every exit off that neither teach inline nor are shadowed."""
@@ -240,7 +240,7 @@ class DetectionRuntime(Runtime):
             self._detector = self.loop.whole_module(classifiers, (INF,) * self.num_exits) \
                 if cpu else None
         fast = self.module if any(t != INF for t in thresholds) and cpu else None
-        return ServingState(classifiers, thresholds, fast=fast,
+        return ServingState(classifiers, thresholds, fast=fast, exit_shares=exit_shares,
                             compiled=self._compile(classifiers, thresholds, fast is not None))
 
     def _compile(self, classifiers, thresholds, whole: bool):

@@ -63,9 +63,17 @@ class DriftMonitor:
         self._expected: Optional[torch.Tensor] = None
         self.reset(None)
 
-    def reset(self, exit_shares: Optional[Sequence[float]]):
-        """Start watching a new serving state with these expected exit shares (None: exits off)."""
+    def reset(self, exit_shares: Optional[Sequence[float]], watching: Optional[bool] = None,
+              deff: Optional[float] = None):
+        """Start watching a new serving state with these expected exit shares (None: exits off).
+
+        ``watching`` (default: shares given): the state has exits on. A state with exits on but
+        no expected shares (an artifact saved without them) is still judged by its shadow rows
+        (the CUSUM and the end of a doubt), only not by the share test. ``deff``: the design
+        effect of the traffic the state was calibrated on (default: the live estimate now; a
+        loaded artifact passes the one its save recorded)."""
         with self._lock:
+            self._watching = exit_shares is not None if watching is None else bool(watching)
             self._expected = None if exit_shares is None else \
                 torch.tensor(exit_shares, dtype=torch.float64).clamp_min(1e-3)
             if self._expected is not None:
@@ -74,7 +82,9 @@ class DriftMonitor:
             # The design effect of the traffic the new state was calibrated on, held fixed: a
             # shift makes the live estimate soar (old and new traffic in one window look like
             # correlation), and dividing by that would blind the monitor to the shift itself.
-            self._deff_at_reset = 1.0 if self.design is None else max(1.0, self.design.value)
+            if deff is None:
+                deff = 1.0 if self.design is None else self.design.value
+            self._deff_at_reset = max(1.0, float(deff))
             self._cusum = 0.0
             self._doubt_left = 0
             self._rejected_in_a_row = 0  # consecutive exit-share windows that rejected
@@ -91,9 +101,10 @@ class DriftMonitor:
         """Take one request: rows per exit (last: backbone; for a shadow request, where the rows
         would have left) and, if shadowed, each row's agreement."""
         with self._lock:
-            if self._expected is None:
+            if not self._watching:
                 return Verdict(OK)
-            self._test_shares(exit_counts)
+            if self._expected is not None:
+                self._test_shares(exit_counts)
             if shadow_ok is not None:
                 ok = shadow_ok.cpu().tolist()
                 w = 1.0 / self._deff()

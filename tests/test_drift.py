@@ -142,6 +142,22 @@ def test_no_monitoring_while_exits_are_off():
     assert feed(m, 0.9, 2000, 0) is None
 
 
+def test_exits_on_with_no_expected_shares_are_still_judged_by_their_shadow_rows():
+    """An artifact saved without exit shares: no share test, but the CUSUM still runs, its
+    rows counted at the design effect the save recorded."""
+    m = DriftMonitor(DriftConfig(), BUDGET)
+    m.reset(None, watching=True)
+    assert feed(m, 0.25, 2000, 0) is not None and m.doubts == 0
+    quiet = DriftMonitor(DriftConfig(), BUDGET)
+    quiet.reset(None, watching=True)
+    assert feed(quiet, 0.01, 50_000, 1) is None
+    slow = DriftMonitor(DriftConfig(), BUDGET)
+    slow.reset(None, watching=True, deff=4.0)   # four alike rows weigh as one
+    m2 = DriftMonitor(DriftConfig(), BUDGET)
+    m2.reset(None, watching=True)
+    assert feed(slow, 0.10, 20_000, 2) > feed(m2, 0.10, 20_000, 2)
+
+
 def test_stable_fashion_mnist_raises_no_alarm_and_inverted_images_are_caught(teacher_artifact,
                                                                              fashion_small):
     """30,000 rows of stable traffic: no alarm. Then inverted images: exits off within 1,000 rows,

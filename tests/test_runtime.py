@@ -763,3 +763,30 @@ def test_a_saved_artifact_carries_its_exit_shares_and_a_load_that_prices_time_ke
     assert again.state.thresholds == as_saved
     timed.close()
     again.close()
+
+
+@pytest.mark.parametrize("with_shares,within", [(True, 1500), (False, 3000)])
+def test_a_loaded_artifact_is_watched_for_drift_from_its_first_request(
+        learned, fashion_small, tmp_path, with_shares, within):
+    """A loaded artifact's next round may be tens of thousands of rows away (once exits are on,
+    only shadow rows calibrate), so its exits are watched from the first request: against the
+    exit shares its save measured, and by its shadow rows where it has none (an older artifact).
+    Inverted images switch its exits off; before, nothing watched them until a round."""
+    _, path = learned
+    if not with_shares:
+        module, manifest = artifact.load(path)
+        manifest["runtime"].pop("exit_shares")
+        path = tmp_path / "no_shares.cached.pt"
+        artifact.save(module, manifest, path)
+    xtr = fashion_small[0]
+    rt = runtime.load(path, background=False, **STABLE)
+    assert rt.state.any_enabled
+    shifted = -xtr[35000:35000 + within]
+    for i in range(0, len(shifted), BATCH):
+        rt.predict(shifted[i:i + BATCH])
+        if rt.stats()["drift_events"]:
+            break
+    else:
+        pytest.fail(f"inverted images not caught within {within} rows")
+    assert not rt.state.any_enabled
+    rt.close()
