@@ -544,8 +544,10 @@ def test_state_survives_a_kill_and_sigterm_drains(teacher_artifact, fashion_smal
         service.checkpointer.close(final=False)   # killed: no shutdown checkpoint
         service.rt.close()
     learned_exits = read_manifest(ckpt)["runtime"]["stats"]["enabled"]
-    # 2. The real CLI, restarted on the state dir, serves the checkpoint with its exits on.
-    proc, url = _spawn(teacher_artifact, state, tmp_path / "b.log", "--max-wait-ms", "800")
+    # 2. The real CLI, restarted on the state dir with the same pricing, serves the checkpoint
+    #    with its exits on (a load that prices time in would serve those that pay here).
+    proc, url = _spawn(teacher_artifact, state, tmp_path / "b.log", "--max-wait-ms", "800",
+                       "--runtime-option", "latency_weight=0")
     try:
         stats = httpx.get(f"{url}/v2/models/{MODEL}/stats").json()
         assert stats["server"]["source"] == str(ckpt)
