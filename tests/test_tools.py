@@ -346,9 +346,10 @@ def test_drift_check_loaded_part_saves_loads_and_reports_the_alarm(teacher_artif
     reference = artifact.load(str(teacher_artifact))[0]
     stable = run_loaded(saved, reference, x[10000:], 0, "none", 2000)
     assert stable["exits_on_at_load"] and stable["drift_events"] == 0
-    assert stable["rows_to_alarm_or_off"] is None and stable["exits_on_at_end"]
+    assert stable["first_alarm_row"] is None and stable["exits_on_at_end"]
     shifted = run_loaded(saved, reference, x[10000:], 0, "inverted", 2000)
-    assert shifted["drift_events"] == 1 and shifted["rows_to_alarm_or_off"] <= 1000
+    assert shifted["drift_events"] == 1 and shifted["first_alarm_row"] <= 1000
+    assert shifted["agreement"] > 0.9 and stable["agreement"] > 0.98
 
 
 def test_drift_check_photo_frames_are_seeded_and_the_shift_greys_them() -> None:

@@ -167,3 +167,29 @@ def rolling(rec: StreamRows, total_flops: float, size: int = 500) -> List[Window
         w.row = s + w.rows // 2
         pts.append(w)
     return pts
+
+
+def serve_loaded(path, reference, frames, rows: int, seed: int, batch: int,
+                 settings: Optional[dict] = None) -> dict:
+    """A runtime that loads the saved artifact at ``path`` (synchronous, as production loads
+    it) serves ``rows`` rows in order, ``batch`` per request, ``frames(i, j)`` giving rows i..j-1:
+    agreement with ``reference`` (the backbone) overall and over the first 1,000 rows, the row
+    after which the first drift alarm came (None: none), alarms, doubts, FLOPs saved, and
+    whether exits were on at the load and at the end."""
+    import runtime
+    rt = runtime.load(str(path), background=False, seed=seed, **(settings or {}))
+    on0 = rt.state.any_enabled
+    agree, first = [], None
+    with torch.no_grad():
+        for i in range(0, rows, batch):
+            x = frames(i, min(i + batch, rows))
+            agree.append(rt.predict(x).argmax(1) == reference(x).argmax(1))
+            if first is None and rt.drift.events:
+                first = i + len(x)
+    s = rt.stats()
+    rt.close()
+    agree = torch.cat(agree).double()
+    return {"rows": rows, "exits_on_at_load": on0, "agreement": float(agree.mean()),
+            "agreement_first_1000": float(agree[:1000].mean()), "first_alarm_row": first,
+            "drift_events": s["drift_events"], "drift_doubts": s["drift_doubts"],
+            "flops_saved": s["flops_saved"], "exits_on_at_end": any(s["enabled"])}
