@@ -15,7 +15,7 @@ from compiler import artifact
 from compiler.errors import ArtifactError
 
 from .buffer import CALIB, FeatureBuffer
-from .calibrate import INF, exit_shares, independent_rows_needed
+from .calibrate import INF, independent_rows_needed
 from .collect import Collector
 from .config import RuntimeConfig
 from .correlation import DesignEffect
@@ -579,11 +579,9 @@ class Runtime:
         cfeats, cteacher = self.loop.calib_rows()
         if cteacher.shape[0] < self.config.learning.min_calib:
             return (INF,) * self.num_exits, None
-        conf, agree = self.loop.confidences(lambda e, f: state.classifiers[e](f.to(self.device)),
-                                            cfeats, cteacher)
-        plan = self.loop._choose(conf, agree, self.config.guarantee.agreement_budget,
-                                 self.config.seed + state.version)
-        shares = exit_shares(conf, plan.thresholds) if any(plan.enabled) else None
+        plan, shares = self.loop.choose(lambda e, f: state.classifiers[e](f.to(self.device)),
+                                        cfeats, cteacher, self.config.guarantee.agreement_budget,
+                                        self.config.seed + state.version)
         return tuple(plan.thresholds), shares
 
     def save(self, path: str):

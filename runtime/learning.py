@@ -61,10 +61,13 @@ class LearningLoop:
         return head_confidences(self.task, head_logits, feats, teacher)
 
     def choose(self, head_logits, feats, teacher, budget: float, round_seed: int,
-               should_stop=None) -> Plan:
-        """Thresholds meeting ``budget`` on held-out rows (feats, teacher)."""
+               should_stop=None):
+        """(plan, exit shares): thresholds meeting ``budget`` on held-out rows (feats,
+        teacher), and the share of those rows leaving at each exit under them (last: the
+        backbone; None when every exit is off)."""
         conf, agree = self.confidences(head_logits, feats, teacher)
-        return self._choose(conf, agree, budget, round_seed, should_stop)
+        plan = self._choose(conf, agree, budget, round_seed, should_stop)
+        return plan, (exit_shares(conf, plan.thresholds) if any(plan.enabled) else None)
 
     def _choose(self, conf, agree, budget: float, round_seed: int, should_stop=None) -> Plan:
         """The threshold rule's plan, or every exit off where it saves no more than
