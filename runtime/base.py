@@ -436,7 +436,7 @@ class Runtime:
             self._learning = True
             t0 = time.perf_counter()
             try:
-                proposal = self.loop.run(round_index, self._should_stop)
+                proposal = self.loop.run(round_index, self._should_stop, after_drift=generation > 0)
             except RoundCancelled:
                 return False
             except NonFiniteRound as e:

@@ -144,6 +144,12 @@ class LearningConfig:
 
     train_every:      rows served between rounds.
     min_train, min_calib: rows needed before exits may be switched on.
+    min_train_after_drift: after a drift alarm the heads keep what they had learned and go on
+                      from there, so a round of the new traffic needs only this many training
+                      rows (at most ``min_train``); ``min_calib`` held-out rows of the new
+                      traffic still gate every exit, and calibration on them is what keeps the
+                      budget. With ``min_train`` rows the exits came back some 3,000 rows after
+                      an alarm, as at a cold start (docs/drift.md).
     max_train_rows, max_calib_rows: a round uses at most this many of the most recent rows, so
                       its time is bounded whatever the buffer holds. Held-out rows are counted
                       as independent rows: with correlated traffic (design effect d, at most
@@ -169,6 +175,7 @@ class LearningConfig:
     train_every: int = 1000
     min_train: int = 1000
     min_calib: int = 500
+    min_train_after_drift: int = 250
     max_train_rows: int = 20000
     max_calib_rows: int = 6000
     epochs: int = 4
@@ -434,7 +441,7 @@ class RuntimeConfig:
         if not isinstance(self.collect.idle_rounds, int) or self.collect.idle_rounds < 1:
             raise ConfigError(f"idle_rounds must be a whole number of rounds, at least 1, got "
                               f"{self.collect.idle_rounds!r}")
-        for name in ("train_every", "min_train", "min_calib", "max_train_rows", "max_calib_rows",
-                     "epochs", "batch_size"):
+        for name in ("train_every", "min_train", "min_calib", "min_train_after_drift",
+                     "max_train_rows", "max_calib_rows", "epochs", "batch_size"):
             if getattr(self.learning, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self.learning, name)}")

@@ -94,11 +94,13 @@ class LearningLoop:
         deff = 1.0 if self.design is None else max(1.0, self.design.value)
         return self.buffer.snapshot(CALIB, int(self.config.learning.max_calib_rows * deff))
 
-    def run(self, round_index: int, should_stop) -> Optional[Proposal]:
-        """Train and calibrate; None when too few rows have arrived yet."""
+    def run(self, round_index: int, should_stop, after_drift: bool = False) -> Optional[Proposal]:
+        """Train and calibrate; None when too few rows have arrived yet (``after_drift``: the
+        heads go on from what they learned before an alarm, ``min_train_after_drift``)."""
         cfg = self.config.learning
         feats, teacher = self.buffer.snapshot(TRAIN, cfg.max_train_rows)
-        if teacher.shape[0] < cfg.min_train:
+        need = min(cfg.min_train, cfg.min_train_after_drift) if after_drift else cfg.min_train
+        if teacher.shape[0] < need:
             return None
         self.learner.train(feats, teacher, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
                            should_stop=should_stop)

@@ -790,3 +790,27 @@ def test_a_loaded_artifact_is_watched_for_drift_from_its_first_request(
         pytest.fail(f"inverted images not caught within {within} rows")
     assert not rt.state.any_enabled
     rt.close()
+
+
+@pytest.mark.parametrize("after_drift, relearns", [(250, True), (1000, False)])
+def test_after_a_drift_alarm_the_heads_go_on_from_what_they_learned(learned, fashion_small,
+                                                                    after_drift, relearns):
+    """After an alarm the heads keep their weights, so the new traffic's first round needs only
+    ``min_train_after_drift`` training rows, not the cold start's ``min_train`` (1,000): within
+    2,000 shifted rows (about 700 of them training rows, the rest held out) a round runs.
+    With the cold start's count, none does, and the exits stayed off some 3,000 rows."""
+    _, path = learned
+    rt = runtime.load(path, background=False, min_train_after_drift=after_drift, **STABLE)
+    assert rt.config.learning.min_train == 1000 and rt.state.any_enabled
+    shifted = -fashion_small[0][35000:41000]
+    i = 0
+    while not rt.stats()["drift_events"]:
+        assert i < 2000, "inverted images not caught within 2,000 rows"
+        rt.predict(shifted[i:i + BATCH])
+        i += BATCH
+    rounds = rt.stats()["learning"]["rounds"]
+    stream(rt, shifted[i:i + 2000])
+    assert rt.stats()["drift_events"] == 1
+    assert (rt.stats()["learning"]["rounds"] > rounds) == relearns
+    assert rt.state.generation == 1
+    rt.close()
