@@ -479,7 +479,7 @@ class Runtime:
             self._rounds += 1
             self._state = ServingState(p.classifiers, p.thresholds, self._state.version + 1,
                                        generation, fast, p.exit_shares, p.plan, compiled)
-            self.drift.reset(p.exit_shares)
+            self.drift.reset(p.exit_shares, carry=True)
             was = self.collector.warmup_share
             if p.promise is not None:
                 self._promise = p.promise

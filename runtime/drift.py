@@ -64,15 +64,20 @@ class DriftMonitor:
         self.reset(None)
 
     def reset(self, exit_shares: Optional[Sequence[float]], watching: Optional[bool] = None,
-              deff: Optional[float] = None):
+              deff: Optional[float] = None, carry: bool = False):
         """Start watching a new serving state with these expected exit shares (None: exits off).
 
         ``watching`` (default: shares given): the state has exits on. A state with exits on but
         no expected shares (an artifact saved without them) is still judged by its shadow rows
         (the CUSUM and the end of a doubt), only not by the share test. ``deff``: the design
         effect of the traffic the state was calibrated on (default: the live estimate now; a
-        loaded artifact passes the one its save recorded)."""
+        loaded artifact passes the one its save recorded). ``carry``: a round's new state on the
+        same traffic (no alarm between): the shadow rows' CUSUM goes on from where the state
+        before, if it had exits on, left it. Each state is certified at the budget, so the
+        in-control rate holds across states; reset at every round (every ~1,000 requests,
+        ~50 shadow rows once exits are on), it could never add up evidence of a slow drift."""
         with self._lock:
+            carried = carry and self._watching
             self._watching = exit_shares is not None if watching is None else bool(watching)
             self._expected = None if exit_shares is None else \
                 torch.tensor(exit_shares, dtype=torch.float64).clamp_min(1e-3)
@@ -85,13 +90,14 @@ class DriftMonitor:
             if deff is None:
                 deff = 1.0 if self.design is None else self.design.value
             self._deff_at_reset = max(1.0, float(deff))
-            self._cusum = 0.0
+            if not carried:
+                self._cusum = 0.0
+                self._judged = 0
+                self._disagreed = 0
             self._doubt_left = 0
             self._rejected_in_a_row = 0  # consecutive exit-share windows that rejected
             self._next_look = 1          # the next look at the window's counts (doubt_looks)
             self._doubt_from = (0, 0)   # (judged, disagreed) when the current doubt began
-            self._judged = 0
-            self._disagreed = 0
 
     @property
     def in_doubt(self) -> bool:

@@ -217,3 +217,27 @@ def test_stable_traffic_with_a_rarely_taken_exit_raises_no_doubt():
     for seed in range(3):
         at, m = rows_to_doubt(DriftConfig(), shares, expected=shares, rows=60_000, seed=seed)
         assert at is None and m.doubts == 0, (seed, at)
+
+
+def test_the_cusum_adds_up_across_the_rounds_of_one_traffic():
+    """A round publishes a new state every ~1,000 requests, some 50 shadow rows once exits are
+    on. Reset with each state, the CUSUM never gathered evidence of a slow drift; within one
+    traffic (``carry``) it goes on, and an alarm (a plain reset) still clears it."""
+    def rounds(carry, rows_per_round=48, n=200):
+        m = DriftMonitor(DriftConfig(), BUDGET)
+        m.reset((0.6, 0.2, 0.2))
+        for r in range(n):
+            if feed(m, 0.06, rows_per_round, r) is not None:
+                return r
+            m.reset((0.6, 0.2, 0.2), carry=carry)
+        return None
+    assert rounds(carry=False) is None   # 48 rows at 6% never reach the threshold
+    assert rounds(carry=True) is not None
+    m = DriftMonitor(DriftConfig(), BUDGET)
+    m.reset((0.6, 0.2, 0.2))
+    feed(m, 0.06, 320, 0)
+    m.reset((0.6, 0.2, 0.2), carry=True)
+    kept = m._cusum
+    m.reset(None)                      # an alarm: exits off, nothing carried
+    m.reset((0.6, 0.2, 0.2), carry=True)
+    assert kept > 0 and m._cusum == 0.0
