@@ -289,6 +289,12 @@ class DriftConfig:
                       catches shifts too moderate for the CUSUM (3-4x the budget's rate); on
                       traffic that keeps the budget, one doubt in 100 ends in a needless
                       relearning (0: no such test).
+    watch_threshold:  a second CUSUM on the shadow rows, tuned to ``watch_factor`` x the
+                      budget's rate, puts the monitor in doubt when it passes this level
+                      (0: never). It catches a shift that makes the heads wrong before it
+                      moves the exit shares (a slow drift, an inverted image), which the
+                      share test cannot see; the doubt's rows then decide, as for any doubt.
+    watch_factor:     the watch CUSUM's out-of-control disagreement rate, x the budget's.
     cusum_threshold:  the CUSUM's alarm level (log-likelihood ratio).
     shift_factor, shift_margin: the CUSUM's out-of-control disagreement rate, ``shift_factor``
                       x the budget's rate + ``shift_margin``.
@@ -301,6 +307,8 @@ class DriftConfig:
     doubt_shadow_rate: float = 1.0
     doubt_rows: int = 400
     doubt_alarm_p: float = 0.01
+    watch_threshold: float = 3.0
+    watch_factor: float = 2.0
     cusum_threshold: float = 15.0
     shift_factor: float = 3.0
     shift_margin: float = 0.01
@@ -375,6 +383,13 @@ class RuntimeConfig:
                         ("doubt_alarm_p", self.drift.doubt_alarm_p)):
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        d = self.drift
+        if not (isinstance(d.watch_threshold, (int, float)) and 0.0 <= d.watch_threshold < math.inf):
+            raise ConfigError(f"watch_threshold must be 0 (no watch) or a finite log-likelihood "
+                              f"ratio such as 3.0, got {d.watch_threshold!r}")
+        if not (isinstance(d.watch_factor, (int, float)) and 1.0 < d.watch_factor < math.inf):
+            raise ConfigError(f"watch_factor must be above 1 (x the budget's disagreement rate), "
+                              f"such as 2.0, got {d.watch_factor!r}")
         if not 0.0 < self.collect.calib_share < 1.0:
             raise ConfigError(f"calib_share must be above 0 and below 1 (the rest of the buffer "
                               f"holds training rows), got {self.collect.calib_share}")

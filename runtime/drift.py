@@ -35,11 +35,15 @@ class DriftMonitor:
     - Shadow rows: a one-sided CUSUM of the log-likelihood ratio of disagreement at
       ``shift_factor`` x the budget's rate (+ ``shift_margin``) against the budget's rate. It
       alarms quickly on a real shift and, on traffic that keeps the budget, drifts down.
+    - The watch: a second CUSUM on the same rows, tuned to ``watch_factor`` x the budget's
+      rate, puts the monitor in doubt when it passes ``watch_threshold``. Heads grown wrong
+      but no less sure leave the exit shares where they were, and the alarm's CUSUM, tuned
+      to 4x, takes thousands of shadow rows to see twice the budget's rate.
     - The end of a doubt: the shadow rows judged while in doubt are tested against the budget's
       rate (one-sided exact binomial test); a p-value below ``doubt_alarm_p`` raises the alarm.
       This catches a moderate shift (disagreement 3-4x the budget's), which the CUSUM, tuned
-      for larger ones, takes thousands of rows to see, but only once the exit shares have
-      already said the traffic moved.
+      for larger ones, takes thousands of rows to see, but only once the exit shares (or
+      the watch) have said the traffic moved.
 
     Both count rows as independent only as far as the traffic allows: with ``design`` (a
     ``runtime/correlation.py`` estimate, read when a state is published) the chi-square
@@ -57,6 +61,9 @@ class DriftMonitor:
         d1 = min(config.shift_factor * d0 + config.shift_margin, 0.9)
         self.llr_disagree = math.log(d1 / d0)
         self.llr_agree = math.log((1 - d1) / (1 - d0))
+        w1 = min(config.watch_factor * d0, 0.9)
+        self.watch_disagree = math.log(w1 / d0)
+        self.watch_agree = math.log((1 - w1) / (1 - d0))
         self._lock = threading.Lock()
         self.events = 0
         self.doubts = 0
@@ -92,6 +99,7 @@ class DriftMonitor:
             self._deff_at_reset = max(1.0, float(deff))
             if not carried:
                 self._cusum = 0.0
+                self._watch_cusum = 0.0
                 self._judged = 0
                 self._disagreed = 0
             self._doubt_left = 0
@@ -117,6 +125,8 @@ class DriftMonitor:
                 for a in ok:
                     self._cusum = max(0.0, self._cusum + w * (self.llr_agree if a else
                                                               self.llr_disagree))
+                    self._watch_cusum = max(0.0, self._watch_cusum + w * (
+                        self.watch_agree if a else self.watch_disagree))
                 self._judged += len(ok)
                 self._disagreed += len(ok) - sum(ok)
                 live = self._disagreed / max(self._judged, 1)
@@ -127,15 +137,30 @@ class DriftMonitor:
                 if self._doubt_left:
                     self._doubt_left = max(0, self._doubt_left - len(ok))
                     if not self._doubt_left:
-                        n = self._judged - self._doubt_from[0]
-                        k = self._disagreed - self._doubt_from[1]
-                        p = self._doubt_p_value(n, k)
-                        if p < self.config.doubt_alarm_p:
+                        alarm = self._end_doubt()
+                        if alarm:
                             self.events += 1
-                            return Verdict(ALARM, live, f"{k} of {n} shadow rows judged in doubt "
-                                                        f"disagree ({k / n:.3f}; p = {p:.1e} "
-                                                        f"at the budget's rate)")
+                            return Verdict(ALARM, live, alarm)
+                elif self.config.watch_threshold > 0 and \
+                        self._watch_cusum > self.config.watch_threshold:
+                    self._watch_cusum = 0.0     # the shadow rows lean toward a slow shift
+                    self._begin_doubt()
             return Verdict(DOUBT if self._doubt_left else OK)
+
+    def _begin_doubt(self):
+        self.doubts += 1
+        self._doubt_left = self.config.doubt_rows
+        self._doubt_from = (self._judged, self._disagreed)
+
+    def _end_doubt(self) -> str:
+        """Test the rows the doubt judged against the budget's rate; the alarm's reason, or ""."""
+        n = self._judged - self._doubt_from[0]
+        k = self._disagreed - self._doubt_from[1]
+        p = self._doubt_p_value(n, k)
+        if p < self.config.doubt_alarm_p:
+            return (f"{k} of {n} shadow rows judged in doubt disagree ({k / n:.3f}; "
+                    f"p = {p:.1e} at the budget's rate)")
+        return ""
 
     def _doubt_p_value(self, judged: int, disagreed: int) -> float:
         """P(at least ``disagreed`` of ``judged`` rows disagreeing | the budget's rate), rows
@@ -175,9 +200,7 @@ class DriftMonitor:
         self._counts, self._next_look = None, 1     # the window ends: a new one begins
         self._rejected_in_a_row = self._rejected_in_a_row + 1 if rejected else 0
         if self._rejected_in_a_row >= need and not self._doubt_left:
-            self.doubts += 1
-            self._doubt_left = self.config.doubt_rows
-            self._doubt_from = (self._judged, self._disagreed)
+            self._begin_doubt()
 
 
 MIN_EXPECTED = 5.0   # independent rows expected per cell for the chi-square to hold

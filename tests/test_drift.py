@@ -23,8 +23,8 @@ def feed(monitor, disagreement: float, rows: int, seed: int, shares=(0.6, 0.2, 0
 
 
 def test_cusum_stays_quiet_on_traffic_that_keeps_the_budget():
-    for seed in range(5):
-        m = DriftMonitor(DriftConfig(), BUDGET)
+    for seed in range(5):   # the CUSUM alone (the watch's doubts: below)
+        m = DriftMonitor(DriftConfig(watch_threshold=0.0), BUDGET)
         m.reset((0.6, 0.2, 0.2))
         assert feed(m, 0.01, 100_000, seed) is None  # the budget's own disagreement rate
         assert m.events == 0
@@ -145,7 +145,7 @@ def test_no_monitoring_while_exits_are_off():
 def test_exits_on_with_no_expected_shares_are_still_judged_by_their_shadow_rows():
     """An artifact saved without exit shares: no share test, but the CUSUM still runs, its
     rows counted at the design effect the save recorded."""
-    m = DriftMonitor(DriftConfig(), BUDGET)
+    m = DriftMonitor(DriftConfig(watch_threshold=0.0), BUDGET)   # doubt only from shares
     m.reset(None, watching=True)
     assert feed(m, 0.25, 2000, 0) is not None and m.doubts == 0
     quiet = DriftMonitor(DriftConfig(), BUDGET)
@@ -241,3 +241,27 @@ def test_the_cusum_adds_up_across_the_rounds_of_one_traffic():
     m.reset(None)                      # an alarm: exits off, nothing carried
     m.reset((0.6, 0.2, 0.2), carry=True)
     assert kept > 0 and m._cusum == 0.0
+
+
+def test_the_watch_doubts_a_drift_the_exit_shares_do_not_show():
+    """Disagreement at twice the budget's rate with unchanged exit shares (a head grown wrong
+    but no less sure): the CUSUM, tuned to 4%, takes up to ~17,000 shadow rows; the watch
+    CUSUM puts the monitor in doubt and the doubts' rows raise the alarm sooner. Traffic that
+    keeps the budget doubts now and then and raises no alarm."""
+    watched, slow = [], []
+    for seed in range(6):
+        watched.append(feed(_monitor(DriftConfig()), 0.02, 30_000, seed))
+        slow.append(feed(_monitor(DriftConfig(watch_threshold=0.0)), 0.02, 30_000, seed))
+        assert watched[-1] is not None and watched[-1] <= (slow[-1] or 30_000), (watched, slow)
+    assert sorted(watched)[3] <= 2_000, watched
+    assert sum(at is None or at > 10_000 for at in slow) >= 2, slow
+    for seed in range(4):   # 100,000 shadow rows: some 2 million requests at a 5% shadow rate
+        m = _monitor(DriftConfig())
+        assert feed(m, 0.008, 100_000, seed) is None
+        assert m.doubts <= 20, (seed, m.doubts)
+
+
+def _monitor(cfg):
+    m = DriftMonitor(cfg, BUDGET)
+    m.reset((0.6, 0.2, 0.2))
+    return m
