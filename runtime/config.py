@@ -384,7 +384,8 @@ class RuntimeConfig:
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
         d = self.drift
-        if not (isinstance(d.watch_threshold, (int, float)) and 0.0 <= d.watch_threshold < math.inf):
+        if isinstance(d.watch_threshold, bool) or not (
+                isinstance(d.watch_threshold, (int, float)) and 0.0 <= d.watch_threshold < math.inf):
             raise ConfigError(f"watch_threshold must be 0 (no watch) or a finite log-likelihood "
                               f"ratio such as 3.0, got {d.watch_threshold!r}")
         if not (isinstance(d.watch_factor, (int, float)) and 1.0 < d.watch_factor < math.inf):

@@ -335,6 +335,13 @@ def test_settings_are_set_by_name_and_checked():
     for bad in (-0.01, 1.5, float("nan")):
         with pytest.raises(runtime.ConfigError, match=r"doubt_alarm_p must be in \[0, 1\]"):
             runtime.RuntimeConfig().with_overrides(doubt_alarm_p=bad)
+    for bad in (-1.0, float("nan"), float("inf"), "3", True):
+        with pytest.raises(runtime.ConfigError, match="watch_threshold must be 0"):
+            runtime.RuntimeConfig().with_overrides(watch_threshold=bad)
+    for bad in (1.0, 0.5, float("nan"), "2"):
+        with pytest.raises(runtime.ConfigError, match="watch_factor must be above 1"):
+            runtime.RuntimeConfig().with_overrides(watch_factor=bad)
+    assert runtime.RuntimeConfig().with_overrides(watch_threshold=0).drift.watch_threshold == 0
 
 
 def test_a_miss_overhead_cap_holds_for_every_state_served(teacher_artifact, traffic, monkeypatch):
