@@ -291,9 +291,10 @@ class DriftConfig:
                       relearning (0: no such test).
     watch_threshold:  a second CUSUM on the shadow rows, tuned to ``watch_factor`` x the
                       budget's rate, puts the monitor in doubt when it passes this level
-                      (0: never). It catches a shift that makes the heads wrong before it
-                      moves the exit shares (a slow drift, an inverted image), which the
-                      share test cannot see; the doubt's rows then decide, as for any doubt.
+                      (0: never). It catches heads grown wrong but no less sure, which leave
+                      the exit shares where they were (the share test cannot see it) and
+                      reach the alarm's CUSUM only by chance at twice the budget's rate; the
+                      doubt's rows then decide, as for any doubt.
     watch_factor:     the watch CUSUM's out-of-control disagreement rate, x the budget's.
     cusum_threshold:  the CUSUM's alarm level (log-likelihood ratio).
     shift_factor, shift_margin: the CUSUM's out-of-control disagreement rate, ``shift_factor``

@@ -38,7 +38,7 @@ class DriftMonitor:
     - The watch: a second CUSUM on the same rows, tuned to ``watch_factor`` x the budget's
       rate, puts the monitor in doubt when it passes ``watch_threshold``. Heads grown wrong
       but no less sure leave the exit shares where they were, and the alarm's CUSUM, tuned
-      to 4x, takes thousands of shadow rows to see twice the budget's rate.
+      to 3x plus a point, takes thousands of shadow rows to see twice the budget's rate.
     - The end of a doubt: the shadow rows judged while in doubt are tested against the budget's
       rate (one-sided exact binomial test); a p-value below ``doubt_alarm_p`` raises the alarm.
       This catches a moderate shift (disagreement 3-4x the budget's), which the CUSUM, tuned
