@@ -255,7 +255,7 @@ def test_the_watch_doubts_a_drift_the_exit_shares_do_not_show():
         assert watched[-1] is not None and watched[-1] <= (slow[-1] or 30_000), (watched, slow)
     assert sorted(watched)[3] <= 2_000, watched
     assert sum(at is None or at > 10_000 for at in slow) >= 2, slow
-    for seed in range(4):   # 100,000 shadow rows: some 2 million requests at a 5% shadow rate
+    for seed in range(4):   # 100,000 shadow rows: some 2 million rows at a 5% shadow rate
         m = _monitor(DriftConfig())
         assert feed(m, 0.008, 100_000, seed) is None
         assert m.doubts <= 20, (seed, m.doubts)
