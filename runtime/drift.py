@@ -58,12 +58,9 @@ class DriftMonitor:
         self.design = design
         d0 = min(max(1.0 - budget, 1e-4), 0.5)
         self._d0 = d0
-        d1 = min(config.shift_factor * d0 + config.shift_margin, 0.9)
-        self.llr_disagree = math.log(d1 / d0)
-        self.llr_agree = math.log((1 - d1) / (1 - d0))
-        w1 = min(config.watch_factor * d0, 0.9)
-        self.watch_disagree = math.log(w1 / d0)
-        self.watch_agree = math.log((1 - w1) / (1 - d0))
+        self.llr_agree, self.llr_disagree = _llr(
+            d0, min(config.shift_factor * d0 + config.shift_margin, 0.9))
+        self.watch_agree, self.watch_disagree = _llr(d0, min(config.watch_factor * d0, 0.9))
         self._lock = threading.Lock()
         self.events = 0
         self.doubts = 0
@@ -201,6 +198,12 @@ class DriftMonitor:
         self._rejected_in_a_row = self._rejected_in_a_row + 1 if rejected else 0
         if self._rejected_in_a_row >= need and not self._doubt_left:
             self._begin_doubt()
+
+
+def _llr(d0: float, d1: float):
+    """A CUSUM's steps for one agreeing and one disagreeing row: the log-likelihood ratio of
+    disagreement rate ``d1`` (out of control) against ``d0`` (in control)."""
+    return math.log((1 - d1) / (1 - d0)), math.log(d1 / d0)
 
 
 MIN_EXPECTED = 5.0   # independent rows expected per cell for the chi-square to hold
