@@ -16,7 +16,7 @@ from . import artifact
 from .analysis.cutpoints import CutPoint, choose_exits, find_cut_points, score
 from .analysis.flops import FlopCounter
 from .analysis.trace import annotate, clean_exported, info, trace_module
-from .attention import swap_attention
+from .attention import swap_attention, swap_window_attention
 from .config import MAX_EXITS, ArgumentParser, RewriteConfig, check_shape, number
 from .errors import CompilerError, NoCutPointError, ShapeError, UsageError, brief, run_cli
 from .heads import ExitHead, HeadSpec, plan_heads
@@ -156,6 +156,7 @@ def _script_stage(stage: fx.GraphModule, example: torch.Tensor):
     """Script a stage, its attention in exportable ops (``attention.py``); fall back to tracing
     it when its code is beyond TorchScript."""
     swap_attention(stage)   # the stage's own module tree: the analysed model keeps the original
+    swap_window_attention(stage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

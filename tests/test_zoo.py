@@ -35,6 +35,7 @@ ZOO = [
     pytest.param("densenet121", 64, marks=slow),
     ("regnet_y_400mf", 64),
     ("convnext_tiny", 64),
+    ("swin_t", 64),                                 # windows as large as the late maps: no shift
     pytest.param("vit_b_16", 224, marks=slow),      # 224 only; ~17 GFLOPs per image
 ]
 
@@ -203,6 +204,67 @@ def test_vision_transformer_exports_to_onnx_and_serves_in_onnxruntime(route, tmp
         torch.testing.assert_close(rt.predict(x), model(x).detach(), atol=1e-4, rtol=1e-4)
     finally:
         rt.close()
+
+
+def test_swin_exports_to_onnx_and_serves_in_onnxruntime(tmp_path):
+    """Scripted, torchvision's shifted-window attention copies a list (aten::copy), which no
+    ONNX exporter takes: a Swin artifact could not be exported nor served in onnxruntime. The
+    compiler points it at ``attention.window_attention``; the artifact then exports, matches
+    onnxruntime, and the runtime serves it there."""
+    pytest.importorskip("onnxruntime")
+    import runtime
+    from compiler.export import check_onnx, export_onnx
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 2],
+                            window_size=[4, 4], num_classes=10).eval()
+    shape = (1, 3, 48, 40)    # 12 x 10 patches: padded windows, shifted at first, not at the end
+    module, manifest, _ = rewrite_module(model, shape, RewriteConfig())
+    assert len(manifest["exits"]) >= 3
+    path = tmp_path / "swin.cached.pt"
+    artifact.save(module, manifest, path)
+    summary = export_onnx(str(path), str(tmp_path / "swin.onnx"))
+    assert summary
+    check = check_onnx(str(path), str(tmp_path / "swin.onnx"), rows=16)
+    assert check["max_logit_diff"] < 1e-3 and check["argmax_agreement"] == 1.0
+
+    x = torch.randn(5, *shape[1:], generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rt = runtime.load(str(path), seed=0)
+    try:
+        assert rt.backend is not None          # onnxruntime, not the TorchScript fallback
+        with torch.no_grad():
+            torch.testing.assert_close(rt.predict(x), model(x), atol=1e-4, rtol=1e-4)
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("hw,window,v2", [((14, 14), (7, 7), False), ((8, 20), (7, 7), True),
+                                          ((5, 9), (7, 7), False), ((3, 3), (7, 7), True),
+                                          ((16, 12), (8, 4), False)])
+def test_window_attention_computes_torchvisions(hw, window, v2):
+    """``window_attention`` scripted against torchvision's function: padding, a shift on both
+    axes, on one (the other's map no larger than its window) or none, Swin v2's cosine form."""
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    from compiler.attention import window_attention
+
+    g = torch.Generator().manual_seed(0)
+    C, heads = 16, 4
+    x = torch.randn(2, *hw, C, generator=g)
+    weights = [torch.randn(3 * C, C, generator=g) * 0.3, torch.randn(C, C, generator=g) * 0.3]
+    bias = torch.randn(1, heads, window[0] * window[1], window[0] * window[1], generator=g)
+    rest = [0.0, 0.0, torch.randn(3 * C, generator=g), torch.randn(C, generator=g),
+            torch.randn(heads, 1, 1, generator=g) if v2 else None, False]
+    shift = [window[0] // 2, window[1] // 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit's deprecation notice
+        scripted = torch.jit.script(window_attention)
+    want = shifted_window_attention(x, *weights, bias, list(window), heads, shift, *rest)
+    got = scripted(x, *weights, bias, list(window), heads, shift, *rest)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

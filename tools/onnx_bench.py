@@ -1,7 +1,7 @@
 """ONNX parity and onnxruntime CPU latency of a learned artifact against the backbone's own export.
 
     python -m tools.onnx_bench ARTIFACT [--out out/onnx_bench]
-    python -m tools.onnx_bench --zoo            # ONNX parity of every zoo model
+    python -m tools.onnx_bench --zoo [--archs swin_t,...]   # ONNX parity of the zoo's models
 
 Exports ARTIFACT (its learned exits) and the same artifact with every exit off (the plain
 backbone, in the same staged ONNX form) to ONNX, then on the Fashion-MNIST test set: compares
@@ -35,10 +35,16 @@ def _times(sess, batches, reps=1):
 
 
 ZOO = ("resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_large",
-       "efficientnet_b0", "densenet121", "regnet_y_400mf", "convnext_tiny", "vit_b_16")
+       "efficientnet_b0", "densenet121", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t")
 
 
-def zoo_parity(rows: int, out: Path) -> int:
+def torchvision_models() -> set:
+    """The names ``torchvision.models.get_model`` builds as classifiers."""
+    import torchvision
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+def zoo_parity(rows: int, out: Path, archs=ZOO) -> int:
     """Every zoo model (random weights, 10 classes): rewrite, enable every exit with thresholds
     that let ~30% of the remaining Fashion-MNIST rows leave, export, and compare onnxruntime with
     the artifact row by row on ``rows`` Fashion-MNIST test images (upsampled, 3 channels)."""
@@ -53,7 +59,7 @@ def zoo_parity(rows: int, out: Path) -> int:
 
     x28, _ = load_fashion_mnist("test")
     results = {}
-    for arch in ZOO:
+    for arch in archs:
         size = 224 if arch.startswith("vit") else 64
         x = torch.nn.functional.interpolate(x28[:rows], size=size, mode="bilinear").repeat(1, 3, 1, 1)
         torch.manual_seed(0)
@@ -103,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("artifact", nargs="?", help="a learned artifact (not needed with --zoo)")
     p.add_argument("--zoo", action="store_true",
                    help="instead: ONNX parity of every zoo model on Fashion-MNIST rows")
+    p.add_argument("--archs", default=",".join(ZOO),
+                   help="with --zoo: comma-separated torchvision architectures (default: the zoo)")
     p.add_argument("--out", default="out/onnx_bench")
     p.add_argument("--rows", type=int, default=10000)
     args = p.parse_args(argv)
@@ -116,7 +124,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.zoo:
-        return zoo_parity(min(args.rows, 1024), out)
+        archs = [a for a in args.archs.split(",") if a]
+        unknown = [a for a in archs if a not in torchvision_models()]
+        if unknown:
+            p.error(f"not torchvision classification models: {', '.join(unknown)}; see "
+                    f"torchvision.models.list_models()")
+        return zoo_parity(min(args.rows, 1024), out, archs)
     if not args.artifact:
         p.error("give an ARTIFACT, or --zoo")
     module, manifest = artifact.load(args.artifact)
