@@ -17,7 +17,8 @@ class HeadSpec:
     """Shape of one head; stored in the manifest."""
 
     pool: str          # "avgmax<k>x<k>" (k = 2, 3, 4) | "avgmax" (global) | "clstokens" |
-                       # "tokens" (what artifacts before 2026-12-07 have for [B, T, C]) | "flat"
+                       # "tokens" (what artifacts before 2026-12-07 have for [B, T, C]) | "flat";
+                       # "avgmax..._hwc": the same on a channels-last map [B, H, W, C] (Swin)
     feature_dim: int
     hidden: int        # 0: a single Linear
     num_classes: int
@@ -32,10 +33,18 @@ class HeadSpec:
 
 
 POOL_GRIDS = (4, 3, 2)   # avg + max pooling to k x k cells, richest first
+CHANNELS_LAST = "_hwc"   # suffix of a pooling that reads [B, H, W, C]
+
+
+def channels_last(mode: str) -> bool:
+    """Whether pooling ``mode`` reads a channels-last map [B, H, W, C]."""
+    return mode.startswith("avgmax") and mode.endswith(CHANNELS_LAST)
 
 
 def pool_grid(mode: str) -> int:
     """k of an ``avgmax<k>x<k>`` pooling, 0 for the others; an unknown mode is an error."""
+    if channels_last(mode):
+        mode = mode[:-len(CHANNELS_LAST)]
     for k in POOL_GRIDS:
         if mode == f"avgmax{k}x{k}":
             return k
@@ -49,10 +58,13 @@ class Pool(nn.Module):
 
     def __init__(self, mode: str):
         super().__init__()
-        self.mode = mode
         self.grid = pool_grid(mode)
+        self.hwc = channels_last(mode)
+        self.mode = mode[:-len(CHANNELS_LAST)] if self.hwc else mode
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.hwc:
+            h = h.permute(0, 3, 1, 2)
         if self.grid > 0:
             a = nn.functional.adaptive_avg_pool2d(h, self.grid)
             m = nn.functional.adaptive_max_pool2d(h, self.grid)
@@ -126,8 +138,11 @@ class StridedPool(nn.Module):
 
     def __init__(self, mode: str, shape: Sequence[int]):
         super().__init__()
-        self.mode = mode
         self.k = pool_grid(mode)
+        self.hwc = channels_last(mode)
+        self.mode = mode[:-len(CHANNELS_LAST)] if self.hwc else mode
+        if self.hwc:
+            shape = (shape[0], shape[3], shape[1], shape[2])
         self.plan = None
         self.windows = []
         if self.k:
@@ -161,6 +176,8 @@ class StridedPool(nn.Module):
         return p.flatten(1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.hwc:
+            h = h.permute(0, 3, 1, 2)
         if self.plan is not None:
             return torch.cat([self._pool(h, nn.functional.avg_pool2d),
                               self._pool(h, nn.functional.max_pool2d)], 1).float()
@@ -207,21 +224,23 @@ MIN_BOTTLENECK = 8  # narrower ReLU bottlenecks are often dead at init
 
 
 def plan_heads(shapes: List[tuple], num_classes: int, budget_params: int,
-               max_feature_dim: int = 0) -> List[HeadSpec]:
+               max_feature_dim: int = 0, hwc: Sequence[bool] = ()) -> List[HeadSpec]:
     """Size one head per cut so that all heads together hold at most ``budget_params``.
 
     Each head gets an equal share: the richest pooling whose MLP keeps at least MIN_HIDDEN
     hidden units or, failing that, whose single Linear fits; else global pooling and a Linear.
     ``max_feature_dim`` (0: none) rules out poolings with more values (global pooling stays).
+    ``hwc[i]``: the i-th map is channels-last [B, H, W, C] (``CutPoint.channels_last``).
     """
     share = max(budget_params // max(len(shapes), 1), 1)
     specs = []
-    for shape in shapes:
-        specs.append(_plan_one(shape, num_classes, share, max_feature_dim))
+    for i, shape in enumerate(shapes):
+        specs.append(_plan_one(shape, num_classes, share, max_feature_dim,
+                               bool(hwc[i]) if i < len(hwc) else False))
     return specs
 
 
-def _pool_options(shape, max_dim: int = 0):
+def _pool_options(shape, max_dim: int = 0, hwc: bool = False):
     """(pooling, feature dim) candidates for an activation of ``shape``, richest first, none
     over ``max_dim`` values but global pooling (0: no cap).
 
@@ -229,10 +248,11 @@ def _pool_options(shape, max_dim: int = 0):
     agreement per parameter than a hidden layer does; grids only where they still pool.
     """
     if len(shape) == 4:
-        c, hgt, wid = shape[1], shape[2], shape[3]
-        grids = [(f"avgmax{k}x{k}", 2 * k * k * c) for k in POOL_GRIDS
+        c, hgt, wid = (shape[3], shape[1], shape[2]) if hwc else (shape[1], shape[2], shape[3])
+        tail = CHANNELS_LAST if hwc else ""
+        grids = [(f"avgmax{k}x{k}{tail}", 2 * k * k * c) for k in POOL_GRIDS
                  if k < min(hgt, wid) and not 0 < max_dim < 2 * k * k * c]
-        return grids + [("avgmax", 2 * c)]
+        return grids + [("avgmax" + tail, 2 * c)]
     if len(shape) == 3:
         # A transformer's first token is its class token where it has one (ViT): what its own
         # classifier reads. With it, a vit_tiny's exits saved 56-58% at 0.99, without 40-44%.
@@ -243,10 +263,10 @@ def _pool_options(shape, max_dim: int = 0):
     return [("flat", n)]
 
 
-def _plan_one(shape, num_classes, share, max_dim=0) -> HeadSpec:
+def _plan_one(shape, num_classes, share, max_dim=0, hwc=False) -> HeadSpec:
     # Spatial detail matters more than depth for a small head: try each pooling, richest first,
     # with an MLP, then as a single Linear; the last pooling's Linear is the fallback.
-    options = _pool_options(shape, max_dim)
+    options = _pool_options(shape, max_dim, hwc)
     for pool, dim in options:
         hidden = (share - num_classes) // (dim + 1 + num_classes)
         if hidden >= MIN_HIDDEN:

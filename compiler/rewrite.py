@@ -75,7 +75,7 @@ def analyse(model: torch.nn.Module, input_shape, config: RewriteConfig,
         c.bytes //= ANALYSIS_BATCH
         c.shape = (-1,) + tuple(c.shape[1:])
         spec = plan_heads([c.shape], num_classes, budget // max(config.num_exits, 1),
-                          config.max_feature_dim)[0]
+                          config.max_feature_dim, [c.channels_last])[0]
         c.head_params = spec.params()
         c.head_flops = head_flops(spec, c.shape)
         c.score = score(c, total)
@@ -169,7 +169,8 @@ def build(an: Analysis, cuts: List[CutPoint], config: RewriteConfig):
     """Split at ``cuts``, attach heads, and script the result. Returns (module, head specs, stage FLOPs)."""
     num_classes = an.output.shape[1]
     specs = plan_heads([c.shape for c in cuts], num_classes,
-                       int(config.head_budget * an.params), config.max_feature_dim)
+                       int(config.head_budget * an.params), config.max_feature_dim,
+                       [c.channels_last for c in cuts])
     stages = split_stages(an.gm, [c.name for c in cuts])
     torch.manual_seed(config.seed)
     blocks, h = [], an.example

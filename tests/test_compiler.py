@@ -269,6 +269,54 @@ def test_whole_network_skip_cli_error(tmp_path, capsys):
     assert not (tmp_path / "skip.cached.pt").exists()
 
 
+class ChannelsLast(nn.Module):
+    """Swin-like: a conv stem, then blocks that read [B, H, W, C] (LayerNorm and Linear over
+    the last dim), then back to [B, C, H, W] for the classifier's pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+                                    for _ in range(4))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x).permute(0, 2, 3, 1)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.fc(h.permute(0, 3, 1, 2).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("route", ["module", "pt2"])
+def test_a_channels_last_map_is_found_and_its_head_pools_height_and_width(route, tmp_path):
+    """A [B, H, W, C] map is pooled over H and W, not over W and C as if H were channels:
+    the layout is read from what uses the map (a LayerNorm or Linear over its last dim, a
+    permute to [B, C, H, W], a conv), through a torch.fx trace and a torch.export program."""
+    model = seeded(ChannelsLast)
+    shape = (1, 3, 12, 10)
+    source = model
+    if route == "pt2":
+        source = torch.export.export(model, (torch.randn(2, *shape[1:]),),
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    module, manifest, an = rewrite_module(source, shape, RewriteConfig(num_exits=3),
+                                          exported=route == "pt2")
+    layout = {c.name: c.channels_last for c in an.cuts}
+    hwc = [c for c in an.cuts if c.channels_last]
+    assert hwc and all(c.shape[1:] == (12, 10, 8) for c in hwc)
+    assert not any(v for n, v in layout.items() if "stem" in n or "conv" in n)
+    pools = {e["name"]: e["head"]["pool"] for e in manifest["exits"]}
+    assert any(p.endswith("_hwc") for p in pools.values()), pools
+    assert all(p.endswith("_hwc") == layout[n] for n, p in pools.items()), pools
+    # feature_dim counts the 8 channels (global pooling: 16; a k x k grid: 2 k k 8)
+    assert all(e["head"]["feature_dim"] % 16 == 0 for e in manifest["exits"])
+    path = tmp_path / "hwc.cached.pt"
+    artifact.save(module, manifest, path)
+    loaded, _ = artifact.load(path)
+    x = torch.randn(4, *shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_no_cut_point_inside_a_residual_block():
     model = seeded(ResNetLet)
     an = analyse(model, (1, 3, 16, 16), RewriteConfig())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,29 @@ def test_export_head_pools_like_exit_head(shape, k):
     h = torch.randn(shape)
     assert torch.allclose(eager.features(h), head.features(h), atol=1e-6)
     assert torch.allclose(eager(h), head(h), atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["avgmax2x2", "avgmax3x3", "avgmax"])
+def test_a_channels_last_head_pools_the_map_its_channels_first_twin_pools(pool):
+    """``<pool>_hwc`` on [B, H, W, C] (Swin's maps) gives what ``<pool>`` gives on the same
+    map as [B, C, H, W], in the artifact's head, scripted, and in the exported form."""
+    c, hgt, wid = 6, 7, 5
+    k = max(int(pool[-1]) if pool[-1].isdigit() else 1, 1)
+    spec = HeadSpec(pool, 2 * k * k * c, 0, 10)
+    hwc = HeadSpec(pool + "_hwc", spec.feature_dim, 0, 10)
+    torch.manual_seed(0)
+    head = ExitHead(spec).eval()
+    twin = ExitHead(hwc).eval()
+    twin.load_state_dict(head.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit's deprecation notice
+        scripted = torch.jit.script(twin)
+    h = torch.randn(3, c, hgt, wid)
+    nhwc = h.permute(0, 2, 3, 1).contiguous()
+    eager = ex.ExportHead(hwc, nhwc.shape, head.classifier.state_dict()).eval()
+    want = head(h)
+    for got in (twin(nhwc), scripted(nhwc), eager(nhwc)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 @ONE

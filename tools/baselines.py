@@ -204,7 +204,8 @@ def build_exit_set(spec: BaselineSpec, an, our_exit_names: Sequence[str],
     ours = {}
     if spec.pool == "ours":
         for c, hs in zip(chosen, plan_heads([c.shape for c in chosen], num_classes,
-                                            int(head_budget * an.params), max_feature_dim)):
+                                            int(head_budget * an.params), max_feature_dim,
+                                            [c.channels_last for c in chosen])):
             ours[c.name] = hs
     exits = []
     for k, c in enumerate(chosen):

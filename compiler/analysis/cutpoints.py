@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import List
 
 import torch.fx as fx
+from torch import nn
 
 from .trace import info
 
@@ -31,6 +32,7 @@ class CutPoint:
     preferred: bool = True   # False: right before a norm/activation (listed, not chosen by default)
     head_params: int = 0
     head_flops: int = 0
+    channels_last: bool = False   # a [B, H, W, C] map (Swin): its head pools over H and W
 
     def to_dict(self):
         d = asdict(self)
@@ -44,6 +46,61 @@ def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op in ("call_function", "call_method"):
         return str(getattr(node.target, "__name__", node.target)).lower()
     return ""
+
+
+def _reads_last_dim(user: fx.Node, gm: fx.GraphModule, size: int) -> bool:
+    """Whether ``user`` takes its input's last dim, of ``size``, as features: a LayerNorm over
+    it or a Linear."""
+    name = _target_name(user, gm)
+    if user.op == "call_module":
+        m = gm.get_submodule(user.target)
+        if isinstance(m, nn.LayerNorm):
+            return tuple(m.normalized_shape) == (size,)
+        return isinstance(m, nn.Linear) and m.in_features == size
+    if user.op != "call_function":
+        return False
+    if "layer_norm" in name:
+        shape = user.args[1] if len(user.args) > 1 else user.kwargs.get("normalized_shape")
+        return isinstance(shape, (list, tuple)) and list(shape) == [size]
+    return "linear" in name
+
+
+def _layout_of_input(user: fx.Node, gm: fx.GraphModule, size: int):
+    """What ``user`` says of its 4-d input (last dim ``size``): True channels-last (it reads the
+    last dim as features, or permutes it to [B, C, H, W]), False channels-first (it convolves,
+    or permutes it to [B, H, W, C]), None (it does not say)."""
+    name = _target_name(user, gm)
+    if "conv" in name:
+        return False
+    if "permute" in name:
+        dims = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) \
+            else user.args[1:]
+        dims = list(user.kwargs.get("dims", dims))
+        return True if dims == [0, 3, 1, 2] else False if dims == [0, 2, 3, 1] else None
+    return True if _reads_last_dim(user, gm, size) else None
+
+
+def is_channels_last(node: fx.Node, gm: fx.GraphModule, depth: int = 6) -> bool:
+    """Whether the 4-d map ``node`` makes is [B, H, W, C] (Swin's blocks; a ConvNeXt's
+    LayerNorm2d inside): the first of its 4-d descendants, up to ``depth`` ops on, that says
+    which dim holds the features (``_layout_of_input``) decides; channels-first if none does."""
+    shape = info(node).shape
+    if not shape or len(shape) != 4:
+        return False
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        after = []
+        for v in frontier:
+            for u in v.users:
+                verdict = _layout_of_input(u, gm, info(v).shape[-1])
+                if verdict is not None:
+                    return verdict
+                s = info(u).shape if u.op != "output" else None
+                if u not in seen and s and len(s) == 4:
+                    seen.add(u)
+                    after.append(u)
+        frontier = after
+    return False
 
 
 def find_cut_points(gm: fx.GraphModule, batch: int) -> List[CutPoint]:
@@ -73,7 +130,8 @@ def find_cut_points(gm: fx.GraphModule, batch: int) -> List[CutPoint]:
             continue
         users = list(n.users)
         preferred = not (len(users) == 1 and any(k in _target_name(users[0], gm) for k in _PRE_OPS))
-        cuts.append(CutPoint(n.name, i, done, done / total, ni.shape, ni.bytes, preferred=preferred))
+        cuts.append(CutPoint(n.name, i, done, done / total, ni.shape, ni.bytes, preferred=preferred,
+                             channels_last=is_channels_last(n, gm)))
     return cuts
 
 
