@@ -265,11 +265,13 @@ def format_report(an: Analysis, chosen: List[str]) -> str:
                  f"{'KiB/row':>9}{'head params':>12}{'head kFLOPs':>12}{'score':>8}")
     for c in an.cuts:
         mark = "*" if c.name in chosen else (" " if c.preferred else "-")
-        shape = "x".join(str(d) for d in c.shape[1:])
+        shape = "x".join(str(d) for d in c.shape[1:]) + (" (HWC)" if c.channels_last else "")
         lines.append(f"{mark:2}{c.name[:28]:28}{c.flops_before / 1e6:14.2f}{c.fraction:7.3f}  "
                      f"{shape:22}{c.bytes / 1024:9.1f}{c.head_params:12d}"
                      f"{c.head_flops / 1e3:12.1f}{c.score:8.3f}")
     lines.append("* chosen exit   - right before a norm/activation (not chosen by default)")
+    if any(c.channels_last for c in an.cuts):
+        lines.append("(HWC): a channels-last map [H, W, C]; its head pools over H and W")
     return "\n".join(lines)
 
 

@@ -307,6 +307,8 @@ def test_a_channels_last_map_is_found_and_its_head_pools_height_and_width(route,
     pools = {e["name"]: e["head"]["pool"] for e in manifest["exits"]}
     assert any(p.endswith("_hwc") for p in pools.values()), pools
     assert all(p.endswith("_hwc") == layout[n] for n, p in pools.items()), pools
+    from compiler.rewrite import format_report
+    assert format_report(an, list(pools)).count("(HWC)") == len(hwc) + 1   # rows and legend
     # feature_dim counts the 8 channels (global pooling: 16; a k x k grid: 2 k k 8)
     assert all(e["head"]["feature_dim"] % 16 == 0 for e in manifest["exits"])
     path = tmp_path / "hwc.cached.pt"
