@@ -135,15 +135,21 @@ def test_bit_flips_never_change_an_answer(built, tmp_path):
     assert seen["error"] > 0.8 * len(flips), seen
 
 
-def test_a_flip_in_content_is_a_corrupt_error_naming_the_fix(built, tmp_path):
-    path, _, _, _ = built
-    data = bytearray(path.read_bytes())
+def _flip_a_weight(data: bytearray, path) -> bytearray:
+    """``data`` (the bytes of ``path``) with a bit of a weight flipped, its CRC left as it was:
+    a flip at an arbitrary offset may land in the zip's alignment padding, which is no content."""
     with zipfile.ZipFile(path) as z:
         info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
     local = info.header_offset  # the local header's own name and extra (padding) lengths
     start = local + 30 + int.from_bytes(data[local + 26:local + 28], "little") + \
         int.from_bytes(data[local + 28:local + 30], "little")
-    data[start + 3] ^= 0x10  # a weight's byte, CRC left as it was
+    data[start + 3] ^= 0x10
+    return data
+
+
+def test_a_flip_in_content_is_a_corrupt_error_naming_the_fix(built, tmp_path):
+    path, _, _, _ = built
+    data = _flip_a_weight(bytearray(path.read_bytes()), path)
     bad = tmp_path / "weights.cached.pt"
     bad.write_bytes(bytes(data))
     for fn in (artifact.read_manifest, artifact.load):
@@ -576,8 +582,7 @@ def _cli(module, argv, cwd):
 
 def test_cli_processes_print_one_line_and_exit_2(models, built, tmp_path):
     _, pt2, _ = models
-    data = bytearray(built[0].read_bytes())
-    data[len(data) // 3] ^= 0x04
+    data = _flip_a_weight(bytearray(built[0].read_bytes()), built[0])
     (tmp_path / "flipped.pt").write_bytes(bytes(data))
     for module, argv, word in (
             ("compiler.rewrite", [pt2, "--head-budget", "nan", "-o", tmp_path / "a.pt"],
