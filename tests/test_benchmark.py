@@ -133,6 +133,11 @@ def test_head_flops_count_pooling_and_linear():
     assert B.module_flops(head, (-1, 32, 7, 7)) == 32 * 7 * 7 + 2 * 32 * 10 == 2208
     assert B.MixPool(4)(torch.zeros(2, 8, 14, 14)).shape == (2, 8 * 16 * 2)
     assert B.MixPool(4)(torch.zeros(2, 8, 2, 2)).shape == (2, 8 * 4 * 2)
+    # a channels-last map [B, H, W, C] (Swin) pools as its [B, C, H, W] twin
+    x = torch.randn(2, 8, 6, 5)
+    hwc = x.permute(0, 2, 3, 1).contiguous()
+    torch.testing.assert_close(B.MixPool(4, hwc=True)(hwc), B.MixPool(4)(x))
+    torch.testing.assert_close(B.AvgPool(hwc=True)(hwc), B.AvgPool()(x))
     ent = B.confidence_of(torch.tensor([[0.0, 0.0], [10.0, -10.0]]), "entropy")
     assert ent[0].item() == pytest.approx(0.0, abs=1e-6) and ent[1].item() > 0.99
 

@@ -49,15 +49,19 @@ LABEL_LOGIT = 12.0          # one-hot labels as "teacher logits": softmax puts ~
 
 # ----- pooling of an activation into a feature row ----------------------------------------------
 class MixPool(nn.Module):
-    """SDN-style: average and max pooling to at most ``k`` x ``k``, concatenated."""
+    """SDN-style: average and max pooling to at most ``k`` x ``k``, concatenated (over height
+    and width: ``hwc`` maps are [B, H, W, C])."""
 
-    def __init__(self, k: int = 4):
+    def __init__(self, k: int = 4, hwc: bool = False):
         super().__init__()
         self.k = k
+        self.hwc = hwc
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() != 4:
             return h.flatten(1)
+        if self.hwc:
+            h = h.permute(0, 3, 1, 2)
         k = min(self.k, h.shape[2], h.shape[3])
         a = nn.functional.adaptive_avg_pool2d(h, k)
         m = nn.functional.adaptive_max_pool2d(h, k)
@@ -65,11 +69,15 @@ class MixPool(nn.Module):
 
 
 class AvgPool(nn.Module):
-    """Apparate-style ramp input: global average pooling."""
+    """Apparate-style ramp input: global average pooling (``hwc`` maps are [B, H, W, C])."""
+
+    def __init__(self, hwc: bool = False):
+        super().__init__()
+        self.hwc = hwc
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() == 4:
-            return h.mean(dim=[2, 3])
+            return h.mean(dim=[1, 2] if self.hwc else [2, 3])
         if h.dim() == 3:
             return h.mean(dim=1)
         return h.flatten(1)
@@ -216,7 +224,8 @@ def build_exit_set(spec: BaselineSpec, an, our_exit_names: Sequence[str],
                       nn.Linear(hs.hidden, num_classes)] if hs.hidden else \
                 [nn.Linear(hs.feature_dim, num_classes)]
         else:
-            pool = {"mix4": MixPool(4), "avg": AvgPool(), "flat": Flatten()}[spec.pool]
+            pool = {"mix4": MixPool(4, c.channels_last), "avg": AvgPool(c.channels_last),
+                    "flat": Flatten()}[spec.pool]
             dim = pool(torch.zeros((1,) + tuple(c.shape[1:]))).shape[1]
             if spec.hidden == "paper":
                 width = 256 if k == len(chosen) - 1 else 512
