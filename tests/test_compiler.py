@@ -287,6 +287,36 @@ class ChannelsLast(nn.Module):
         return self.fc(h.permute(0, 3, 1, 2).mean(dim=(2, 3)))
 
 
+class Upsampled(nn.Module):
+    """Channels-first maps that a bilinear upsampling reads (not a Linear, whatever its op's
+    name holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = nn.functional.interpolate(h, scale_factor=2.0, mode="bilinear")
+        h = torch.relu(self.b(h))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("route", ["module", "pt2"])
+def test_a_bilinear_upsampling_reads_no_channels_last_map(route):
+    model = seeded(Upsampled)
+    shape = (1, 3, 8, 8)
+    source = model
+    if route == "pt2":
+        source = torch.export.export(model, (torch.randn(2, *shape[1:]),),
+                                     dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    an = analyse(source, shape, RewriteConfig(), exported=route == "pt2")
+    assert an.cuts and not any(c.channels_last for c in an.cuts), \
+        [(c.name, c.channels_last) for c in an.cuts]
+
+
 @pytest.mark.parametrize("route", ["module", "pt2"])
 def test_a_channels_last_map_is_found_and_its_head_pools_height_and_width(route, tmp_path):
     """A [B, H, W, C] map is pooled over H and W, not over W and C as if H were channels:

@@ -48,10 +48,14 @@ def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     return ""
 
 
+def _op(user: fx.Node, gm: fx.GraphModule) -> str:
+    """The op's own name, without an aten overload (``layer_norm.default`` -> ``layer_norm``)."""
+    return _target_name(user, gm).split(".")[0]
+
+
 def _reads_last_dim(user: fx.Node, gm: fx.GraphModule, size: int) -> bool:
     """Whether ``user`` takes its input's last dim, of ``size``, as features: a LayerNorm over
     it or a Linear."""
-    name = _target_name(user, gm)
     if user.op == "call_module":
         m = gm.get_submodule(user.target)
         if isinstance(m, nn.LayerNorm):
@@ -59,20 +63,24 @@ def _reads_last_dim(user: fx.Node, gm: fx.GraphModule, size: int) -> bool:
         return isinstance(m, nn.Linear) and m.in_features == size
     if user.op != "call_function":
         return False
-    if "layer_norm" in name:
+    op = _op(user, gm)
+    if op in ("layer_norm", "native_layer_norm"):
         shape = user.args[1] if len(user.args) > 1 else user.kwargs.get("normalized_shape")
         return isinstance(shape, (list, tuple)) and list(shape) == [size]
-    return "linear" in name
+    return op == "linear"
 
 
 def _layout_of_input(user: fx.Node, gm: fx.GraphModule, size: int):
     """What ``user`` says of its 4-d input (last dim ``size``): True channels-last (it reads the
     last dim as features, or permutes it to [B, C, H, W]), False channels-first (it convolves,
     or permutes it to [B, H, W, C]), None (it does not say)."""
-    name = _target_name(user, gm)
-    if "conv" in name:
+    op = _op(user, gm)
+    if user.op == "call_module":
+        if isinstance(gm.get_submodule(user.target), nn.modules.conv._ConvNd):
+            return False
+    elif op.startswith("conv") or op in ("convolution", "_convolution"):
         return False
-    if "permute" in name:
+    if op == "permute" and user.op != "call_module":
         dims = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) \
             else user.args[1:]
         dims = list(user.kwargs.get("dims", dims))
