@@ -36,15 +36,16 @@ POOL_GRIDS = (4, 3, 2)   # avg + max pooling to k x k cells, richest first
 CHANNELS_LAST = "_hwc"   # suffix of a pooling that reads [B, H, W, C]
 
 
-def channels_last(mode: str) -> bool:
-    """Whether pooling ``mode`` reads a channels-last map [B, H, W, C]."""
-    return mode.startswith("avgmax") and mode.endswith(CHANNELS_LAST)
+def layout(mode: str) -> Tuple[str, bool]:
+    """(the pooling as it reads a [B, C, H, W] map, whether ``mode`` reads [B, H, W, C])."""
+    if mode.startswith("avgmax") and mode.endswith(CHANNELS_LAST):
+        return mode[:-len(CHANNELS_LAST)], True
+    return mode, False
 
 
 def pool_grid(mode: str) -> int:
     """k of an ``avgmax<k>x<k>`` pooling, 0 for the others; an unknown mode is an error."""
-    if channels_last(mode):
-        mode = mode[:-len(CHANNELS_LAST)]
+    mode = layout(mode)[0]
     for k in POOL_GRIDS:
         if mode == f"avgmax{k}x{k}":
             return k
@@ -59,8 +60,7 @@ class Pool(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
         self.grid = pool_grid(mode)
-        self.hwc = channels_last(mode)
-        self.mode = mode[:-len(CHANNELS_LAST)] if self.hwc else mode
+        self.mode, self.hwc = layout(mode)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.hwc:
@@ -139,8 +139,7 @@ class StridedPool(nn.Module):
     def __init__(self, mode: str, shape: Sequence[int]):
         super().__init__()
         self.k = pool_grid(mode)
-        self.hwc = channels_last(mode)
-        self.mode = mode[:-len(CHANNELS_LAST)] if self.hwc else mode
+        self.mode, self.hwc = layout(mode)
         if self.hwc:
             shape = (shape[0], shape[3], shape[1], shape[2])
         self.plan = None
