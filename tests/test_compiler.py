@@ -287,6 +287,14 @@ class ChannelsLast(nn.Module):
         return self.fc(h.permute(0, 3, 1, 2).mean(dim=(2, 3)))
 
 
+def _as_routed(model, shape, route):
+    """``model`` as the compiler gets it: the module (fx traces it) or a torch.export program."""
+    if route == "module":
+        return model
+    return torch.export.export(model, (torch.randn(2, *shape[1:]),),
+                               dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+
+
 class Upsampled(nn.Module):
     """Channels-first maps that a bilinear upsampling reads (not a Linear, whatever its op's
     name holds)."""
@@ -308,10 +316,7 @@ class Upsampled(nn.Module):
 def test_a_bilinear_upsampling_reads_no_channels_last_map(route):
     model = seeded(Upsampled)
     shape = (1, 3, 8, 8)
-    source = model
-    if route == "pt2":
-        source = torch.export.export(model, (torch.randn(2, *shape[1:]),),
-                                     dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    source = _as_routed(model, shape, route)
     an = analyse(source, shape, RewriteConfig(), exported=route == "pt2")
     assert an.cuts and not any(c.channels_last for c in an.cuts), \
         [(c.name, c.channels_last) for c in an.cuts]
@@ -324,10 +329,7 @@ def test_a_channels_last_map_is_found_and_its_head_pools_height_and_width(route,
     permute to [B, C, H, W], a conv), through a torch.fx trace and a torch.export program."""
     model = seeded(ChannelsLast)
     shape = (1, 3, 12, 10)
-    source = model
-    if route == "pt2":
-        source = torch.export.export(model, (torch.randn(2, *shape[1:]),),
-                                     dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    source = _as_routed(model, shape, route)
     module, manifest, an = rewrite_module(source, shape, RewriteConfig(num_exits=3),
                                           exported=route == "pt2")
     layout = {c.name: c.channels_last for c in an.cuts}
