@@ -142,9 +142,9 @@ def _vit_tiny(num_classes: int, in_channels: int) -> nn.Module:
 
 def _swin_tiny(num_classes: int, in_channels: int) -> nn.Module:
     # A small Swin for 28x28 inputs: 2x2 patches (14 x 14, windows of 7 shifted by 3), three
-    # stages of width 32 / 64 / 128 (7 x 7 and 4 x 4 maps after patch merging; the last is
-    # padded to one window and not shifted). torchvision's own Swin, so its maps are
-    # channels-last [B, H, W, C] at every cut point.
+    # stages of width 32 / 64 / 128 (7 x 7 and 4 x 4 maps after patch merging, each within one
+    # window, the 4 x 4 padded to it, so neither is shifted). torchvision's own Swin, so its
+    # maps are channels-last [B, H, W, C] at every cut point.
     from torchvision.models.swin_transformer import SwinTransformer
     m = SwinTransformer(patch_size=[2, 2], embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
                         window_size=[7, 7], num_classes=num_classes)
